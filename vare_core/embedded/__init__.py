@@ -1,0 +1,1 @@
+"""The embedded "shapes world" default model: world renderer, classifier, training."""

@@ -1,0 +1,1 @@
+"""S-VARE concept erasure: prompt pairs, auxiliary-token trajectories, losses, adapters, trainer."""

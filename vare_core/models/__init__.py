@@ -1,0 +1,1 @@
+"""Model architectures: Infinity transformer, BSQ VAE, T5 text encoder, presets."""
