@@ -1,0 +1,123 @@
+"""Attention layers of the Infinity transformer (plain SDPA: runs on CPU and any GPU).
+
+- SelfAttention: cosine attention (q, k L2-normalised, q scaled per head by a learned
+  temperature, SDPA scale 1) with 2-D RoPE; optional preallocated KV cache for sampling.
+- CrossAttention: image tokens attend to their own prompt's text rows (key padding mask).
+- TextPool: attention pooling of the text into one vector (learned query).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .rope import apply_rope
+
+MAX_SCALE_MUL = float(torch.log(torch.tensor(100.0)))  # clamp of the cosine-attention temperature
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
+
+
+def _bf16_round(*tensors):
+    # The official code runs cross-attention through flash-attn, which has no fp32 kernel: its
+    # inputs are rounded to bf16 even in fp32 runs. Reproduced only when asked (golden parity).
+    return [t.to(torch.bfloat16).to(t.dtype) for t in tensors]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("zero_k_bias", torch.zeros(dim))
+        self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), 4.0).log())
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, rope, attn_mask=None, kv_cache=None, start: int = 0):
+        batch, length, dim = x.shape
+        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        qkv = F.linear(x, self.mat_qkv.weight, bias).view(batch, length, 3, self.heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                 # (B, H, L, hd)
+        temperature = self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp().to(q.dtype)
+        q = F.normalize(q, dim=-1) * temperature
+        k = F.normalize(k, dim=-1)
+        q, k = apply_rope(q, k, rope)
+        if kv_cache is not None:                                       # sampling: append this scale
+            k_cache, v_cache = kv_cache
+            end = start + length
+            k_cache[:, :, start:end] = k
+            v_cache[:, :, start:end] = v
+            k, v = k_cache[:, :, :end], v_cache[:, :, :end]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)
+        return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, kv_dim: int, heads: int, bf16_rounding: bool = False):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.bf16_rounding = bf16_rounding
+        self.mat_q = nn.Linear(dim, dim)
+        self.mat_kv = nn.Linear(kv_dim, 2 * dim, bias=False)
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("zero_k_bias", torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+
+    def project_kv(self, text: torch.Tensor, text_mask: torch.Tensor):
+        """K, V (B, H, T, hd) and the key padding mask (B, 1, 1, T); once per image."""
+        batch, length, _ = text.shape
+        kv = F.linear(text, self.mat_kv.weight, torch.cat((self.zero_k_bias, self.v_bias)))
+        k, v = kv.view(batch, length, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return k, v, text_mask[:, None, None, :]
+
+    def attend(self, q, k, v, mask):
+        if self.bf16_rounding and q.dtype == torch.float32:
+            q, k, v = _bf16_round(q, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1 / math.sqrt(self.head_dim))
+            return _bf16_round(out)[0]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1 / math.sqrt(self.head_dim))
+
+    def forward(self, x, k, v, mask):
+        batch, length, dim = x.shape
+        q = self.mat_q(x).view(batch, length, self.heads, self.head_dim).transpose(1, 2)
+        out = self.attend(q, k, v, mask)
+        return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
+
+
+class PoolAttention(CrossAttention):
+    """Cross-attention whose single query is a learned vector (no q projection)."""
+
+    def __init__(self, dim: int, kv_dim: int, heads: int, bf16_rounding: bool = False):
+        super().__init__(dim, kv_dim, heads, bf16_rounding)
+        del self.mat_q
+        self.mat_q = nn.Parameter(torch.randn(1, heads, dim // heads) * math.sqrt(1 / dim / 3))
+
+    def forward(self, text, text_mask):
+        k, v, mask = self.project_kv(text, text_mask)
+        q = self.mat_q.to(k.dtype).unsqueeze(2).expand(k.shape[0], -1, -1, -1)   # (B, H, 1, hd)
+        out = self.attend(q, k, v, mask)
+        return self.proj(out.transpose(1, 2).reshape(k.shape[0], -1))
+
+
+class TextPool(nn.Module):
+    """Pooled text vector: AdaLN condition of every block and the start token."""
+
+    def __init__(self, dim: int, text_channels: int, heads: int, bf16_rounding: bool = False):
+        super().__init__()
+        self.ca = PoolAttention(dim, text_channels, heads, bf16_rounding)
+
+    def forward(self, text, text_mask):
+        return self.ca(text, text_mask)

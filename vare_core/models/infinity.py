@@ -1,0 +1,290 @@
+"""The Infinity transformer: next-scale prediction of bitwise tokens, conditioned on T5 text.
+
+An image is a pyramid of scales (1x1 up to 64x64 tokens); each token holds `bits` binary
+codes. The transformer predicts every token of scale k at once from the text and all coarser
+scales, with two logits per bit.
+
+Usage::
+
+    model = Infinity(InfinityConfig.tiny())                 # or presets.build_infinity(...)
+    cond = model.encode_condition(text_states, text_lens)   # T5 states (B, T, C_text)
+    logits = model(cond, x_wo_prefix, scale_schedule)       # teacher-forced, (B, L, 2*bits)
+
+    state = model.start_sampling(cond, scale_schedule)      # incremental, KV cache
+    logits_0 = model.forward_scale(state, 0)                # scale 0 reads the start token
+    logits_1 = model.forward_scale(state, 1, x_scale_1)     # (B, h*w, bits) next-scale input
+
+Layout of the logits: `logits[b, t, 2*j + v]` is the logit that bit j of token t equals v.
+Parameter names follow the official checkpoints, except that blocks live in a flat
+`blocks.{i}` list (official files store them as `block_chunks.{c}.module.{m}`); see presets.py.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .attention import CrossAttention, RMSNorm, SelfAttention, TextPool
+from .rope import rope_table
+
+
+@dataclass
+class InfinityConfig:
+    depth: int = 32
+    embed_dim: int = 2048
+    num_heads: int = 16
+    bits: int = 32                    # bits per token (the VAE's codebook dim); head gives 2 per bit
+    text_channels: int = 2048         # T5 width
+    text_maxlen: int = 512            # rows of the learned null condition `cfg_uncond`
+    block_chunks: int = 8             # only shapes the official checkpoint key names
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-6
+    num_levels: int = 15              # rows of the level (scale index) embedding
+    cond_drop_rate: float = 0.1       # training only: replace the text by the null condition
+    lvl_embed_every_chunk: bool = False  # S-VARE's modified copy adds it before every chunk
+    ca_bf16_rounding: bool = False    # reproduce the official code's bf16 cross-attention in fp32
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return round(self.embed_dim * self.mlp_ratio / 256) * 256
+
+    @property
+    def pool_heads(self) -> int:
+        return max(1, self.text_channels // 128)
+
+    @property
+    def blocks_per_chunk(self) -> int:
+        return self.depth // self.block_chunks
+
+    @classmethod
+    def infinity_2b(cls) -> "InfinityConfig":
+        return cls(depth=32, embed_dim=2048, num_heads=16, bits=32, block_chunks=8)
+
+    @classmethod
+    def infinity_8b(cls) -> "InfinityConfig":
+        return cls(depth=40, embed_dim=3584, num_heads=28, bits=56, block_chunks=8)
+
+    @classmethod
+    def tiny(cls, **overrides) -> "InfinityConfig":
+        """The golden-vector config: small enough for unit tests."""
+        base = cls(depth=4, embed_dim=80, num_heads=2, bits=16, text_channels=256, text_maxlen=16,
+                   block_chunks=2)
+        return replace(base, **overrides)
+
+
+@dataclass
+class Condition:
+    """Text condition of a batch, computed once per image and reused by every scale."""
+    cond: torch.Tensor        # (B, D) pooled text: AdaLN condition and start token
+    text: torch.Tensor        # (B, T, D) projected text, the source of cross-attention K/V
+    text_mask: torch.Tensor   # (B, T) bool, True on valid text rows
+
+
+@dataclass
+class SamplingState:
+    """Everything the incremental pass keeps between scales."""
+    cond: torch.Tensor                 # (B, D)
+    ada: torch.Tensor                  # (B, 1, 6, D) shared AdaLN output
+    head_ada: torch.Tensor             # (B, 1, 2, D) head AdaLN output
+    cross_kv: list                     # per block: (k, v, mask) computed once
+    self_kv: list                      # per block: preallocated (k, v) caches (B, H, L, hd)
+    rope: tuple                        # (cos, sin) for every token of the schedule
+    offsets: list[int]                 # token offset of each scale (+ total)
+    filled: int = 0                    # tokens already in the self-attention caches
+
+
+class FFN(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+def modulated_norm(x, scale, shift, eps):
+    """LayerNorm without affine parameters, then AdaLN: LN(x) * (1 + scale) + shift."""
+    return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale) + shift
+
+
+class Block(nn.Module):
+    """Self-attention (AdaLN-gated), cross-attention to the text, FFN (AdaLN-gated)."""
+
+    def __init__(self, cfg: InfinityConfig):
+        super().__init__()
+        self.eps = cfg.norm_eps
+        self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, cfg.embed_dim) / cfg.embed_dim ** 0.5)
+        self.sa = SelfAttention(cfg.embed_dim, cfg.num_heads)
+        self.ca = CrossAttention(cfg.embed_dim, cfg.embed_dim, cfg.num_heads, cfg.ca_bf16_rounding)
+        self.ffn = FFN(cfg.embed_dim, cfg.mlp_hidden)
+        self.ca_norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+
+    def forward(self, x, ada, cross_kv, rope, attn_mask=None, self_kv=None, start=0):
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + ada).unbind(2)
+        h = self.sa(modulated_norm(x, scale1, shift1, self.eps), rope, attn_mask, self_kv, start)
+        x = x + h * gamma1
+        x = x + self.ca(self.ca_norm(x), *cross_kv)
+        x = x + self.ffn(modulated_norm(x, scale2, shift2, self.eps)) * gamma2
+        return x
+
+
+class HeadNorm(nn.Module):
+    """AdaLN before the head: scale and shift from the pooled text."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, head_ada):
+        scale, shift = head_ada.unbind(2)
+        return modulated_norm(x, scale, shift, self.eps)
+
+
+class Infinity(nn.Module):
+    def __init__(self, cfg: InfinityConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.embed_dim
+        self.gradient_checkpointing = False
+        # Text side: null condition for CFG, RMSNorm, pooled condition, cross-attention source.
+        self.cfg_uncond = nn.Parameter(torch.randn(cfg.text_maxlen, cfg.text_channels) * 0.03)
+        self.text_norm = RMSNorm(cfg.text_channels, eps=1e-6)
+        self.text_proj_for_sos = TextPool(dim, cfg.text_channels, cfg.pool_heads, cfg.ca_bf16_rounding)
+        self.text_proj_for_ca = nn.Sequential(
+            nn.Linear(cfg.text_channels, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        # Image side: start token, level (scale index) embedding, bit-code embedding.
+        self.pos_start = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.lvl_embed = nn.Embedding(cfg.num_levels, dim)
+        self.word_embed = nn.Linear(cfg.bits, dim)
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.head_nm = HeadNorm(dim, cfg.norm_eps)
+        self.head = nn.Linear(dim, 2 * cfg.bits)
+
+    # ---------------------------------------------------------------- text condition
+    def null_text(self, text_lens: torch.Tensor, length: int) -> torch.Tensor:
+        """The learned null condition cut to each prompt's length, zero padded: (B, T, C)."""
+        rows = torch.arange(length, device=text_lens.device)
+        mask = (rows[None, :] < text_lens[:, None]).unsqueeze(-1)
+        uncond = self.cfg_uncond[:length].unsqueeze(0)
+        return torch.where(mask, uncond, torch.zeros_like(uncond))
+
+    def encode_condition(self, text_states: torch.Tensor, text_lens: torch.Tensor,
+                         drop: torch.Tensor | None = None) -> Condition:
+        """text_states (B, T, C_text) from T5, rows past text_lens[b] ignored.
+
+        `drop` (B,) bool replaces those prompts by the null condition (classifier-free
+        guidance training); in training mode it is drawn with `cond_drop_rate` when not given.
+        """
+        length = text_states.shape[1]
+        if length > self.cfg.text_maxlen:
+            raise ValueError(f"text has {length} tokens; this model accepts at most {self.cfg.text_maxlen}")
+        text_lens = text_lens.to(text_states.device)
+        if drop is None and self.training and self.cfg.cond_drop_rate > 0:
+            drop = torch.rand(text_states.shape[0], device=text_states.device) < self.cfg.cond_drop_rate
+        if drop is not None and bool(drop.any()):
+            null = self.null_text(text_lens, length).to(text_states.dtype)
+            text_states = torch.where(drop.view(-1, 1, 1), null, text_states)
+        mask = torch.arange(length, device=text_states.device)[None, :] < text_lens[:, None]
+        normed = self.text_norm(text_states)
+        return Condition(cond=self.text_proj_for_sos(normed, mask),
+                         text=self.text_proj_for_ca(normed), text_mask=mask)
+
+    def _adaln(self, cond: torch.Tensor):
+        dim = self.cfg.embed_dim
+        ada = self.shared_ada_lin(cond).view(-1, 1, 6, dim)
+        head_ada = self.head_nm.ada_lin(cond).view(-1, 1, 2, dim)
+        return ada, head_ada
+
+    def _logits(self, x, head_ada):
+        # The head runs in fp32 whatever the compute dtype: bit probabilities near 0/1 matter.
+        with torch.autocast(x.device.type, enabled=False):
+            h = self.head_nm(x.float(), head_ada.float())
+            return F.linear(h, self.head.weight.float(), self.head.bias.float())
+
+    # ---------------------------------------------------------------- teacher-forced pass
+    def forward(self, cond: Condition, x_wo_prefix: torch.Tensor, scale_schedule,
+                rope_grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """All scales at once (training). x_wo_prefix (B, L-1, bits): the next-scale inputs of
+        scales 1.. (see bsq_vae.teacher_forcing_inputs). Returns logits (B, L, 2*bits)."""
+        counts = [h * w for h, w in scale_schedule]
+        total = sum(counts)
+        if x_wo_prefix.shape[1] != total - counts[0]:
+            raise ValueError(f"x_wo_prefix has {x_wo_prefix.shape[1]} tokens; the schedule "
+                             f"{list(scale_schedule)} needs {total - counts[0]}")
+        device = x_wo_prefix.device
+        batch = x_wo_prefix.shape[0]
+        sos = (cond.cond.unsqueeze(1) + self.pos_start).expand(batch, counts[0], -1)
+        x = torch.cat([sos, self.word_embed(x_wo_prefix.to(self.word_embed.weight.dtype))], dim=1)
+        scale_ids = torch.repeat_interleave(torch.arange(len(counts), device=device),
+                                            torch.tensor(counts, device=device))
+        lvl = self.lvl_embed(scale_ids).unsqueeze(0)
+        # Block-causal: a token sees its own scale and every coarser one.
+        attn_mask = scale_ids[:, None] >= scale_ids[None, :]
+        rope = rope_table(scale_schedule, self.cfg.head_dim, rope_grid, device)
+        ada, head_ada = self._adaln(cond.cond)
+        cross_sources = (cond.text, cond.text_mask)
+        per_chunk = self.cfg.blocks_per_chunk
+        for i, block in enumerate(self.blocks):
+            if i == 0 or (self.cfg.lvl_embed_every_chunk and i % per_chunk == 0):
+                x = x + lvl
+            cross_kv = block.ca.project_kv(*cross_sources)
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, ada, cross_kv, rope, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, ada, cross_kv, rope, attn_mask)
+        return self._logits(x, head_ada)
+
+    # ---------------------------------------------------------------- incremental pass
+    def start_sampling(self, cond: Condition, scale_schedule,
+                       rope_grid: tuple[int, int] | None = None) -> SamplingState:
+        """Prepare caches: text K/V once per image, empty self-attention caches."""
+        counts = [h * w for h, w in scale_schedule]
+        offsets = [0]
+        for c in counts:
+            offsets.append(offsets[-1] + c)
+        batch, device = cond.cond.shape[0], cond.cond.device
+        dtype = self.word_embed.weight.dtype
+        heads, head_dim = self.cfg.num_heads, self.cfg.head_dim
+        ada, head_ada = self._adaln(cond.cond)
+        cross_kv = [blk.ca.project_kv(cond.text, cond.text_mask) for blk in self.blocks]
+        self_kv = [(torch.empty(batch, heads, offsets[-1], head_dim, device=device, dtype=dtype),
+                    torch.empty(batch, heads, offsets[-1], head_dim, device=device, dtype=dtype))
+                   for _ in self.blocks]
+        rope = rope_table(scale_schedule, head_dim, rope_grid, device)
+        return SamplingState(cond=cond.cond, ada=ada, head_ada=head_ada, cross_kv=cross_kv,
+                             self_kv=self_kv, rope=rope, offsets=offsets)
+
+    def forward_scale(self, state: SamplingState, scale_index: int,
+                      x_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, h*w, 2*bits) of one scale. Scales must be fed in order, 0 first;
+        x_scale (B, h*w, bits) is the next-scale input (None for scale 0)."""
+        start, end = state.offsets[scale_index], state.offsets[scale_index + 1]
+        if start != state.filled:
+            raise ValueError(f"scale {scale_index} fed out of order (expected the scale starting at token {state.filled})")
+        if scale_index == 0:
+            x = (state.cond.unsqueeze(1) + self.pos_start).expand(-1, end - start, -1)
+        else:
+            x = self.word_embed(x_scale.to(self.word_embed.weight.dtype))
+        lvl = self.lvl_embed.weight[scale_index].view(1, 1, -1)
+        rope = (state.rope[0][start:end], state.rope[1][start:end])
+        per_chunk = self.cfg.blocks_per_chunk
+        for i, block in enumerate(self.blocks):
+            if i == 0 or (self.cfg.lvl_embed_every_chunk and i % per_chunk == 0):
+                x = x + lvl
+            x = block(x, state.ada, state.cross_kv[i], rope, None, state.self_kv[i], start)
+        state.filled = end
+        return self._logits(x, state.head_ada)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

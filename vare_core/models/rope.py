@@ -1,0 +1,53 @@
+"""2-D rotary position embedding for the self-attention of every block.
+
+Half of each head's rotation pairs encode the token's row, half its column. Positions are
+normalised to a reference grid (the final grid of the 1M schedule of the same aspect ratio,
+"STAR style"), so a 16x16 scale uses rows 0, 4, 8, ... of a 64x64 grid: every scale of a
+schedule shares one coordinate frame. Pairs are adjacent elements (2i, 2i+1).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+
+@lru_cache(maxsize=64)
+def _rope_cpu(schedule: tuple, head_dim: int, grid: tuple[int, int], base: float):
+    half = head_dim // 2
+    inv_freq = 1.0 / (base ** (torch.arange(0, half, 2, dtype=torch.int64) / half))
+    ref_h, ref_w = grid
+    angles = []
+    for h, w in schedule:
+        # float32 product then round-half-even, as the official table is indexed.
+        rows = (torch.arange(h) * (ref_h / h)).round()
+        cols = (torch.arange(w) * (ref_w / w)).round()
+        row_ang = torch.outer(rows, inv_freq)[:, None, :].expand(h, w, -1)
+        col_ang = torch.outer(cols, inv_freq)[None, :, :].expand(h, w, -1)
+        angles.append(torch.cat([row_ang, col_ang], dim=-1).reshape(h * w, -1))
+    angles = torch.cat(angles, dim=0)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def rope_table(scale_schedule, head_dim: int, grid: tuple[int, int] | None = None,
+               device=None, base: float = 10000.0):
+    """(cos, sin), each (L, head_dim/2) float32, for every token of the schedule in order."""
+    schedule = tuple((int(h), int(w)) for h, w in scale_schedule)
+    if grid is None:
+        from ..scales import rope_reference_grid
+        grid = rope_reference_grid(schedule)
+    cos, sin = _rope_cpu(schedule, head_dim, tuple(grid), base)
+    return cos.to(device), sin.to(device)
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q, k (B, H, L, head_dim) by the (cos, sin) rows of their tokens; fp32 math."""
+    cos, sin = rope
+
+    def rotate(x):
+        pairs = x.float().unflatten(-1, (-1, 2))
+        even, odd = pairs[..., 0], pairs[..., 1]
+        out = torch.stack([cos * even - sin * odd, sin * even + cos * odd], dim=-1)
+        return out.flatten(-2).to(x.dtype)
+
+    return rotate(q), rotate(k)

@@ -1,0 +1,159 @@
+"""Next-scale sampling: text condition -> bits, scale by scale -> VAE decode -> RGB images.
+
+Usage::
+
+    result = sample(model, vae, text_states, text_lens, scale_schedule, cfg=4.0, tau=0.5,
+                    top_p=0.97, generator=torch.Generator().manual_seed(0))
+    result.images        # (B, H, W, 3) float in [0, 1], RGB
+    result.bits          # per scale (B, h, w, bits) int64
+
+Per scale k: the transformer reads the sum of all coarser codes resized to scale k, gives two
+logits per bit for the conditional and the unconditional half of the batch (one pass),
+logits are divided by tau, mixed as cfg * cond + (1 - cfg) * uncond, filtered (top-k, top-p)
+and every bit is drawn from its 2-way softmax. The drawn codes are upsampled to the final grid
+and added to the running sum; the VAE decodes that sum at the end.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .models.bsq_quant import codes_from_bits, next_scale_input, unpatchify_tokens, upsample_codes
+from .models.infinity import Infinity
+
+
+class SamplingCancelled(RuntimeError):
+    """Raised between scales when the cancel check returns True."""
+
+
+@dataclass
+class ScaleStep:
+    """What a per-scale callback receives."""
+    index: int                 # scale index, 0-based
+    total: int                 # number of scales
+    bits: torch.Tensor         # (B, h, w, bits) drawn at this scale
+    summed_codes: torch.Tensor  # (B, bits, H, W) codes so far, decodable for a preview
+
+
+@dataclass
+class SampleResult:
+    images: torch.Tensor | None      # (B, H, W, 3) float32 in [0, 1]; None when decode=False
+    bits: list[torch.Tensor]         # per scale (B, h, w, bits) int64
+    summed_codes: torch.Tensor       # (B, bits, H, W) what the VAE decodes
+
+
+def per_scale(value, n_scales: int, name: str) -> list[float]:
+    """A number or a sequence of n_scales numbers -> one float per scale."""
+    if isinstance(value, (int, float)):
+        return [float(value)] * n_scales
+    values = [float(v) for v in value]
+    if len(values) == 1:
+        return values * n_scales
+    if len(values) != n_scales:
+        raise ValueError(f"{name}: got {len(values)} values for {n_scales} scales; give one number or {n_scales}")
+    return values
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """Top-k / nucleus filtering over the last axis (the two values of a bit): removed entries
+    become -inf. top_p keeps the smallest set of values whose probability reaches top_p, so with
+    top_p 0.97 a bit whose less likely value has p <= 0.03 becomes deterministic."""
+    classes = logits.shape[-1]
+    if 0 < top_k < classes:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cumulative <= (1 - top_p)
+        remove_sorted[..., -1] = False                     # always keep the most likely value
+        remove = remove_sorted.scatter(-1, order, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def _pad_rows(states: torch.Tensor, length: int) -> torch.Tensor:
+    if states.shape[1] == length:
+        return states
+    pad = states.new_zeros(states.shape[0], length - states.shape[1], states.shape[2])
+    return torch.cat([states, pad], dim=1)
+
+
+@torch.no_grad()
+def sample(model: Infinity, vae, text_states: torch.Tensor, text_lens: torch.Tensor,
+           scale_schedule: Sequence[tuple[int, int]], *, cfg=3.0, tau=0.5, top_k: int = 0,
+           top_p: float = 0.0, negative_states: torch.Tensor | None = None,
+           negative_lens: torch.Tensor | None = None, generator: torch.Generator | None = None,
+           callback: Callable[[ScaleStep], None] | None = None,
+           cancel: Callable[[], bool] | None = None, rope_grid=None,
+           spatial_patchify: bool = False, decode: bool = True) -> SampleResult:
+    """Sample one image per prompt. text_states (B, T, C) / text_lens (B,) come from the text
+    encoder; without a negative prompt the unconditional half uses the learned null condition
+    cut to each prompt's length. cfg and tau are a number or one per scale.
+    spatial_patchify (Infinity-8B): each token holds the bits of a 2x2 block of VAE cells, so
+    codes are summed and resized at twice the schedule's size."""
+    schedule = [tuple(map(int, s)) for s in scale_schedule]
+    n_scales = len(schedule)
+    cfgs, taus = per_scale(cfg, n_scales, "cfg"), per_scale(tau, n_scales, "tau")
+    if any(t <= 0 for t in taus):
+        raise ValueError(f"tau must be > 0 on every scale, got {taus}")
+    device = model.word_embed.weight.device
+    dtype = model.word_embed.weight.dtype
+    batch = text_states.shape[0]
+    text_states, text_lens = text_states.to(device, dtype), text_lens.to(device)
+
+    guided = any(c != 1.0 for c in cfgs)
+    if guided:
+        if negative_states is not None:
+            length = max(text_states.shape[1], negative_states.shape[1])
+            uncond = _pad_rows(negative_states.to(device, dtype), length)
+            text_states, uncond_lens = _pad_rows(text_states, length), negative_lens.to(device)
+        else:
+            uncond, uncond_lens = model.null_text(text_lens, text_states.shape[1]).to(dtype), text_lens
+        text_states = torch.cat([text_states, uncond])
+        text_lens = torch.cat([text_lens, uncond_lens])
+    cond = model.encode_condition(text_states, text_lens)
+    state = model.start_sampling(cond, schedule, rope_grid)
+
+    bits_per_token = model.cfg.bits
+    factor = 2 if spatial_patchify else 1
+    final = (schedule[-1][0] * factor, schedule[-1][1] * factor)
+    code_channels = bits_per_token // (factor * factor)
+    summed = torch.zeros(batch, code_channels, *final, device=device, dtype=torch.float32)
+    all_bits = []
+    for k, (h, w) in enumerate(schedule):
+        if cancel is not None and cancel():
+            raise SamplingCancelled(f"sampling cancelled before scale {k + 1} of {n_scales}")
+        x_scale = None
+        if k > 0:
+            x_scale = next_scale_input(summed, (h * factor, w * factor), spatial_patchify)
+            if guided:
+                x_scale = torch.cat([x_scale, x_scale])
+        raw = model.forward_scale(state, k, x_scale)                       # (2B or B, hw, 2d) fp32
+        logits = raw / taus[k]
+        if guided:
+            logits = cfgs[k] * logits[:batch] + (1 - cfgs[k]) * logits[batch:]
+        logits = filter_logits(logits.view(batch, h * w * bits_per_token, 2), top_k, top_p)
+        probs = logits.softmax(dim=-1)
+        bits = torch.multinomial(probs.view(-1, 2), 1, replacement=True, generator=generator)
+        bits = bits.view(batch, h, w, bits_per_token)
+        all_bits.append(bits)
+        vae_bits = unpatchify_tokens(bits) if spatial_patchify else bits
+        summed = summed + upsample_codes(codes_from_bits(vae_bits), final)
+        if callback is not None:
+            callback(ScaleStep(index=k, total=n_scales, bits=bits, summed_codes=summed))
+
+    images = None
+    if decode:
+        images = decode_images(vae, summed)
+    return SampleResult(images=images, bits=all_bits, summed_codes=summed)
+
+
+@torch.no_grad()
+def decode_images(vae, summed_codes: torch.Tensor) -> torch.Tensor:
+    """VAE decode -> (B, H, W, 3) float32 RGB in [0, 1]."""
+    vae_dtype = next(vae.parameters()).dtype
+    decoded = vae.decode(summed_codes.to(vae_dtype).contiguous())
+    return ((decoded.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).contiguous()
