@@ -22,6 +22,7 @@ import torch
 
 from .models.bsq_quant import codes_from_bits, next_scale_input, unpatchify_tokens, upsample_codes
 from .models.infinity import Infinity
+from .scales import parse_per_scale
 
 
 class SamplingCancelled(RuntimeError):
@@ -42,18 +43,6 @@ class SampleResult:
     images: torch.Tensor | None      # (B, H, W, 3) float32 in [0, 1]; None when decode=False
     bits: list[torch.Tensor]         # per scale (B, h, w, bits) int64
     summed_codes: torch.Tensor       # (B, bits, H, W) what the VAE decodes
-
-
-def per_scale(value, n_scales: int, name: str) -> list[float]:
-    """A number or a sequence of n_scales numbers -> one float per scale."""
-    if isinstance(value, (int, float)):
-        return [float(value)] * n_scales
-    values = [float(v) for v in value]
-    if len(values) == 1:
-        return values * n_scales
-    if len(values) != n_scales:
-        raise ValueError(f"{name}: got {len(values)} values for {n_scales} scales; give one number or {n_scales}")
-    return values
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
@@ -96,7 +85,7 @@ def sample(model: Infinity, vae, text_states: torch.Tensor, text_lens: torch.Ten
     codes are summed and resized at twice the schedule's size."""
     schedule = [tuple(map(int, s)) for s in scale_schedule]
     n_scales = len(schedule)
-    cfgs, taus = per_scale(cfg, n_scales, "cfg"), per_scale(tau, n_scales, "tau")
+    cfgs, taus = parse_per_scale(cfg, n_scales, "cfg"), parse_per_scale(tau, n_scales, "tau")
     if any(t <= 0 for t in taus):
         raise ValueError(f"tau must be > 0 on every scale, got {taus}")
     device = model.word_embed.weight.device

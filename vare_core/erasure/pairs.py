@@ -1,0 +1,397 @@
+"""Prompt pairs (unsafe prompt c*, safe prompt c) for erasing a concept toward an anchor.
+
+Generated pairs put the concept and the anchor into the same template; user pairs come from a
+text, JSON or CSV file.
+
+Usage:
+    pairs = make_pairs(["church", "van gogh painting"], "building", n_per_concept=50, seed=0)
+    pairs[0]   # PromptPair(unsafe='a photo of a church', safe='a photo of a building', ...)
+
+    # a small world model with a word-level tokenizer: world templates with named slots
+    pairs = make_pairs("circle", "square", templates=["a {color} {} on a {background} background"],
+                       slot_values={"color": ["red", "blue"], "background": ["white", "gray"]},
+                       vocabulary=set(world_vocabulary))
+    # -> 'a red circle on a gray background' | 'a red square on a gray background'
+
+    pairs = load_pairs_file("my_pairs.txt")   # lines "unsafe prompt | safe prompt"
+    text = pairs_to_text(pairs)               # the same text format back
+
+Template format: `{}` is the subject slot (the concept in the unsafe prompt, the anchor in the safe
+prompt; it may appear more than once); `{name}` is an attribute slot filled with a value drawn from
+`slot_values[name]`. The values are drawn ONCE per pair, so both prompts of a pair share every
+attribute and differ only in the subject. `{{` and `}}` are literal braces.
+
+Text format (parse_pairs_text / pairs_to_text): one pair per line, `unsafe | safe` (a tab or ` => `
+also separates); exactly one separator per line; `#` starts a comment (to the end of the line);
+blank lines are ignored; surrounding whitespace is stripped. Prompts in this format therefore
+cannot contain `|`, `=>`, tabs, `#` or line breaks (JSON/CSV files can).
+"""
+import csv
+import difflib
+import io
+import json
+import random
+import re
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}",
+    "a painting of a {}",
+    "a {} in a field",
+    "an image of a {}, highly detailed",
+    "a picture of a {}",
+    "a close-up photo of a {}",
+    "a drawing of a {}",
+    "a sketch of a {}",
+    "a watercolor painting of a {}",
+    "an oil painting of a {}",
+    "a digital illustration of a {}",
+    "a 3d render of a {}",
+    "a black and white photo of a {}",
+    "a blurry photo of a {}",
+    "a bright photo of a {}",
+    "a dark photo of a {}",
+    "a cropped photo of a {}",
+    "a low resolution photo of a {}",
+    "a high resolution photo of a {}, 4k",
+    "a professional photograph of a {}",
+    "a cinematic shot of a {}",
+    "a {} at sunset",
+    "a {} at night",
+    "a {} in the rain",
+    "a {} in the snow",
+    "a {} in the city",
+    "a {} near the sea",
+    "a {} in the mountains",
+    "a {} in a forest",
+    "a {} on a sunny day",
+    "a {} under a cloudy sky",
+    "a large {} in the center of the frame",
+    "a small {} in the distance",
+    "a vintage photo of a {}",
+    "a postcard showing a {}",
+    "a poster of a {}",
+    "a cartoon of a {}",
+    "an artistic rendering of a {}",
+    "a realistic photo of a {}",
+    "a detailed illustration of a {}, trending on artstation",
+    "a wide angle photo of a {}",
+    "a photo of the {}",
+    "a snapshot of a {}",
+    "a beautiful {}",
+    "a {}, studio lighting",
+    "a {}, soft light, sharp focus",
+    "a {} seen from above",
+    "a {} seen from the side",
+    "a colorful picture of a {}",
+    "a minimalist picture of a {}",
+)
+
+_SEPARATORS = ("\t", "=>", "|")  # text-format separators, each allowed exactly once per line
+_SEPARATOR_DISPLAY = "'unsafe prompt | safe prompt' (or a tab or ' => ' between the two)"
+
+
+@dataclass(frozen=True)
+class PromptPair:
+    unsafe: str    # c*: the prompt whose concept is erased
+    safe: str      # c: the same prompt with the anchor (its trajectory is the training target)
+    concept: str   # the erased concept ('' when unknown)
+    anchor: str    # what the concept is replaced with ('' when unknown)
+
+
+# ----------------------------------------------------------------------------- templates
+
+def _template_fields(template: str) -> list[str]:
+    """Field names of a template in order ('' = subject slot); ValueError on a malformed one."""
+    if not isinstance(template, str):
+        raise ValueError(f"template must be a string, got {template!r}")
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise ValueError(f"template {template!r} is malformed ({err}); use {{}} for the "
+                         "subject, {name} for attributes and {{ }} for literal braces") from None
+    fields = []
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if spec or conversion or not (name == "" or name.isidentifier()):
+            raise ValueError(f"template {template!r}: slot {{{name}}} is not allowed; use {{}} "
+                             "for the subject and {name} (an identifier) for attributes")
+        fields.append(name)
+    if "" not in fields:
+        raise ValueError(f"template {template!r} has no {{}} slot for the concept/anchor")
+    return fields
+
+
+def draw_slot_values(template: str, rng: random.Random,
+                     slot_values: dict[str, list[str]] | None) -> dict[str, str]:
+    """One value for each named slot of the template (the subject slot excluded)."""
+    chosen: dict[str, str] = {}
+    for name in _template_fields(template):
+        if name == "" or name in chosen:
+            continue
+        options = (slot_values or {}).get(name)
+        if not options:
+            raise ValueError(f"template {template!r} uses slot {{{name}}} but slot_values has no "
+                             f"values for it (known slots: {sorted(slot_values or {})})")
+        chosen[name] = rng.choice(list(options))
+    return chosen
+
+
+def render_template(template: str, subject: str, values: dict[str, str]) -> str:
+    """The template with `subject` in every {} slot and `values[name]` in each {name} slot."""
+    _template_fields(template)
+    pieces = []
+    for literal, name, _, _ in string.Formatter().parse(template):
+        pieces.append(literal)
+        if name is not None:
+            pieces.append(subject if name == "" else values[name])
+    return "".join(pieces)
+
+
+def fill_template(template: str, concept: str, rng: random.Random,
+                  slot_values: dict[str, list[str]] | None = None) -> str:
+    """A prompt from the template: `concept` in the {} slot, random values in the named slots."""
+    return render_template(template, concept, draw_slot_values(template, rng, slot_values))
+
+
+# ----------------------------------------------------------------------------- generated pairs
+
+def _normalise_names(value, what: str) -> list[str]:
+    """A name or list of names -> stripped names with single spaces; a string may hold several
+    names separated by commas or newlines."""
+    if isinstance(value, str):  # UI text: ignore blank pieces such as a trailing comma/newline
+        items = [item for item in re.split(r"[,\n]", value) if item.strip()] or [value]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise ValueError(f"{what} must be a string or a list of strings, got {value!r}")
+    if not items:
+        raise ValueError(f"{what} is empty; give at least one {what[:-1]}")
+    names = []
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise ValueError(f"{what}[{i}] must be a string, got {item!r}")
+        name = " ".join(item.split())
+        if not name:
+            raise ValueError(f"{what}[{i}] is empty; every {what[:-1]} needs at least one word "
+                             f"(got {value!r})")
+        names.append(name)
+    return names
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[\w']+", text.lower())
+
+
+def _check_vocabulary(name: str, what: str, vocabulary: set[str]) -> None:
+    known = {w.lower() for w in vocabulary}
+    for word in _words(name):
+        if word not in known:
+            close = difflib.get_close_matches(word, sorted(known), n=5, cutoff=0.6)
+            hint = f"close known words: {close}" if close else \
+                f"known words include: {sorted(known)[:20]}"
+            raise ValueError(f"{what} {name!r} contains the word {word!r}, which is not in the "
+                             f"model's vocabulary; {hint}")
+
+
+def make_pairs(concepts: list[str] | str, anchors: list[str] | str, n_per_concept: int = 50,
+               seed: int = 0, templates: list[str] | None = None,
+               vocabulary: set[str] | None = None,
+               slot_values: dict[str, list[str]] | None = None) -> list[PromptPair]:
+    """n_per_concept pairs per concept, concept i erased toward anchors[i] (or the single anchor).
+
+    Templates are used in a seeded shuffled order, cycling (reshuffled) when n_per_concept exceeds
+    their number; with the 50 default templates and n = 50 every template is used once. Pairs can
+    repeat only when n exceeds the number of distinct prompts the templates can produce.
+    """
+    concept_list = _normalise_names(concepts, "concepts")
+    anchor_list = _normalise_names(anchors, "anchors")
+    if len(anchor_list) not in (1, len(concept_list)):
+        raise ValueError(f"got {len(anchor_list)} anchors for {len(concept_list)} concepts; give "
+                         "one anchor for all concepts or exactly one anchor per concept")
+    if len(anchor_list) == 1:
+        anchor_list = anchor_list * len(concept_list)
+    if isinstance(n_per_concept, bool) or not isinstance(n_per_concept, int) or n_per_concept <= 0:
+        raise ValueError(f"n_per_concept must be a positive integer, got {n_per_concept!r}")
+    lowered = [c.lower() for c in concept_list]
+    for i, concept in enumerate(concept_list):
+        if lowered.index(concept.lower()) != i:
+            raise ValueError(f"concept {concept!r} is listed twice; list each concept once")
+        if concept.lower() == anchor_list[i].lower():
+            raise ValueError(f"concept {concept!r} equals its anchor; the anchor must be a "
+                             "different concept to erase toward")
+    if vocabulary is not None:
+        for concept, anchor in zip(concept_list, anchor_list):
+            _check_vocabulary(concept, "concept", vocabulary)
+            _check_vocabulary(anchor, "anchor", vocabulary)
+    template_list = list(DEFAULT_TEMPLATES if templates is None else templates)
+    if not template_list:
+        raise ValueError("templates is empty; pass None for the default templates or a list of "
+                         "strings with a {} slot")
+    for template in template_list:
+        _template_fields(template)
+
+    rng = random.Random(seed)
+    pairs = []
+    for concept, anchor in zip(concept_list, anchor_list):
+        order: list[str] = []
+        for _ in range(n_per_concept):
+            if not order:  # a fresh shuffled pass over the templates
+                order = rng.sample(template_list, len(template_list))
+            template = order.pop()
+            values = draw_slot_values(template, rng, slot_values)  # shared by both prompts
+            pairs.append(PromptPair(unsafe=render_template(template, concept, values),
+                                    safe=render_template(template, anchor, values),
+                                    concept=concept, anchor=anchor))
+    return pairs
+
+
+# ----------------------------------------------------------------------------- user pairs
+
+def infer_concept_anchor(unsafe: str, safe: str) -> tuple[str, str]:
+    """The words that differ between the two prompts: ('church', 'house') for
+    'a photo of a church' / 'a photo of a house'. ('', '') when nothing differs."""
+    a, b = unsafe.split(), safe.split()
+    concept, anchor = [], []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
+        if tag != "equal":
+            concept += a[i1:i2]
+            anchor += b[j1:j2]
+    return " ".join(concept), " ".join(anchor)
+
+
+def _user_pair(unsafe, safe, where: str, default_concept: str | None,
+               concept=None, anchor=None) -> PromptPair:
+    if not isinstance(unsafe, str) or not isinstance(safe, str):
+        raise ValueError(f"{where}: unsafe and safe prompts must be strings, got "
+                         f"{unsafe!r} and {safe!r}")
+    unsafe, safe = unsafe.strip(), safe.strip()
+    for label, prompt in (("unsafe", unsafe), ("safe", safe)):
+        if not prompt:
+            raise ValueError(f"{where}: the {label} prompt is empty; expected {_SEPARATOR_DISPLAY}")
+    if " ".join(unsafe.casefold().split()) == " ".join(safe.casefold().split()):
+        raise ValueError(f"{where}: the unsafe and safe prompts are the same ({unsafe!r}); the "
+                         "safe prompt must replace the concept with something else")
+    inferred_concept, inferred_anchor = infer_concept_anchor(unsafe, safe)
+    concept = concept if isinstance(concept, str) and concept.strip() else \
+        (default_concept if default_concept else inferred_concept)
+    anchor = anchor if isinstance(anchor, str) and anchor.strip() else inferred_anchor
+    return PromptPair(unsafe=unsafe, safe=safe, concept=concept.strip(), anchor=anchor.strip())
+
+
+def parse_pairs_text(text: str, default_concept: str | None = None) -> list[PromptPair]:
+    """Pairs from the text format (module docstring). The concept of each pair is default_concept
+    or, without one, the words of the unsafe prompt that differ from the safe one."""
+    if not isinstance(text, str):
+        raise ValueError(f"pairs text must be a string, got {type(text).__name__}")
+    if default_concept is not None and not isinstance(default_concept, str):
+        raise ValueError(f"default_concept must be a string or None, got {default_concept!r}")
+    pairs = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.split("#", 1)[0]
+        if not line.strip():
+            continue
+        found = [sep for sep in _SEPARATORS for _ in range(line.count(sep))]
+        if len(found) != 1:
+            what = "no separator" if not found else f"{len(found)} separators"
+            raise ValueError(f"line {number}: {what} in {line.strip()!r}; expected exactly one "
+                             f"pair per line as {_SEPARATOR_DISPLAY}")
+        unsafe, safe = line.split(found[0])
+        pairs.append(_user_pair(unsafe, safe, f"line {number}", default_concept))
+    return pairs
+
+
+def _check_writable(prompt: str, index: int) -> None:
+    problems = [sep for sep in ("|", "=>", "\t", "#") if sep in prompt]
+    if prompt.splitlines() != [prompt]:
+        problems.append("a line break")
+    if prompt != prompt.strip() or not prompt:
+        problems.append("surrounding whitespace" if prompt else "nothing")
+    if problems:
+        raise ValueError(f"pair {index}: prompt {prompt!r} contains {problems}, which the text "
+                         "format cannot hold; save the pairs as JSON instead")
+
+
+def pairs_to_text(pairs: list[PromptPair]) -> str:
+    """The text format: one 'unsafe | safe' line per pair (parse_pairs_text reads it back)."""
+    lines = []
+    for i, pair in enumerate(pairs):
+        _check_writable(pair.unsafe, i)
+        _check_writable(pair.safe, i)
+        lines.append(f"{pair.unsafe} | {pair.safe}")
+    return "".join(line + "\n" for line in lines)
+
+
+# ----------------------------------------------------------------------------- files
+
+_UNSAFE_KEYS = ("unsafe", "unsafe_prompt", "original_prompt")  # the last two: S-VARE's JSON
+_SAFE_KEYS = ("safe", "safe_prompt", "modified_prompt")
+
+
+def _pick(entry: dict, keys: tuple[str, ...], where: str):
+    for key in keys:
+        if key in entry:
+            return entry[key]
+    raise ValueError(f"{where}: missing the key/column {keys[0]!r} (also accepted: {keys[1:]}); "
+                     f"found {sorted(entry)}")
+
+
+def _pair_from_record(entry, where: str, default_concept: str | None) -> PromptPair:
+    if isinstance(entry, dict):
+        return _user_pair(_pick(entry, _UNSAFE_KEYS, where), _pick(entry, _SAFE_KEYS, where),
+                          where, default_concept, entry.get("concept"), entry.get("anchor"))
+    if isinstance(entry, (list, tuple)) and len(entry) == 2:
+        return _user_pair(entry[0], entry[1], where, default_concept)
+    raise ValueError(f"{where}: expected {{\"unsafe\": ..., \"safe\": ...}} or "
+                     f"[unsafe, safe], got {entry!r}")
+
+
+def load_pairs_file(path, default_concept: str | None = None) -> list[PromptPair]:
+    """Pairs from a .txt (text format), .json (list of {"unsafe", "safe"} objects or
+    [unsafe, safe] lists) or .csv (header with unsafe and safe columns) file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pairs file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in (".txt", ".json", ".csv"):
+        raise ValueError(f"pairs file {path}: unsupported extension {suffix!r}; use .txt "
+                         "('unsafe | safe' lines), .json or .csv")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"pairs file {path} is not UTF-8 text ({err})") from None
+    try:
+        if suffix == ".txt":
+            pairs = parse_pairs_text(text, default_concept)
+        elif suffix == ".json":
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"invalid JSON at line {err.lineno}: {err.msg}") from None
+            if not isinstance(data, list):
+                raise ValueError("expected a JSON list of pairs at the top level")
+            pairs = [_pair_from_record(entry, f"entry {i}", default_concept)
+                     for i, entry in enumerate(data)]
+        else:
+            reader = csv.DictReader(io.StringIO(text))
+            pairs = [_pair_from_record({k.strip().lower(): v for k, v in row.items() if k},
+                                       f"row {reader.line_num}", default_concept)
+                     for row in reader]
+    except (ValueError, csv.Error) as err:
+        raise ValueError(f"pairs file {path}: {err}") from None
+    if not pairs:
+        raise ValueError(f"pairs file {path} holds no pairs")
+    return pairs
+
+
+def check_concept_present(pairs: list[PromptPair], concept: str) -> bool:
+    """True when the concept (case-insensitive, whole words, plural s/es allowed) occurs in at
+    least one unsafe prompt. False means the pairs probably do not erase it: warn the user."""
+    words = _words(concept)
+    if not words:
+        return False
+    pattern = re.compile(r"(?<![\w'])" + r"\s+".join(map(re.escape, words)) + r"(?:e?s)?(?![\w'])")
+    return any(pattern.search(pair.unsafe.lower()) for pair in pairs)

@@ -1,0 +1,189 @@
+"""A loaded text-to-image model (transformer + VAE + text encoder) and its one-call generator.
+
+Usage::
+
+    pipe = load_pipeline("embedded")                                   # ships with the pack
+    pipe = load_pipeline("infinity_2b_reg.pth", vae="infinity_vae_d32reg.pth",
+                         text_encoder="models/text_encoders/flan-t5-xl", dtype=torch.bfloat16)
+    result = pipe.generate(["a red circle on a white background"] * 4, seed=0)
+    result.images                                                      # (4, H, W, 3) in [0, 1]
+
+The data path: prompts -> TextEncoder (T5 states cut to each prompt's length) -> Infinity
+(pooled condition, text K/V once) -> sampler (scale by scale) -> BSQ VAE decode -> images.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import scales
+from .checkpoints import file_fingerprint, load_state_dict
+from .models.bsq_vae import BSQVAE, build_vae
+from .models.infinity import Infinity
+from .models.presets import build_infinity, preset_name
+from .models.t5 import T5Config, TextEncoder
+from .sampler import SampleResult, sample
+
+EMBEDDED = "embedded"
+
+
+@dataclass
+class VarPipeline:
+    model: Infinity
+    vae: BSQVAE
+    text_encoder: TextEncoder
+    name: str                                   # "embedded" or the transformer file name
+    fingerprint: str                            # of the base transformer weights
+    default_schedule: list[tuple[int, int]]
+    defaults: dict = field(default_factory=dict)   # cfg, tau, top_k, top_p
+    spatial_patchify: bool = False
+    fixed_schedule: bool = False                # small models trained on one resolution only
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.word_embed.weight.device
+
+    @property
+    def preset(self) -> str:
+        return EMBEDDED if self.name == EMBEDDED else preset_name(self.model.cfg)
+
+    def resolutions(self) -> list[tuple[int, int]]:
+        """(height, width) choices in pixels."""
+        if self.fixed_schedule:
+            h, w = self.default_schedule[-1]
+            p = self.vae.config.patch_size * (2 if self.spatial_patchify else 1)
+            return [(h * p, w * p)]
+        return sorted(scales.all_image_sizes())
+
+    def schedule_for(self, height: int | None = None, width: int | None = None) -> list[tuple[int, int]]:
+        if height is None and width is None:
+            return list(self.default_schedule)
+        if self.fixed_schedule:
+            allowed = self.resolutions()
+            if (height, width) not in allowed:
+                raise ValueError(f"resolution {height}x{width}: the {self.name} model only draws "
+                                 f"{allowed[0][0]}x{allowed[0][1]}")
+            return list(self.default_schedule)
+        schedule, _, _ = scales.schedule_for_image(height, width)
+        return schedule
+
+    def encode_prompts(self, prompts: list[str]):
+        states, lens = self.text_encoder.encode(list(prompts))
+        return states.to(self.device), lens.to(self.device)
+
+    def generate(self, prompts: list[str] | str, *, seed: int = 0, negative_prompt: str | None = None,
+                 cfg=None, tau=None, top_k: int | None = None, top_p: float | None = None,
+                 height: int | None = None, width: int | None = None, callback=None,
+                 cancel=None) -> SampleResult:
+        """One image per prompt, deterministic for (seed, prompts, settings, device)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str) or not p.strip():
+                raise ValueError(f"prompt {i} is empty; write what the image should show")
+        schedule = self.schedule_for(height, width)
+        states, lens = self.encode_prompts(prompts)
+        neg_states = neg_lens = None
+        if negative_prompt:
+            neg_states, neg_lens = self.encode_prompts([negative_prompt] * len(prompts))
+        generator = torch.Generator(self.device).manual_seed(int(seed))
+        d = self.defaults
+        return sample(self.model, self.vae, states, lens, schedule,
+                      cfg=d.get("cfg", 3.0) if cfg is None else cfg,
+                      tau=d.get("tau", 0.5) if tau is None else tau,
+                      top_k=d.get("top_k", 0) if top_k is None else top_k,
+                      top_p=d.get("top_p", 0.0) if top_p is None else top_p,
+                      negative_states=neg_states, negative_lens=neg_lens, generator=generator,
+                      callback=callback, cancel=cancel, spatial_patchify=self.spatial_patchify)
+
+
+def _pick_device(device):
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _pick_dtype(dtype, device: torch.device):
+    if dtype in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if isinstance(dtype, str):
+        names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+        if dtype not in names:
+            raise ValueError(f"dtype {dtype!r}: choose auto, fp32, fp16 or bf16")
+        return names[dtype]
+    return dtype
+
+
+def load_embedded(device=None, dtype=None, weights_dir: Path | None = None) -> VarPipeline:
+    from .embedded import spec
+    folder = Path(weights_dir or spec.WEIGHTS_DIR)
+    info_path = folder / spec.INFO_FILE
+    if not info_path.is_file():
+        raise FileNotFoundError(f"embedded model not found in {folder} (no {spec.INFO_FILE}); "
+                                "reinstall the pack or train it: python -m vare_core.embedded.train")
+    info = json.loads(info_path.read_text())
+    device = _pick_device(device)
+    dtype = _pick_dtype(dtype, device) if dtype not in (None, "auto") else torch.float32
+    weights = load_state_dict(folder / spec.TRANSFORMER_FILE)
+    model = build_infinity(weights, dtype=dtype, device=device, source=str(folder / spec.TRANSFORMER_FILE))
+    vae = build_vae(load_state_dict(folder / spec.VAE_FILE), dtype=dtype, device=device)
+    text_encoder = TextEncoder.from_folder(folder / spec.TEXT_ENCODER_DIR, dtype=dtype, device=device,
+                                           max_length=model.cfg.text_maxlen)
+    return VarPipeline(model=model, vae=vae, text_encoder=text_encoder, name=EMBEDDED,
+                       fingerprint=file_fingerprint(weights),
+                       default_schedule=[tuple(s) for s in info["scale_schedule"]],
+                       defaults={k: info[k] for k in ("cfg", "tau", "top_p") if k in info},
+                       fixed_schedule=True)
+
+
+def load_pipeline(model: str | Path = EMBEDDED, vae: str | Path | None = None,
+                  text_encoder: str | Path | None = None, *, device=None, dtype=None,
+                  tokenizer: str | Path | None = None) -> VarPipeline:
+    """Load a model by name ('embedded') or from checkpoint files users already have.
+
+    text_encoder: a flan-t5-xl folder (config.json, tokenizer.json, weights), or a single
+    encoder .safetensors file together with `tokenizer` (a tokenizer.json path).
+    """
+    if str(model) == EMBEDDED:
+        return load_embedded(device, dtype)
+    if vae is None or text_encoder is None:
+        raise ValueError("a transformer checkpoint needs --vae (the BSQ VAE .pth/.safetensors) and "
+                         "--text-encoder (a flan-t5-xl folder); or use --model embedded")
+    device = _pick_device(device)
+    dtype = _pick_dtype(dtype, device)
+    weights = load_state_dict(model, mmap=True)
+    transformer = build_infinity(weights, dtype=dtype, device=device, source=str(model))
+    vae_model = build_vae(load_state_dict(vae), dtype=dtype, device=device)
+    if Path(text_encoder).is_dir():
+        encoder = TextEncoder.from_folder(text_encoder, dtype=dtype, device=device,
+                                          max_length=transformer.cfg.text_maxlen)
+    else:
+        if tokenizer is None:
+            raise ValueError(f"text encoder {text_encoder} is a single file: also give the T5 "
+                             "tokenizer.json (tokenizer=...)")
+        encoder = TextEncoder.from_files(text_encoder, tokenizer, T5Config.flan_t5_xl(), dtype=dtype,
+                                         device=device, max_length=transformer.cfg.text_maxlen)
+    check_compatible(transformer, vae_model, encoder, str(model), str(vae), str(text_encoder))
+    patchify = vae_model.config.bits * 4 == transformer.cfg.bits
+    return VarPipeline(model=transformer, vae=vae_model, text_encoder=encoder, name=Path(model).name,
+                       fingerprint=file_fingerprint(weights),
+                       default_schedule=scales.scale_schedule(1.0, "1M"),
+                       defaults={"cfg": 3.0, "tau": 0.5, "top_k": 0, "top_p": 0.97},
+                       spatial_patchify=patchify)
+
+
+def check_compatible(model: Infinity, vae: BSQVAE, encoder: TextEncoder, model_name="model",
+                     vae_name="vae", encoder_name="text encoder"):
+    """A transformer, VAE and text encoder that cannot work together give one clear error."""
+    bits, vae_bits = model.cfg.bits, vae.config.bits
+    if bits not in (vae_bits, 4 * vae_bits):
+        raise ValueError(f"{model_name} predicts {bits} bits per token but {vae_name} has {vae_bits}: "
+                         "use the VAE that belongs to this model (Infinity-2B: d32, Infinity-8B: d56/14-bit)")
+    width = encoder.model.config.d_model
+    if width != model.cfg.text_channels:
+        raise ValueError(f"{encoder_name} gives {width}-wide states but {model_name} expects "
+                         f"{model.cfg.text_channels} (flan-t5-xl gives 2048)")
