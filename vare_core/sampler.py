@@ -36,6 +36,7 @@ class ScaleStep:
     total: int                 # number of scales
     bits: torch.Tensor         # (B, h, w, bits) drawn at this scale
     summed_codes: torch.Tensor  # (B, bits, H, W) codes so far, decodable for a preview
+    logits: torch.Tensor | None = None  # (B, h*w, 2*bits) fp32 after tau and CFG, before top-k/top-p
 
 
 @dataclass
@@ -124,6 +125,7 @@ def sample(model: Infinity, vae, text_states: torch.Tensor, text_lens: torch.Ten
         logits = raw / taus[k]
         if guided:
             logits = cfgs[k] * logits[:batch] + (1 - cfgs[k]) * logits[batch:]
+        combined = logits                      # what the callback sees (erasure teacher targets)
         logits = filter_logits(logits.view(batch, h * w * bits_per_token, 2), top_k, top_p)
         probs = logits.softmax(dim=-1)
         bits = torch.multinomial(probs.view(-1, 2), 1, replacement=True, generator=generator)
@@ -132,7 +134,8 @@ def sample(model: Infinity, vae, text_states: torch.Tensor, text_lens: torch.Ten
         vae_bits = unpatchify_tokens(bits) if spatial_patchify else bits
         summed = summed + upsample_codes(codes_from_bits(vae_bits), final)
         if callback is not None:
-            callback(ScaleStep(index=k, total=n_scales, bits=bits, summed_codes=summed))
+            callback(ScaleStep(index=k, total=n_scales, bits=bits, summed_codes=summed,
+                               logits=combined))
 
     images = None
     if decode:

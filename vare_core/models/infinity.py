@@ -288,3 +288,23 @@ class Infinity(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+@torch.no_grad()
+def init_weights(model: Infinity, std: float = 0.02) -> Infinity:
+    """Initialisation for training from scratch: small normal weights, zero biases, and
+    zero AdaLN gates so every block starts close to the identity."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.trunc_normal_(module.weight, std=std)
+    for block in model.blocks:
+        block.ada_gss.zero_()
+    nn.init.zeros_(model.shared_ada_lin[1].weight)
+    nn.init.zeros_(model.head_nm.ada_lin[1].weight)
+    model.head.weight.mul_(0.1)
+    model.text_proj_for_sos.ca.mat_q.normal_(std=std)
+    return model

@@ -1,0 +1,229 @@
+"""Train the embedded default model from scratch, reproducibly from a seed, on a CPU.
+
+    python -m vare_core.embedded.train --out vare_core/embedded/weights --seed 0
+
+Two stages, logged to OUT/train.log:
+1. VAE: a BSQ autoencoder (patch 8, 16 bits) on rendered shapes, multi-scale residual bit
+   quantisation with a straight-through gradient, L1 + L2 reconstruction loss.
+2. Transformer + text encoder: the training set is tokenised once by the frozen VAE; the
+   Infinity transformer and a small T5 encoder (word-level vocabulary) learn next-scale bit
+   prediction jointly, teacher-forced over all scales, with 10% condition dropout for CFG.
+Weights are saved in the official layouts (transformer with `block_chunks` keys, VAE, a
+Hugging Face style T5 folder), so the pack loads them with the same code as real checkpoints.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..checkpoints import save_safetensors_atomic
+from ..models.bsq_quant import teacher_forcing_inputs, upsample_codes
+from ..models.bsq_vae import BSQVAE
+from ..models.infinity import Infinity, init_weights
+from ..models.presets import to_official_keys
+from ..models.t5 import T5Encoder, TextEncoder, build_word_level_tokenizer
+from . import spec
+from .world import VOCABULARY, make_dataset
+
+
+class Log:
+    def __init__(self, path: Path):
+        self.path = path
+        self.start = time.time()
+
+    def __call__(self, message: str):
+        line = f"[{time.time() - self.start:7.1f}s] {message}"
+        print(line, flush=True)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+
+def to_model_images(images_uint8: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def quantize_straight_through(features: torch.Tensor, schedule) -> torch.Tensor:
+    """Multi-scale BSQ with straight-through gradients; returns the summed codes to decode."""
+    final = schedule[-1]
+    residual, summed = features, torch.zeros_like(features)
+    for h, w in schedule:
+        part = residual if (h, w) == final else F.interpolate(residual, size=(h, w), mode="area")
+        tokens = F.normalize(part, dim=1)
+        hard = torch.where(tokens > 0, 1.0, -1.0) / math.sqrt(features.shape[1])
+        codes = tokens + (hard - tokens).detach()
+        up = upsample_codes(codes, final)
+        summed = summed + up
+        residual = residual - up
+    return summed
+
+
+def train_vae(images: torch.Tensor, steps: int, batch: int, lr: float, gen: torch.Generator, log: Log) -> BSQVAE:
+    vae = BSQVAE(spec.VAE)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    vae.train()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, steps, lr, warmup=100)
+        idx = torch.randint(0, images.shape[0], (batch,), generator=gen)
+        x = images[idx]
+        summed = quantize_straight_through(vae.encode_features(x), spec.SCHEDULE)
+        recon = vae.decoder(summed)
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            psnr = 10 * math.log10(4 / max(F.mse_loss(recon.detach().clamp(-1, 1), x).item(), 1e-10))
+            log(f"vae step {step}/{steps} loss {loss.item():.4f} psnr {psnr:.2f} dB")
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode_bits(vae: BSQVAE, images: torch.Tensor, chunk: int = 256) -> list[torch.Tensor]:
+    """Bits per scale for the whole set, uint8 to keep memory small."""
+    per_scale = [[] for _ in spec.SCHEDULE]
+    for start in range(0, images.shape[0], chunk):
+        for k, bits in enumerate(vae.encode_bits(images[start:start + chunk], spec.SCHEDULE)):
+            per_scale[k].append(bits.to(torch.uint8))
+    return [torch.cat(parts) for parts in per_scale]
+
+
+def tokenize_all(text_encoder: TextEncoder, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, mask = text_encoder.tokenize(prompts)
+    return ids, mask
+
+
+def train_transformer(bits: list[torch.Tensor], ids: torch.Tensor, mask: torch.Tensor, vocab_size: int,
+                      steps: int, batch: int, lr: float, gen: torch.Generator, log: Log, checkpoint=None):
+    model = Infinity(spec.transformer_config())
+    init_weights(model)
+    t5 = T5Encoder(spec.text_encoder_config(vocab_size))
+    params = [p for p in list(model.parameters()) + list(t5.parameters())]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.02}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.97))
+    model.train()
+    t5.train()
+    n = ids.shape[0]
+    losses = []
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, steps, lr, warmup=200)
+        idx = torch.randint(0, n, (batch,), generator=gen)
+        batch_bits = [b[idx].long() for b in bits]
+        labels = torch.cat([b.reshape(batch, -1, b.shape[-1]) for b in batch_bits], dim=1)
+        x = teacher_forcing_inputs(batch_bits, spec.SCHEDULE)
+        batch_ids, batch_mask = ids[idx], mask[idx]
+        lens = batch_mask.sum(1)
+        width = int(lens.max())
+        states = t5(batch_ids[:, :width], batch_mask[:, :width])
+        states = states.masked_fill(batch_mask[:, :width, None] == 0, 0.0)
+        drop = torch.rand(batch, generator=gen) < 0.1
+        logits = model(model.encode_condition(states, lens, drop=drop), x, spec.SCHEDULE)
+        loss = F.cross_entropy(logits.reshape(-1, 2), labels.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 50 == 0 or step == steps - 1:
+            with torch.no_grad():
+                acc = (logits.reshape(-1, 2).argmax(-1) == labels.reshape(-1)).float().mean().item()
+            log(f"transformer step {step}/{steps} loss {np.mean(losses[-50:]):.4f} bit acc {acc:.4f} "
+                f"lr {opt.param_groups[0]['lr']:.2e}")
+        if checkpoint is not None and step > 0 and step % 500 == 0:
+            checkpoint(model, t5, step)   # a usable snapshot in case a long run is stopped
+    return model.eval(), t5.eval(), float(np.mean(losses[-100:]))
+
+
+def save_text_encoder(folder: Path, t5: T5Encoder, tokenizer):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(t5.config.to_hf_config(), indent=1))
+    tokenizer.save(str(folder / "tokenizer.json"))
+    save_safetensors_atomic({k: v.contiguous() for k, v in t5.state_dict().items()}, folder / "model.safetensors")
+
+
+def save_transformer(folder: Path, model: Infinity, t5: T5Encoder, tokenizer):
+    folder.mkdir(parents=True, exist_ok=True)
+    official = to_official_keys(model.state_dict(), model.cfg.blocks_per_chunk)
+    save_safetensors_atomic({k: v.contiguous() for k, v in official.items()}, folder / spec.TRANSFORMER_FILE)
+    save_text_encoder(folder / spec.TEXT_ENCODER_DIR, t5, tokenizer)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=spec.WEIGHTS_DIR)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vae-steps", type=int, default=800)
+    parser.add_argument("--vae-images", type=int, default=8000)
+    parser.add_argument("--steps", type=int, default=2500, help="transformer steps")
+    parser.add_argument("--images", type=int, default=40000, help="transformer training images")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--vae", type=Path, default=None, help="reuse a trained VAE file, skip stage 1")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = Log(args.out / "train.log")
+    log(f"args {vars(args)}")
+    gen = torch.Generator().manual_seed(args.seed)
+    record = {"seed": args.seed, "args": {k: str(v) for k, v in vars(args).items()}}
+
+    t0 = time.time()
+    if args.vae is None:
+        images, _, _ = make_dataset(args.vae_images, seed=args.seed + 1)
+        vae = train_vae(to_model_images(images), args.vae_steps, 32, 2e-3, gen, log)
+        save_safetensors_atomic({k: v.contiguous() for k, v in vae.state_dict().items()}, args.out / spec.VAE_FILE)
+    else:
+        from ..models.bsq_vae import build_vae
+        from safetensors.torch import load_file
+        vae = build_vae(load_file(args.vae))
+    record["vae_minutes"] = round((time.time() - t0) / 60, 1)
+
+    t1 = time.time()
+    images, prompts, _ = make_dataset(args.images, seed=args.seed + 2)
+    bits = encode_bits(vae, to_model_images(images))
+    del images
+    log(f"encoded {len(prompts)} training images in {time.time() - t1:.0f}s")
+    tokenizer = build_word_level_tokenizer(VOCABULARY)
+    vocab_size = tokenizer.get_vocab_size()
+    text_encoder = TextEncoder(tokenizer, T5Encoder(spec.text_encoder_config(vocab_size)), spec.TEXT_MAX_TOKENS)
+    ids, mask = tokenize_all(text_encoder, prompts)
+    def save_snapshot(model, t5, step):
+        snapshot = args.out / "snapshots" / f"step{step}"
+        save_transformer(snapshot, model, t5, tokenizer)
+        log(f"snapshot saved to {snapshot}")
+
+    model, t5, final_loss = train_transformer(bits, ids, mask, vocab_size, args.steps, args.batch, args.lr, gen, log,
+                                              checkpoint=save_snapshot)
+    record["transformer_minutes"] = round((time.time() - t1) / 60, 1)
+    record["final_bit_ce"] = round(final_loss, 4)
+
+    save_transformer(args.out, model, t5, tokenizer)
+    info = {"image_size": spec.IMAGE_SIZE, "scale_schedule": spec.SCHEDULE, "cfg": spec.DEFAULT_CFG,
+            "tau": spec.DEFAULT_TAU, "top_p": spec.DEFAULT_TOP_P, "training": record}
+    (args.out / spec.INFO_FILE).write_text(json.dumps(info, indent=1))
+    log(f"done: {record}")
+
+
+if __name__ == "__main__":
+    main()
