@@ -103,7 +103,10 @@ def build_infinity(state_dict: dict, *, dtype: torch.dtype | None = None, device
     The model is created on the `meta` device and the tensors are assigned in place (cast to
     `dtype` one by one), so no full fp32 copy is ever made on the target device.
     """
-    cfg = detect_infinity_config(state_dict, **overrides)
+    try:
+        cfg = detect_infinity_config(state_dict, **overrides)
+    except (ValueError, KeyError, IndexError) as err:
+        raise ValueError(f"{source}: {err}") from None
     ours = from_official_keys(state_dict)
     with torch.device("meta"):
         model = Infinity(cfg)

@@ -1,0 +1,127 @@
+"""Sampling speed: our KV-cached, CFG-batched sampler vs a straightforward reference path.
+
+    python bench/sample_speed.py                 # CPU, small config (always)
+    python bench/sample_speed.py --repeats 1     # quick (CI)
+    python bench/sample_speed.py --gpu           # + Infinity-2B preset, random weights, on CUDA
+
+The reference path recomputes the whole prefix at every scale (no KV cache) and runs the
+conditional and unconditional halves as two separate passes. Both paths use the same weights
+and produce the same bits for the same seed (checked). Prints a table and the command.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vare_core.models.bsq_quant import codes_from_bits, next_scale_input, upsample_codes  # noqa: E402
+from vare_core.models.infinity import Infinity, InfinityConfig, init_weights  # noqa: E402
+from vare_core.sampler import filter_logits, sample  # noqa: E402
+from vare_core.scales import rope_reference_grid, scale_schedule  # noqa: E402
+
+
+@torch.no_grad()
+def reference_sample(model: Infinity, text, lens, schedule, cfg=3.0, tau=1.0, generator=None):
+    """No KV cache, CFG as two passes: the prefix is recomputed at every scale."""
+    batch, bits = text.shape[0], model.cfg.bits
+    cond = model.encode_condition(text, lens)
+    uncond = model.encode_condition(model.null_text(lens, text.shape[1]).to(text.dtype), lens)
+    grid = rope_reference_grid(schedule)
+    final = schedule[-1]
+    summed = torch.zeros(batch, bits, *final, device=text.device)
+    inputs = []
+    for k, (h, w) in enumerate(schedule):
+        if k > 0:
+            inputs.append(next_scale_input(summed, (h, w)).to(text.dtype))
+        x = torch.cat(inputs, 1) if inputs else text.new_zeros(batch, 0, bits)
+        start = sum(a * b for a, b in schedule[:k])
+        logit_c = model(cond, x, schedule[:k + 1], grid)[:, start:]
+        logit_u = model(uncond, x, schedule[:k + 1], grid)[:, start:]
+        logits = (cfg * logit_c + (1 - cfg) * logit_u) / tau
+        probs = filter_logits(logits.view(batch, -1, 2)).softmax(-1)
+        drawn = torch.multinomial(probs.view(-1, 2), 1, replacement=True, generator=generator)
+        summed = summed + upsample_codes(codes_from_bits(drawn.view(batch, h, w, bits)), final)
+    return summed
+
+
+def timed(fn, repeats: int, device) -> tuple[float, float]:
+    fn()  # warm-up
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return statistics.median(times), peak
+
+
+def run(name, cfg: InfinityConfig, schedule, batch, dtype, device, repeats, reference=True):
+    with torch.device(device):      # built in place: no CPU copy of a 2B model
+        model = Infinity(cfg)
+    init_weights(model)
+    model = model.to(dtype).eval()
+    text = torch.randn(batch, 16, cfg.text_channels, device=device, dtype=dtype)
+    lens = torch.full((batch,), 16, device=device)
+    tokens = sum(h * w for h, w in schedule) * batch
+
+    class NoVAE:  # the bench times the transformer + sampler; decoding is the same for both paths
+        pass
+
+    def ours():
+        sample(model, NoVAE(), text, lens, schedule, cfg=3.0, tau=1.0, decode=False,
+               generator=torch.Generator(device).manual_seed(0))
+
+    rows = []
+    seconds, peak = timed(ours, repeats, device)
+    rows.append((name, "ours (KV cache, batched CFG)", batch, seconds, tokens / seconds, peak))
+    if reference:
+        ref = lambda: reference_sample(model, text, lens, schedule, generator=torch.Generator(device).manual_seed(0))  # noqa: E731
+        seconds, peak = timed(ref, repeats, device)
+        rows.append((name, "reference (no cache, 2-pass CFG)", batch, seconds, tokens / seconds, peak))
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--gpu", action="store_true", help="also time the 2B preset on CUDA")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = []
+    cpu = torch.device("cpu")
+    small = InfinityConfig(depth=8, embed_dim=256, num_heads=4, bits=16, text_channels=128,
+                           text_maxlen=32, block_chunks=1)
+    rows += run("small d8 w256, 256px sched, fp32 CPU", small, scale_schedule(1.0, "0.06M"), 2,
+                torch.float32, cpu, args.repeats)
+    if args.gpu and torch.cuda.is_available():
+        gpu = torch.device("cuda")
+        for px, preset in ((512, "0.25M"), (1024, "1M")):
+            for dtype in (torch.bfloat16, torch.float16):
+                for batch in (1, 4):
+                    rows += run(f"infinity_2b {px}px {str(dtype)[6:]}", InfinityConfig.infinity_2b(),
+                                scale_schedule(1.0, preset), batch, dtype, gpu, args.repeats,
+                                reference=(px == 512 and batch == 1))
+    print(f"command: python bench/sample_speed.py {' '.join(argv or sys.argv[1:])}")
+    print(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, torch {torch.__version__}")
+    print("| config | path | batch | s / batch | tokens/s | peak GiB |")
+    print("|---|---|---|---|---|---|")
+    for name, path, batch, seconds, tps, peak in rows:
+        print(f"| {name} | {path} | {batch} | {seconds:.3f} | {tps:,.0f} | {peak:.2f} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Quality of the embedded model, judged by the shapes classifier.
+
+    python -m vare_core.embedded.evaluate --samples 32 --seed 1000       # the README numbers
+    python -m vare_core.embedded.evaluate --sweep --samples 32 --seed 2000  # pick cfg / tau
+
+For every (shape, colour) pair the prompt "a {colour} {shape}" is sampled `samples` times;
+shape and colour accuracy are the fraction judged correct. Style accuracy uses prompts that
+state the fill ("a striped red circle", "a solid ..."). Synonym prompts ("disc", "box", ...)
+are scored like the main word. Variety: for prompts that do not name the background, how
+often each background appears (the world draws them uniformly).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from collections import Counter
+
+import torch
+
+from .world import COLORS, SHAPES, STYLES, SYNONYMS
+
+
+def _generate(pipe, prompts: list[str], seed: int, batch: int = 160, **kwargs) -> torch.Tensor:
+    images = []
+    for start in range(0, len(prompts), batch):
+        images.append(pipe.generate(prompts[start:start + batch], seed=seed + start, **kwargs).images)
+    return torch.cat(images)
+
+
+def _accuracy(judged: list[dict], expected: list[dict], key: str) -> float:
+    return sum(j[key] == e[key] for j, e in zip(judged, expected)) / max(1, len(expected))
+
+
+def evaluate(pipe, classifier, samples: int = 32, seed: int = 0, **sampling) -> dict:
+    from .classifier import classify
+    results = {"settings": {"samples": samples, "seed": seed, **{k: v for k, v in sampling.items()}}}
+    # shape x colour with the main word
+    prompts, expected = [], []
+    for shape, color in itertools.product(SHAPES, COLORS):
+        prompts += [f"a {color} {shape}"] * samples
+        expected += [{"shape": shape, "color": color}] * samples
+    judged = classify(classifier, _generate(pipe, prompts, seed, **sampling))
+    results["shape"] = _accuracy(judged, expected, "shape")
+    results["color"] = _accuracy(judged, expected, "color")
+    per_combo = {}
+    for i, (shape, color) in enumerate(itertools.product(SHAPES, COLORS)):
+        chunk = slice(i * samples, (i + 1) * samples)
+        per_combo[f"{color} {shape}"] = (_accuracy(judged[chunk], expected[chunk], "shape"),
+                                         _accuracy(judged[chunk], expected[chunk], "color"))
+    results["worst_combo_shape"] = min(per_combo.items(), key=lambda kv: kv[1][0])
+    results["worst_combo_color"] = min(per_combo.items(), key=lambda kv: kv[1][1])
+    results["per_shape"] = {s: sum(per_combo[f"{c} {s}"][0] for c in COLORS) / len(COLORS) for s in SHAPES}
+    results["backgrounds_unprompted"] = dict(Counter(j["background"] for j in judged))
+
+    # style
+    prompts, expected = [], []
+    per_style = max(4, samples // 4)
+    for shape, style, color in itertools.product(SHAPES, STYLES, COLORS):
+        prompts += [f"a {style} {color} {shape}"] * per_style
+        expected += [{"style": style}] * per_style
+    judged = classify(classifier, _generate(pipe, prompts, seed + 10**6, **sampling))
+    results["style"] = _accuracy(judged, expected, "style")
+
+    # synonyms (every non-main word), scored against the main word's accuracy
+    prompts, expected = [], []
+    per_synonym = max(4, samples // 2)
+    for shape, words in SYNONYMS.items():
+        for word, color in itertools.product(words[1:], COLORS):
+            prompts += [f"a {color} {word}"] * per_synonym
+            expected += [{"shape": shape, "color": color}] * per_synonym
+    judged = classify(classifier, _generate(pipe, prompts, seed + 2 * 10**6, **sampling))
+    results["synonym_shape"] = _accuracy(judged, expected, "shape")
+    results["synonym_color"] = _accuracy(judged, expected, "color")
+    return results
+
+
+def main(argv=None):
+    from ..pipeline import load_pipeline
+    from .classifier import load_classifier
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--weights", default=None, help="weights folder (default: the shipped one)")
+    parser.add_argument("--sweep", action="store_true", help="grid of cfg x tau")
+    parser.add_argument("--cfg", type=float, default=None)
+    parser.add_argument("--tau", type=float, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from ..pipeline import load_embedded
+    pipe = load_embedded("cpu", weights_dir=args.weights) if args.weights else load_pipeline("embedded", device="cpu")
+    classifier = load_classifier()
+    grid = [(args.cfg, args.tau)]
+    if args.sweep:
+        grid = list(itertools.product([2.0, 3.0, 4.0, 6.0], [0.1, 0.3, 0.5, 1.0]))
+    for cfg, tau in grid:
+        start = time.time()
+        sampling = {k: v for k, v in {"cfg": cfg, "tau": tau, "top_p": args.top_p}.items() if v is not None}
+        result = evaluate(pipe, classifier, args.samples, args.seed, **sampling)
+        result["seconds"] = round(time.time() - start, 1)
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
