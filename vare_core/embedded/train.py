@@ -170,7 +170,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=spec.WEIGHTS_DIR)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-steps", type=int, default=800)
+    parser.add_argument("--vae-steps", type=int, default=1200)
+    parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--vae-lr", type=float, default=1.5e-3)
     parser.add_argument("--vae-images", type=int, default=8000)
     parser.add_argument("--steps", type=int, default=2500, help="transformer steps")
     parser.add_argument("--images", type=int, default=40000, help="transformer training images")
@@ -191,7 +193,7 @@ def main(argv=None):
     t0 = time.time()
     if args.vae is None:
         images, _, _ = make_dataset(args.vae_images, seed=args.seed + 1)
-        vae = train_vae(to_model_images(images), args.vae_steps, 32, 2e-3, gen, log)
+        vae = train_vae(to_model_images(images), args.vae_steps, args.vae_batch, args.vae_lr, gen, log)
         save_safetensors_atomic({k: v.contiguous() for k, v in vae.state_dict().items()}, args.out / spec.VAE_FILE)
     else:
         from ..models.bsq_vae import build_vae

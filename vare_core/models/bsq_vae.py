@@ -64,6 +64,9 @@ class VAEConfig:
     num_res_blocks: int = 2  # encoder blocks per level; the decoder uses num_res_blocks + 1
     image_channels: int = 3
     norm_eps: float = 1e-6
+    # "group": the official GroupNorm. "none": no normalisation, for small models of flat
+    # synthetic images, where per-image statistics would wash out absolute colours.
+    norm: str = "group"
 
     def __post_init__(self):
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
@@ -75,29 +78,45 @@ class VAEConfig:
                              f"in channel_mult, got {self.channel_mult}")
         if self.bits < 1 or self.num_res_blocks < 1:
             raise ValueError(f"VAEConfig: bits ({self.bits}) and num_res_blocks ({self.num_res_blocks}) must be >= 1")
-        for m in self.channel_mult:
-            group_norm_groups(self.base_channels * m)
+        if self.norm not in ("group", "none"):
+            raise ValueError(f"VAEConfig.norm={self.norm!r}: use 'group' (official) or 'none'")
+        if self.norm == "group":
+            for m in self.channel_mult:
+                group_norm_groups(self.base_channels * m)
 
     @property
     def num_down(self) -> int:
         return int(math.log2(self.patch_size))
 
 
+def make_norm(channels: int, cfg: VAEConfig) -> nn.Module:
+    if cfg.norm == "none":
+        return NoNorm()
+    return nn.GroupNorm(group_norm_groups(channels), channels, eps=cfg.norm_eps)
+
+
+class NoNorm(nn.Module):
+    """Stands where GroupNorm would; returns a copy so the in-place swish never touches x."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x if torch.is_grad_enabled() else x.clone()
+
+
 def _swish(x: Tensor) -> Tensor:
     # x * sigmoid(x) as the official code (F.silu rounds differently, ~1e-6, which could flip a
     # bit whose feature sits near zero); in place when no graph is recorded, to save memory
-    # when decoding large images. Only ever called on a fresh GroupNorm output.
+    # when decoding large images. Only ever called on a fresh norm output.
     if torch.is_grad_enabled():
         return x * torch.sigmoid(x)
     return x.mul_(torch.sigmoid(x))
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, eps: float):
+    def __init__(self, in_ch: int, out_ch: int, cfg: VAEConfig):
         super().__init__()
-        self.norm1 = nn.GroupNorm(group_norm_groups(in_ch), in_ch, eps=eps)
+        self.norm1 = make_norm(in_ch, cfg)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = nn.GroupNorm(group_norm_groups(out_ch), out_ch, eps=eps)
+        self.norm2 = make_norm(out_ch, cfg)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
@@ -129,17 +148,17 @@ class Upsample(nn.Module):
 class Level(nn.Module):
     """One resolution level: `block` list plus an optional `downsample` / `upsample`."""
 
-    def __init__(self, in_ch: int, out_ch: int, num_blocks: int, eps: float):
+    def __init__(self, in_ch: int, out_ch: int, num_blocks: int, cfg: VAEConfig):
         super().__init__()
         self.block = nn.ModuleList(
-            ResnetBlock(in_ch if i == 0 else out_ch, out_ch, eps) for i in range(num_blocks))
+            ResnetBlock(in_ch if i == 0 else out_ch, out_ch, cfg) for i in range(num_blocks))
 
 
 class MidBlocks(nn.Module):
-    def __init__(self, ch: int, eps: float):
+    def __init__(self, ch: int, cfg: VAEConfig):
         super().__init__()
-        self.block_1 = ResnetBlock(ch, ch, eps)
-        self.block_2 = ResnetBlock(ch, ch, eps)
+        self.block_1 = ResnetBlock(ch, ch, cfg)
+        self.block_2 = ResnetBlock(ch, ch, cfg)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.block_2(self.block_1(x))
@@ -152,12 +171,12 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv2d(cfg.image_channels, cfg.base_channels, 3, padding=1)
         self.down = nn.ModuleList()
         for i, ch in enumerate(chans):
-            level = Level(cfg.base_channels if i == 0 else chans[i - 1], ch, cfg.num_res_blocks, cfg.norm_eps)
+            level = Level(cfg.base_channels if i == 0 else chans[i - 1], ch, cfg.num_res_blocks, cfg)
             if i < cfg.num_down:
                 level.downsample = Downsample(ch)
             self.down.append(level)
-        self.mid = MidBlocks(chans[-1], cfg.norm_eps)
-        self.norm_out = nn.GroupNorm(group_norm_groups(chans[-1]), chans[-1], eps=cfg.norm_eps)
+        self.mid = MidBlocks(chans[-1], cfg)
+        self.norm_out = make_norm(chans[-1], cfg)
         self.conv_out = nn.Conv2d(chans[-1], cfg.bits, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -176,17 +195,17 @@ class Decoder(nn.Module):
         super().__init__()
         chans = [cfg.base_channels * m for m in cfg.channel_mult]
         self.conv_in = nn.Conv2d(cfg.bits, chans[-1], 3, padding=1)
-        self.mid = MidBlocks(chans[-1], cfg.norm_eps)
+        self.mid = MidBlocks(chans[-1], cfg)
         # `up[i]` is level i (index 0 = finest); it runs coarsest first, as in the official model.
         levels, in_ch = [], chans[-1]
         for i in reversed(range(len(chans))):
-            level = Level(in_ch, chans[i], cfg.num_res_blocks + 1, cfg.norm_eps)
+            level = Level(in_ch, chans[i], cfg.num_res_blocks + 1, cfg)
             if 1 <= i <= cfg.num_down:
                 level.upsample = Upsample(chans[i])
             levels.insert(0, level)
             in_ch = chans[i]
         self.up = nn.ModuleList(levels)
-        self.norm_out = nn.GroupNorm(group_norm_groups(chans[0]), chans[0], eps=cfg.norm_eps)
+        self.norm_out = make_norm(chans[0], cfg)
         self.conv_out = nn.Conv2d(chans[0], cfg.image_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
@@ -286,6 +305,7 @@ def detect_vae_config(state_dict) -> VAEConfig:
         channel_mult=tuple(mult),
         num_res_blocks=_count_indices(sd, "encoder.down.0.block."),
         image_channels=sd["encoder.conv_in.weight"].shape[1],
+        norm="group" if "encoder.norm_out.weight" in sd else "none",
     )
 
 
