@@ -348,6 +348,9 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path,
     except OSError as err:
         raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temp_name, 0o666 & ~umask)   # mkstemp makes 0600; weights are shared files
     try:
         safetensors.torch.save_file(prepared, temp_name, metadata=metadata)
         with open(temp_name, "r+b") as f:

@@ -41,6 +41,7 @@ class VarPipeline:
     defaults: dict = field(default_factory=dict)   # cfg, tau, top_k, top_p
     spatial_patchify: bool = False
     fixed_schedule: bool = False                # small models trained on one resolution only
+    applied_adapters: tuple = ()                # (adapter id, strength) applied on top of the base
 
     @property
     def device(self) -> torch.device:

@@ -239,7 +239,7 @@ class Infinity(nn.Module):
             if i == 0 or (self.cfg.lvl_embed_every_chunk and i % per_chunk == 0):
                 x = x + lvl
             cross_kv = block.ca.project_kv(*cross_sources)
-            if self.gradient_checkpointing and self.training:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, ada, cross_kv, rope, attn_mask, use_reentrant=False)
             else:
                 x = block(x, ada, cross_kv, rope, attn_mask)

@@ -1,0 +1,154 @@
+"""Command line: python -m vare_core {sample, demo, erase, bench-erasure} ...
+
+    python -m vare_core sample --model embedded --prompt "a red circle on a white background" \
+        --n 8 --seed 0 --out out/
+    python -m vare_core sample --model infinity_2b_reg.pth --vae infinity_vae_d32reg.pth \
+        --text-encoder models/text_encoders/flan-t5-xl --prompt "a cat" --out out/
+    python -m vare_core demo --out out/demo
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+class CliError(Exception):
+    """A user-facing error: printed without a traceback, exit code 2."""
+
+
+def save_images(images, out: Path, stem: str) -> list[Path]:
+    """(B, H, W, 3) floats in [0, 1] -> numbered PNGs."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        path = out / f"{stem}_{i:03d}.png"
+        Image.fromarray((image.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def add_model_args(parser: argparse.ArgumentParser):
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="embedded",
+                       help="'embedded' (ships with the pack) or an Infinity checkpoint (.pth/.safetensors/sharded folder)")
+    group.add_argument("--vae", help="BSQ VAE checkpoint (needed with a checkpoint --model)")
+    group.add_argument("--text-encoder", help="flan-t5-xl folder, or an encoder .safetensors with --tokenizer")
+    group.add_argument("--tokenizer", help="tokenizer.json when --text-encoder is a single file")
+    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    group.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+
+
+def add_sampling_args(parser: argparse.ArgumentParser):
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--cfg", default=None, help="guidance: a number or one per scale, e.g. '3,3,4,4,4'")
+    group.add_argument("--tau", default=None, help="temperature: a number or one per scale")
+    group.add_argument("--top-k", type=int, default=None)
+    group.add_argument("--top-p", type=float, default=None)
+    group.add_argument("--negative", default=None, help="negative prompt")
+    group.add_argument("--height", type=int, default=None)
+    group.add_argument("--width", type=int, default=None)
+    group.add_argument("--adapter", action="append", default=[], metavar="FILE[:STRENGTH]",
+                       help="erasure adapter to apply (repeatable), strength default 1.0")
+
+
+def load_from_args(args):
+    from .pipeline import load_pipeline
+    return load_pipeline(args.model, args.vae, args.text_encoder, device=args.device,
+                         dtype=args.dtype, tokenizer=args.tokenizer)
+
+
+def sampling_kwargs(args, n_scales: int) -> dict:
+    from .scales import parse_per_scale
+    kwargs = {}
+    if args.cfg is not None:
+        kwargs["cfg"] = parse_per_scale(args.cfg, n_scales, "--cfg")
+    if args.tau is not None:
+        kwargs["tau"] = parse_per_scale(args.tau, n_scales, "--tau")
+    if args.top_k is not None:
+        kwargs["top_k"] = args.top_k
+    if args.top_p is not None:
+        if not 0 <= args.top_p <= 1:
+            raise CliError(f"--top-p {args.top_p}: must be between 0 and 1")
+        kwargs["top_p"] = args.top_p
+    return kwargs
+
+
+def cmd_sample(args):
+    from tqdm import tqdm
+    if args.n < 1:
+        raise CliError(f"--n {args.n}: must be at least 1")
+    pipe = apply_adapter_args(load_from_args(args), args.adapter)
+    schedule = pipe.schedule_for(args.height, args.width)
+    kwargs = sampling_kwargs(args, len(schedule))
+    images = []
+    with tqdm(total=len(schedule) * -(-args.n // args.batch), desc="sampling", unit="scale") as bar:
+        for start in range(0, args.n, args.batch):
+            count = min(args.batch, args.n - start)
+            result = pipe.generate([args.prompt] * count, seed=args.seed + start,
+                                   negative_prompt=args.negative, height=args.height, width=args.width,
+                                   callback=lambda step: bar.update(1), **kwargs)
+            images.append(result.images)
+    import torch
+    paths = save_images(torch.cat(images), Path(args.out), args.stem)
+    print(f"wrote {len(paths)} images to {args.out}")
+
+
+def apply_adapter_args(pipe, specs: list[str]):
+    """A new pipeline with every --adapter FILE[:STRENGTH] applied in order (base unchanged)."""
+    if not specs:
+        return pipe
+    from .erasure.adapters import apply_adapter, load_adapter, parse_adapter_spec
+    for spec in specs:
+        path, strength = parse_adapter_spec(spec)
+        pipe = apply_adapter(pipe, load_adapter(path), strength)
+    return pipe
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+    report = run_demo(Path(args.out), seed=args.seed, steps=args.steps)
+    print(report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m vare_core", description="VARE: VAR text-to-image and concept erasure")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sample", help="generate images")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--n", type=int, default=4, help="number of images")
+    p.add_argument("--batch", type=int, default=8, help="images per forward batch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="out")
+    p.add_argument("--stem", default="sample", help="file name prefix")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("demo", help="the whole story on the embedded model: sample, erase, compare")
+    p.add_argument("--out", default="out/demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="erasure steps (default: the pack's default)")
+    p.set_defaults(func=cmd_demo)
+
+    from .erasure import cli as erasure_cli
+    erasure_cli.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (CliError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,64 @@
+"""Erasure settings for the embedded shapes-world model: prompt templates and tuned defaults.
+
+    pairs = embedded_pairs(["circle"], ["square"])       # 50 pairs, same colour/background/style
+    config = embedded_erase_config()                     # defaults measured on this model
+
+Training uses the MAIN word of a shape only ("circle"); synonyms ("disc", "round shape") are
+left out on purpose, so the benchmark can check that the erasure carries over to words it
+never saw.
+"""
+from __future__ import annotations
+
+from ..erasure.pairs import PromptPair, make_pairs
+from .world import BACKGROUNDS, COLORS, SHAPES, SYNONYMS, VOCABULARY
+
+WORLD_TEMPLATES = (
+    "a {color} {}",
+    "a {}",
+    "{color} {}",
+    "a {color} {} on a {background} background",
+    "a {} on a {background} background",
+    "a {style} {color} {}",
+    "a {style} {}",
+    "a picture of a {color} {}",
+    "a photo of a {}",
+    "an image of a {color} {} with stripes",
+    "a {color} {} on {background}",
+    "a drawing of a {style} {color} {} on a {background} background",
+)
+SLOT_VALUES = {"color": list(COLORS), "background": list(BACKGROUNDS), "style": ["striped", "solid"]}
+
+# Measured with `python -m vare_core bench-erasure` (see README): enough to erase on CPU in
+# well under the 3-minute budget while keeping the other shapes.
+DEFAULT_STEPS = 150
+DEFAULT_TRAIN = "lora"
+DEFAULT_RANK = 8
+DEFAULT_LR = 2e-3
+
+
+def shape_name(word: str, role: str) -> str:
+    """A shape word or synonym -> the main shape name; clear error otherwise."""
+    text = " ".join(word.lower().split())
+    for shape, words in SYNONYMS.items():
+        if text in words:
+            return shape
+    raise ValueError(f"{role} {word!r} is not a shape of the embedded model; it knows "
+                     f"{', '.join(SHAPES)} (and the synonyms {', '.join(w for ws in SYNONYMS.values() for w in ws[1:])})")
+
+
+def embedded_pairs(concepts, anchors, seed: int = 0, n_per_concept: int = 50) -> list[PromptPair]:
+    concepts = [concepts] if isinstance(concepts, str) else list(concepts)
+    anchors = [anchors] if isinstance(anchors, str) else list(anchors)
+    concepts = [shape_name(c, "concept") for c in concepts]
+    anchors = [shape_name(a, "anchor") for a in anchors]
+    return make_pairs(concepts, anchors, n_per_concept=n_per_concept, seed=seed,
+                      templates=list(WORLD_TEMPLATES), vocabulary=set(VOCABULARY),
+                      slot_values=SLOT_VALUES)
+
+
+def embedded_erase_config(steps: int | None = None, **overrides):
+    from ..erasure.trainer import EraseConfig
+    settings = dict(method="svare", train=DEFAULT_TRAIN, rank=DEFAULT_RANK, lr=DEFAULT_LR,
+                    steps=DEFAULT_STEPS if steps is None else steps, batch_size=8, precision="fp32")
+    settings.update(overrides)
+    return EraseConfig(**settings)

@@ -1,0 +1,379 @@
+"""Erasure adapters: what an erasure trains, the adapter file, and applying it to a model.
+
+Two ways to train (names are our parameter names, `blocks.{i}....`):
+- `ca_ffn` (official S-VARE): full weights of every block's cross-attention (`blocks.{i}.ca.*`:
+  mat_q, mat_kv, v_bias, proj) and FFN (`blocks.{i}.ffn.*`). The adapter stores the deltas
+  (trained - base) of those tensors under the same names.
+- `lora`: rank-r factors on chosen linear layers, targets from {"ca", "ffn", "sa"}
+  (ca: mat_q, mat_kv, proj; ffn: fc1, fc2; sa: mat_qkv, proj). The adapter stores
+  `{layer}.lora_A` (r, in) and `{layer}.lora_B` (out, r); the weight change is
+  `lora_scale * B @ A` (metadata `lora_scale`, default 1).
+
+Usage::
+
+    adapter = load_adapter("erase_circle.safetensors")     # tensors + metadata (JSON values)
+    erased = apply_adapter(pipe, adapter, strength=0.8)    # a NEW pipeline; `pipe` is unchanged
+    both = apply_adapter(erased, load_adapter("other.safetensors"))   # stacking
+    save_merged(both, "merged_transformer.safetensors")    # full weights, official key layout
+    path, strength = parse_adapter_spec("erase_circle.safetensors:0.8")
+
+File: safetensors; every metadata value is JSON text (format, base_fingerprint, preset, model,
+concepts, anchors, method, train, rank, lora_targets, lora_scale, hyperparameters, steps_done,
+steps_requested, cancelled, final_losses, pack_version, created ...). Loading parses it as JSON
+data only. An adapter made for other base weights is refused unless `force=True` (shapes are
+still checked).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+from ..checkpoints import save_safetensors_atomic
+from ..models.presets import to_official_keys
+
+FORMAT_VERSION = "vare-adapter/1"
+TRAIN_MODES = ("ca_ffn", "lora")
+LORA_TARGETS = {"ca": ("ca.mat_q", "ca.mat_kv", "ca.proj"),
+                "ffn": ("ffn.fc1", "ffn.fc2"),
+                "sa": ("sa.mat_qkv", "sa.proj")}
+STRENGTH_RANGE = (-2.0, 2.0)
+_CA_FFN_PARAM = re.compile(r"^blocks\.\d+\.(ca|ffn)\.[\w.]+$")
+_LORA_KEY = re.compile(r"^(blocks\.\d+\.(?:ca|ffn|sa)\.\w+)\.lora_([AB])$")
+
+
+class AdapterError(ValueError):
+    """An adapter file or adapter that cannot be used; the message names it and the fix."""
+
+
+@dataclass
+class Adapter:
+    tensors: dict          # name -> tensor (deltas, or lora_A / lora_B factors)
+    metadata: dict         # JSON-compatible values
+    source: str = "adapter"  # the file it was loaded from, for messages
+
+    @property
+    def train(self) -> str:
+        return self.metadata.get("train", "lora" if any(_LORA_KEY.match(k) for k in self.tensors) else "ca_ffn")
+
+    def identity(self) -> str:
+        """Short id of the tensors and metadata (recorded on pipelines it is applied to)."""
+        digest = hashlib.sha256(json.dumps(self.metadata, sort_keys=True, default=str).encode())
+        for name in sorted(self.tensors):
+            digest.update(name.encode())
+            digest.update(str(tuple(self.tensors[name].shape)).encode())
+        return digest.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- what trains
+
+def ca_ffn_parameter_names(model: nn.Module) -> list[str]:
+    """Every trainable tensor of the blocks' cross-attention and FFN (buffers excluded)."""
+    return [name for name, _ in model.named_parameters() if _CA_FFN_PARAM.match(name)]
+
+
+def lora_layer_names(model: nn.Module, targets) -> list[str]:
+    """Linear layers (module names) of the chosen targets in every block."""
+    targets = tuple(targets)
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets:
+        raise ValueError(f"lora_targets {list(targets)}: choose one or more of {sorted(LORA_TARGETS)}")
+    suffixes = tuple(s for t in targets for s in LORA_TARGETS[t])
+    return [f"blocks.{i}.{suffix}" for i in range(len(model.blocks)) for suffix in suffixes]
+
+
+def check_lora_rank(model: nn.Module, rank: int, targets) -> None:
+    """A rank above a target layer's smaller side adds nothing: refuse it with the limit."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+    for name in lora_layer_names(model, targets):
+        out_features, in_features = model.get_submodule(name).weight.shape
+        if rank > min(out_features, in_features):
+            raise ValueError(f"rank {rank} is larger than layer {name} allows "
+                             f"({out_features}x{in_features}: at most {min(out_features, in_features)}); "
+                             "choose a smaller --rank")
+
+
+def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    return scale * (lora_b.float() @ lora_a.float())
+
+
+def adapter_deltas(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """Parameter name -> fp32 weight change at strength 1."""
+    if adapter.train == "ca_ffn":
+        return {name: t.float() for name, t in adapter.tensors.items()}
+    scale = float(adapter.metadata.get("lora_scale", 1.0))
+    layers = sorted({_LORA_KEY.match(k).group(1) for k in adapter.tensors})
+    return {f"{layer}.weight": lora_delta(adapter.tensors[f"{layer}.lora_A"],
+                                          adapter.tensors[f"{layer}.lora_B"], scale)
+            for layer in layers}
+
+
+class _LoRAWeight(nn.Module):
+    """Parametrization: weight -> weight + scale * B @ A (fp32; autocast casts it per op)."""
+
+    def __init__(self, lora_a: nn.Parameter, lora_b: nn.Parameter, scale: float):
+        super().__init__()
+        self.lora_a, self.lora_b, self.scale = lora_a, lora_b, scale
+
+    def forward(self, weight):
+        return weight.float() + self.scale * (self.lora_b @ self.lora_a)
+
+
+class TrainableWeights:
+    """The trained tensors of an erasure, as fp32 master copies; frozen tensors stay shared.
+
+    `with weights.installed(): ...` puts them into the model (ca_ffn: the masters replace the
+    parameters; lora: a parametrization adds scale * B @ A to each target weight, so gradient
+    checkpointing recomputes through it) and always puts the original tensors back.
+    """
+
+    def __init__(self, model: nn.Module, train: str, rank: int = 4, targets=("ca", "ffn"),
+                 lora_scale: float = 1.0, generator: torch.Generator | None = None):
+        if train not in TRAIN_MODES:
+            raise ValueError(f"train must be one of {TRAIN_MODES}, got {train!r}")
+        self.model, self.train, self.lora_scale = model, train, float(lora_scale)
+        self.params: dict[str, nn.Parameter] = {}
+        if train == "ca_ffn":
+            self.base = {n: model.get_parameter(n) for n in ca_ffn_parameter_names(model)}
+            for name, base in self.base.items():
+                self.params[name] = nn.Parameter(base.detach().float().clone())
+            return
+        check_lora_rank(model, rank, targets)
+        self.layers = lora_layer_names(model, targets)
+        for layer in self.layers:
+            weight = model.get_submodule(layer).weight
+            out_features, in_features = weight.shape
+            lora_a = torch.empty(rank, in_features, dtype=torch.float32)   # CPU: same on any device
+            nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5), generator=generator)   # as nn.Linear
+            self.params[f"{layer}.lora_A"] = nn.Parameter(lora_a.to(weight.device))
+            self.params[f"{layer}.lora_B"] = nn.Parameter(   # B = 0: training starts at the base
+                torch.zeros(out_features, rank, device=weight.device, dtype=torch.float32))
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return list(self.params.items())
+
+    @contextmanager
+    def installed(self):
+        from torch.nn.utils import parametrize
+        done = []
+        try:
+            if self.train == "ca_ffn":
+                for name, master in self.params.items():
+                    module_name, _, attr = name.rpartition(".")
+                    setattr(self.model.get_submodule(module_name), attr, master)
+                    done.append(name)
+            else:
+                for layer in self.layers:
+                    parametrize.register_parametrization(
+                        self.model.get_submodule(layer), "weight",
+                        _LoRAWeight(self.params[f"{layer}.lora_A"], self.params[f"{layer}.lora_B"],
+                                    self.lora_scale), unsafe=True)
+                    done.append(layer)
+            yield self
+        finally:
+            for name in done:
+                if self.train == "ca_ffn":
+                    module_name, _, attr = name.rpartition(".")
+                    setattr(self.model.get_submodule(module_name), attr, self.base[name])
+                else:
+                    parametrize.remove_parametrizations(self.model.get_submodule(name), "weight",
+                                                        leave_parametrized=False)
+
+    @torch.no_grad()
+    def export(self) -> dict[str, torch.Tensor]:
+        """Adapter tensors on the CPU: ca_ffn deltas (fp32 for an fp32 base, else bf16, which
+        keeps the range of tiny deltas) or the fp32 LoRA factors."""
+        if self.train == "lora":
+            return {name: p.detach().float().cpu().clone() for name, p in self.params.items()}
+        out = {}
+        for name, master in self.params.items():
+            base = self.base[name]
+            delta = master.detach().float() - base.detach().float()
+            keep = torch.float32 if base.dtype == torch.float32 else torch.bfloat16
+            out[name] = delta.to(keep).cpu()
+        return out
+
+
+# ----------------------------------------------------------------------------- file
+
+def _check_structure(tensors: dict, metadata: dict, where: str) -> None:
+    train = metadata.get("train")
+    if train not in TRAIN_MODES:
+        raise AdapterError(f"{where}: metadata 'train' is {train!r}, expected one of {TRAIN_MODES}")
+    if not tensors:
+        raise AdapterError(f"{where}: holds no tensors")
+    if train == "ca_ffn":
+        bad = [k for k in tensors if not _CA_FFN_PARAM.match(k)]
+        if bad:
+            raise AdapterError(f"{where}: unexpected tensor names for a ca_ffn adapter: {bad[:5]}")
+        return
+    bad = [k for k in tensors if not _LORA_KEY.match(k)]
+    if bad:
+        raise AdapterError(f"{where}: unexpected tensor names for a LoRA adapter: {bad[:5]} "
+                           "(expected blocks.{i}.<layer>.lora_A / .lora_B)")
+    for layer in sorted({_LORA_KEY.match(k).group(1) for k in tensors}):
+        a, b = tensors.get(f"{layer}.lora_A"), tensors.get(f"{layer}.lora_B")
+        if a is None or b is None:
+            raise AdapterError(f"{where}: {layer} has only one of lora_A / lora_B")
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise AdapterError(f"{where}: {layer} has lora_A {tuple(a.shape)} and lora_B "
+                               f"{tuple(b.shape)}; expected (r, in) and (out, r)")
+    scale = metadata.get("lora_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise AdapterError(f"{where}: metadata lora_scale must be a finite number, got {scale!r}")
+
+
+def save_adapter(adapter: Adapter, path) -> None:
+    """Atomic write: safetensors + metadata values as JSON text."""
+    path = Path(path)
+    metadata = dict(adapter.metadata)
+    metadata.setdefault("format", FORMAT_VERSION)
+    _check_structure(adapter.tensors, metadata, f"adapter for {path}")
+    encoded = {key: json.dumps(value) for key, value in metadata.items()}
+    save_safetensors_atomic(adapter.tensors, path, encoded)
+
+
+def load_adapter(path) -> Adapter:
+    """Read an adapter file; AdapterError (naming the file) when it is not a usable adapter."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as err:  # damaged or not safetensors
+        raise AdapterError(f"{path}: not a readable safetensors adapter ({err}); "
+                           "train or download it again") from None
+    metadata = {}
+    for key, value in raw.items():
+        try:
+            metadata[key] = json.loads(value)
+        except ValueError:
+            raise AdapterError(f"{path}: metadata {key!r} is not JSON ({value[:80]!r}); "
+                               "this file was not written by save_adapter") from None
+    if metadata.get("format") != FORMAT_VERSION:
+        raise AdapterError(f"{path}: format {metadata.get('format')!r} is not {FORMAT_VERSION!r}; "
+                           "it is not a VARE adapter or comes from a newer version")
+    _check_structure(tensors, metadata, str(path))
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+            raise AdapterError(f"{path}: tensor {name} is not a finite float tensor")
+    return Adapter(tensors=tensors, metadata=metadata, source=str(path))
+
+
+# ----------------------------------------------------------------------------- applying
+
+def _check_against_model(adapter: Adapter, model: nn.Module, where: str) -> None:
+    params = dict(model.named_parameters())
+    for name, tensor in adapter.tensors.items():
+        if adapter.train == "ca_ffn":
+            target, expected = name, tuple(tensor.shape)
+        else:
+            layer, which = _LORA_KEY.match(name).groups()
+            target = f"{layer}.weight"
+            if target not in params:
+                raise AdapterError(f"{where}: {target} does not exist in this model")
+            out_features, in_features = params[target].shape
+            side = in_features if which == "A" else out_features
+            got = tensor.shape[1] if which == "A" else tensor.shape[0]
+            if got != side:
+                raise AdapterError(f"{where}: {name} has shape {tuple(tensor.shape)} but "
+                                   f"{target} is {out_features}x{in_features}")
+            continue
+        if target not in params:
+            raise AdapterError(f"{where}: {target} does not exist in this model")
+        if tuple(params[target].shape) != expected:
+            raise AdapterError(f"{where}: {name} has shape {expected} but the model's is "
+                               f"{tuple(params[target].shape)}")
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A structural copy of the module tree that shares every parameter and buffer."""
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def apply_adapter(pipe, adapter: Adapter, strength: float = 1.0, force: bool = False):
+    """A new VarPipeline whose model holds base + strength * delta for the adapter's tensors and
+    shares every other tensor (and the VAE / text encoder) with `pipe`, which stays unchanged."""
+    strength = _check_strength(strength, "strength")
+    where = adapter.source
+    base = adapter.metadata.get("base_fingerprint")
+    if base != pipe.fingerprint and not force:
+        raise AdapterError(f"{where} was trained on base weights {base} but this model is "
+                           f"{pipe.fingerprint} ({pipe.name}); load the model it was made for, "
+                           "or pass force=True to apply it anyway")
+    _check_structure(adapter.tensors, adapter.metadata, where)
+    _check_against_model(adapter, pipe.model, where)
+    model = shared_copy(pipe.model)
+    if strength != 0.0:
+        with torch.no_grad():
+            for name, delta in adapter_deltas(adapter).items():
+                module_name, _, attr = name.rpartition(".")
+                module = model.get_submodule(module_name)
+                old = getattr(module, attr)
+                new = old.float() + strength * delta.to(old.device)
+                setattr(module, attr, nn.Parameter(new.to(old.dtype), requires_grad=False))
+    applied = tuple(getattr(pipe, "applied_adapters", ())) + ((adapter.identity(), strength),)
+    new_pipe = dataclasses.replace(pipe, model=model, defaults=dict(pipe.defaults))
+    new_pipe.applied_adapters = applied   # part of the trajectory cache key (see trajectories)
+    return new_pipe
+
+
+def merge_adapter(pipe, adapter: Adapter, path, strength: float = 1.0, force: bool = False):
+    """apply_adapter + save_merged; returns the merged pipeline."""
+    merged = apply_adapter(pipe, adapter, strength, force)
+    save_merged(merged, path)
+    return merged
+
+
+def save_merged(pipe, path) -> None:
+    """The transformer's full weights in the official key layout (block_chunks.{c}.module.{m})."""
+    model = pipe.model
+    state = to_official_keys(model.state_dict(), model.cfg.blocks_per_chunk)
+    metadata = {"base_fingerprint": json.dumps(pipe.fingerprint),
+                "applied_adapters": json.dumps([list(a) for a in getattr(pipe, "applied_adapters", ())])}
+    save_safetensors_atomic(state, path, metadata)
+
+
+# ----------------------------------------------------------------------------- specs
+
+def _check_strength(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise AdapterError(f"{what} must be a finite number, got {value!r}")
+    low, high = STRENGTH_RANGE
+    if not low <= value <= high:
+        raise AdapterError(f"{what} {value} is outside [{low}, {high}]")
+    return float(value)
+
+
+def parse_adapter_spec(spec: str) -> tuple[str, float]:
+    """'file.safetensors' -> (path, 1.0); 'file.safetensors:0.8' -> (path, 0.8).
+    A Windows drive letter ('C:\\x.safetensors') is part of the path, not a strength."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise AdapterError(f"adapter spec {spec!r} is empty; write FILE or FILE:STRENGTH")
+    spec = spec.strip()
+    head, sep, tail = spec.rpartition(":")
+    drive_only = len(head) == 1 and head.isalpha()           # 'C:\x.safetensors'
+    if not sep or drive_only or "/" in tail or "\\" in tail:
+        return spec, 1.0
+    try:
+        strength = float(tail)
+    except ValueError:
+        raise AdapterError(f"adapter spec {spec!r}: strength {tail!r} is not a number; "
+                           "write FILE:STRENGTH, e.g. erase.safetensors:0.8") from None
+    if not head:
+        raise AdapterError(f"adapter spec {spec!r} has no file name before ':'")
+    return head, _check_strength(strength, f"adapter spec {spec!r}: strength")

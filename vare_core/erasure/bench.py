@@ -1,0 +1,141 @@
+"""`python -m vare_core bench-erasure`: how surgically each method erases, on the embedded model.
+
+    python -m vare_core bench-erasure --concept circle --anchor square --samples 64
+
+One row per method (the original model, then naive fine-tuning, basic VARE and S-VARE, each
+with full CA+FFN weights and with LoRA), judged by the shapes classifier:
+- ACC_e: prompts naming the erased concept (its main word AND its synonyms, which training
+  never saw) still drawn as the concept. Lower is better.
+- ACC_i: prompts naming the other shapes drawn correctly. Should stay at the original's level.
+- colour kept: erased-concept prompts whose colour is still the prompted one.
+- style: striped / solid prompts over all shapes drawn with the prompted fill.
+Plus training time, peak memory and adapter size. Writes bench.md and bench.json to --out.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from ..embedded.world import COLORS, SHAPES, STYLES, SYNONYMS
+
+
+def prompt_sets(concept: str, samples: int) -> dict:
+    """Prompt lists with the attributes expected of each image."""
+    colors = list(COLORS)
+    per = max(1, samples // len(colors))
+    erased = [(f"a {c} {w}", {"shape": concept, "color": c})
+              for w in SYNONYMS[concept] for c in colors for _ in range(per)]
+    others = [(f"a {c} {s}", {"shape": s, "color": c})
+              for s in SHAPES if s != concept for c in colors for _ in range(per)]
+    per_style = max(1, samples // (len(SHAPES) * len(STYLES)))
+    styles = [(f"a {st} {c} {s}", {"style": st})
+              for s, st in itertools.product(SHAPES, STYLES) for c in colors[:2] for _ in range(per_style)]
+    return {"erased": erased, "others": others, "styles": styles}
+
+
+def judge(pipe, classifier, items, seed: int, batch: int = 200) -> list[tuple[dict, dict]]:
+    from ..embedded.classifier import classify
+    out = []
+    for start in range(0, len(items), batch):
+        chunk = items[start:start + batch]
+        images = pipe.generate([p for p, _ in chunk], seed=seed + start).images
+        out += list(zip(classify(classifier, images), [e for _, e in chunk]))
+    return out
+
+
+def score(pipe, classifier, concept: str, samples: int, seed: int) -> dict:
+    sets = prompt_sets(concept, samples)
+    erased = judge(pipe, classifier, sets["erased"], seed)
+    others = judge(pipe, classifier, sets["others"], seed + 100_000)
+    styles = judge(pipe, classifier, sets["styles"], seed + 200_000)
+    mean = lambda xs: sum(xs) / max(1, len(xs))  # noqa: E731
+    by_word = {}
+    for word in SYNONYMS[concept]:
+        hits = [j["shape"] == concept for (j, e), (p, _) in zip(erased, sets["erased"]) if f" {word}" in p]
+        by_word[word] = mean(hits)
+    return {
+        "ACC_e": mean([j["shape"] == concept for j, _ in erased]),
+        "ACC_e_by_word": by_word,
+        "ACC_i": mean([j["shape"] == e["shape"] for j, e in others]),
+        "color_kept": mean([j["color"] == e["color"] for j, e in erased]),
+        "style": mean([j["style"] == e["style"] for j, e in styles]),
+        "erased_drawn_as": {s: mean([j["shape"] == s for j, _ in erased]) for s in SHAPES},
+    }
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_method(pipe, method: str, train: str, concept: str, anchor: str, seed: int, steps: int | None,
+               out: Path):
+    from ..embedded.erasure_defaults import embedded_erase_config, embedded_pairs
+    from .adapters import apply_adapter, save_adapter
+    from .trainer import train_erasure
+    overrides = {"method": method, "train": train}
+    if train == "ca_ffn":
+        overrides.update(lr=None)       # the trainer's width-scaled default for full weights
+    config = embedded_erase_config(steps=steps, **overrides)
+    pairs = embedded_pairs([concept], [anchor], seed=seed)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.time()
+    result = train_erasure(pipe, pairs, config, cache_dir=out / "cache")
+    seconds = time.time() - start
+    path = out / f"{method}_{train}.safetensors"
+    save_adapter(result.adapter, path)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else peak_rss_mib())
+    return apply_adapter(pipe, result.adapter, 1.0), {
+        "train_seconds": round(seconds, 1), "peak_MiB": round(peak), "adapter_KiB": round(path.stat().st_size / 1024),
+        "steps": config.steps, "lr": result.adapter.metadata.get("hyperparameters", {}).get("lr")
+        if isinstance(result.adapter.metadata.get("hyperparameters"), dict) else None,
+        "final": {k: round(v, 4) for k, v in result.history[-1].items() if isinstance(v, float)},
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| method | trains | ACC_e % (lower) | ACC_i % | colour kept % | style % | train s | peak MiB | adapter KiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['train']} | {100 * r['ACC_e']:.1f} | {100 * r['ACC_i']:.1f} | "
+                     f"{100 * r['color_kept']:.1f} | {100 * r['style']:.1f} | {r.get('train_seconds', '-')} | "
+                     f"{r.get('peak_MiB', '-')} | {r.get('adapter_KiB', '-')} |")
+    return "\n".join(lines)
+
+
+def run_bench(concept="circle", anchor="square", samples=64, seed=0, methods=("svare", "vare", "naive"),
+              trains=("ca_ffn", "lora"), steps=None, out: Path | str = "out/bench-erasure", log=print) -> list[dict]:
+    from ..embedded.classifier import load_classifier
+    from ..embedded.erasure_defaults import shape_name
+    from ..pipeline import load_pipeline
+    concept, anchor = shape_name(concept, "--concept"), shape_name(anchor, "--anchor")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline("embedded", device="cpu")
+    classifier = load_classifier()
+    rows = [{"method": "original", "train": "-", **score(pipe, classifier, concept, samples, seed)}]
+    log(format_table(rows))
+    for method, train in itertools.product(methods, trains):
+        erased, info = run_method(pipe, method, train, concept, anchor, seed, steps, out)
+        rows.append({"method": method, "train": train, **info, **score(erased, classifier, concept, samples, seed)})
+        log(format_table(rows[-1:]).splitlines()[-1])
+    table = format_table(rows)
+    command = (f"python -m vare_core bench-erasure --concept {concept} --anchor {anchor} --samples {samples} "
+               f"--seed {seed} --methods {','.join(methods)} --train {','.join(trains)}")
+    (out / "bench.md").write_text(f"{command}\n\n{table}\n")
+    (out / "bench.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
+    return rows
+
+
+def main(args) -> None:
+    torch.set_num_threads(2)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    trains = tuple(t.strip() for t in getattr(args, "train", "ca_ffn,lora").split(",") if t.strip())
+    rows = run_bench(args.concept, args.anchor, args.samples, args.seed, methods, trains,
+                     getattr(args, "steps", None), args.out)
+    print(format_table(rows))

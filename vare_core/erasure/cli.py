@@ -1,0 +1,168 @@
+"""Command line for erasure: `python -m vare_core erase ...` and `bench-erasure`.
+
+    python -m vare_core erase --model embedded --concept circle --anchor square \
+        --steps 500 --out erase_circle.safetensors
+    python -m vare_core erase --model infinity_2b_reg.pth --vae infinity_vae_d32reg.pth \
+        --text-encoder flan-t5-xl --concept church --anchor building --out erase_church.safetensors
+    python -m vare_core sample --prompt "a red circle" --adapter erase_circle.safetensors:0.8
+
+For the embedded shapes-world model the prompt pairs come from embedded.erasure_defaults
+(shapes-world templates: the unsafe prompt names the concept by its main word only, so synonyms
+stay unseen and can test generalisation; the safe prompt the anchor, with the same colour /
+background / style words), and training options left unset take that model's tuned defaults.
+Ctrl-C stops training after the current step and saves the partial adapter (a second Ctrl-C
+aborts at once).
+"""
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+SHAPES_WORLD_MODELS = ("embedded", "tiny")   # tiny: testing.tiny_pipeline, same vocabulary
+TRAINING_OPTIONS = ("method", "train", "rank", "steps", "lr", "batch_size", "alpha", "gamma",
+                    "preservation_weight", "precision", "seed")
+
+
+def pairs_from_args(args, pipe):
+    from .pairs import load_pairs_file, make_pairs
+    if args.pairs:
+        return load_pairs_file(args.pairs, default_concept=args.concept)
+    if not args.concept or not args.anchor:
+        raise ValueError("give --concept and --anchor (or a --pairs file)")
+    concepts = [c for c in args.concept.split(",") if c.strip()]
+    anchors = [a for a in args.anchor.split(",") if a.strip()]
+    if pipe.name in SHAPES_WORLD_MODELS:
+        from ..embedded.erasure_defaults import embedded_pairs
+        return embedded_pairs(concepts, anchors, seed=args.seed, n_per_concept=args.n_pairs)
+    return make_pairs(concepts, anchors, n_per_concept=args.n_pairs, seed=args.seed)
+
+
+def config_from_args(args):
+    """EraseConfig from the options given; the rest from the embedded model's tuned defaults
+    (--model embedded) or EraseConfig's defaults."""
+    from .trainer import EraseConfig
+    given = {name: getattr(args, name) for name in TRAINING_OPTIONS if getattr(args, name) is not None}
+    if args.lora_targets is not None:
+        given["lora_targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    given["gradient_checkpointing"] = args.grad_checkpointing
+    if args.model in SHAPES_WORLD_MODELS:
+        from ..embedded import erasure_defaults
+        if given.get("train", erasure_defaults.DEFAULT_TRAIN) != erasure_defaults.DEFAULT_TRAIN:
+            given.setdefault("lr", None)     # the tuned lr belongs to the default train mode
+        return erasure_defaults.embedded_erase_config(**given)
+    return EraseConfig(**given)
+
+
+class _StopFlag:
+    """First Ctrl-C asks training to stop after the current step; the second one aborts."""
+
+    def __init__(self):
+        self.stop = False
+
+    def __call__(self) -> bool:
+        return self.stop
+
+    def handle(self, signum, frame):
+        if self.stop:
+            raise KeyboardInterrupt
+        self.stop = True
+        print("\nstopping after this step (Ctrl-C again to abort without saving)...", flush=True)
+
+
+def cmd_erase(args):
+    from tqdm import tqdm
+
+    from .. import cli as main_cli
+    from .adapters import save_adapter
+    from .trainer import train_erasure
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {out}: the folder {out.parent} does not exist")
+    config = config_from_args(args)              # bad settings fail before the model loads
+    args.seed = config.seed
+    pipe = main_cli.load_from_args(args)
+    pairs = pairs_from_args(args, pipe)
+    print(f"{len(pairs)} pairs, e.g. {pairs[0].unsafe!r} -> {pairs[0].safe!r}")
+
+    bars = {}
+
+    def progress(info):
+        if info["phase"] == "trajectories":
+            bar = bars.setdefault("traj", tqdm(total=info["total"], desc="trajectories", unit="prompt"))
+            bar.n = info["done"]
+            bar.refresh()
+            return
+        bar = bars.setdefault("train", tqdm(total=info["steps"], desc=f"erase ({config.method})", unit="step"))
+        terms = {k: f"{info[k]:.4f}" for k in ("loss", "fce", "pre", "vare", "naive_ce") if k in info}
+        terms["sel"] = f"{info.get('selected_fraction', 0.0):.3f}"
+        if info["skipped_steps"]:
+            terms["skipped"] = info["skipped_steps"]
+        bar.set_postfix(terms, refresh=False)
+        bar.update(1)
+
+    stop = _StopFlag()
+    previous = signal.signal(signal.SIGINT, stop.handle)
+    try:
+        result = train_erasure(pipe, pairs, config, callback=progress, cancel=stop,
+                               cache_dir=args.cache_dir)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        for bar in bars.values():
+            bar.close()
+    if result.adapter is None:
+        print("interrupted before training started; nothing saved")
+        raise KeyboardInterrupt
+    save_adapter(result.adapter, out)
+    meta = result.adapter.metadata
+    losses = ", ".join(f"{k} {v:.4f}" for k, v in meta["final_losses"].items())
+    if result.cancelled:
+        print(f"interrupted: saved the partial adapter ({meta['steps_done']} of "
+              f"{meta['steps_requested']} steps) to {out}")
+        raise KeyboardInterrupt
+    print(f"saved {out} ({meta['steps_done']} steps, {meta['skipped_steps']} skipped; {losses})")
+
+
+def cmd_bench(args):
+    from . import bench      # implemented separately (vare_core/erasure/bench.py)
+    return bench.main(args)
+
+
+def register(subparsers) -> None:
+    from .. import cli as main_cli
+    p = subparsers.add_parser("erase", help="train a concept-erasure adapter")
+    main_cli.add_model_args(p)
+    g = p.add_argument_group("pairs")
+    g.add_argument("--concept", help="what to erase, e.g. circle (several: comma separated)")
+    g.add_argument("--anchor", help="what to draw instead, e.g. square")
+    g.add_argument("--pairs", help="pairs file (.txt 'unsafe | safe' lines, .json or .csv)")
+    g.add_argument("--n-pairs", type=int, default=50, help="generated pairs per concept")
+    g = p.add_argument_group("training")
+    g.add_argument("--method", choices=["svare", "vare", "naive"], help="default svare")
+    g.add_argument("--train", choices=["ca_ffn", "lora"],
+                   help="default ca_ffn (official); the embedded model's tuned default otherwise")
+    g.add_argument("--rank", type=int, help="LoRA rank (default 4)")
+    g.add_argument("--lora-targets", help="comma list of ca, ffn, sa (default ca,ffn)")
+    g.add_argument("--steps", type=int, help="default 500 (official); embedded: its tuned default")
+    g.add_argument("--lr", type=float, help="default: the official 2.34e-5 scaled to the model width")
+    g.add_argument("--batch-size", type=int, help="pairs per step (default 2)")
+    g.add_argument("--alpha", type=float, help="fraction of wrong bits that selects a token (0.25)")
+    g.add_argument("--gamma", type=float, help="bit CE threshold (default ln 2)")
+    g.add_argument("--loss-weight", type=float, dest="preservation_weight",
+                   help="weight of the preservation loss L_Pre (default 0.5)")
+    g.add_argument("--precision", choices=["auto", "fp16", "bf16", "fp32"], help="default auto")
+    g.add_argument("--grad-checkpointing", action="store_true")
+    g.add_argument("--seed", type=int, help="training and pair seed (default 42)")
+    g.add_argument("--cache-dir", default=None, help="trajectory cache (default $VARE_CACHE_DIR or ~/.cache/vare)")
+    p.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
+    p.set_defaults(func=cmd_erase)
+
+    p = subparsers.add_parser("bench-erasure", help="compare erasure methods on the embedded model")
+    p.add_argument("--concept", default="circle")
+    p.add_argument("--anchor", default="square")
+    p.add_argument("--samples", type=int, default=64, help="images per prompt set")
+    p.add_argument("--out", default="out/bench-erasure")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", default="svare,vare,naive", help="comma list")
+    p.add_argument("--train", default="ca_ffn,lora", help="comma list of what trains: ca_ffn, lora")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the model's default)")
+    p.set_defaults(func=cmd_bench)

@@ -1,0 +1,320 @@
+"""The erasure training loop: pairs + frozen model -> adapter.
+
+Usage::
+
+    pairs = make_pairs("circle", "square", n_per_concept=50)
+    result = train_erasure(pipe, pairs, EraseConfig(method="svare", steps=500),
+                           callback=lambda info: print(info["step"], info["loss"]))
+    save_adapter(result.adapter, "erase_circle.safetensors")
+    erased = apply_adapter(pipe, result.adapter)
+
+What happens:
+1. The frozen model samples one trajectory per pair for the SAFE prompt (trajectories.py,
+   cached on disk). Its teacher logits are cached with it, so training needs no frozen teacher
+   forward pass.
+2. Every prompt is encoded by the (frozen) text encoder once, up front.
+3. Only the trained tensors get fp32 master copies (adapters.TrainableWeights); every other
+   tensor is shared with the pipeline's model, which is restored unchanged afterwards.
+4. Per step: a seeded batch of pairs; one teacher-forced pass over all scales on
+   [unsafe prompts; safe prompts] x safe trajectory (the safe half only for svare with a
+   preservation weight > 0); loss = losses.erasure_objective: L_FCE + w * L_Pre for svare (the
+   paper's single objective; the official code's variant with two optimiser steps per iteration,
+   L_FCE then w * L_Pre, is not used), MSE to the teacher for vare, plain CE for naive.
+5. AdamW (betas 0.9/0.97, weight decay on matrices only), gradient clipping, constant lr.
+   Precision: fp16 = autocast + GradScaler (overflowing steps are skipped and counted), bf16 =
+   autocast, fp32 = plain; a step whose gradients are not finite is always skipped, so weights
+   never become NaN.
+
+The model stays in eval mode (no condition dropout); with gradient checkpointing it is put in
+train mode only because Infinity.forward checkpoints in train mode, with dropout disabled
+explicitly. cancel() is checked before every step; stopping returns the adapter of the steps done.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+import torch
+
+from .. import __version__
+from . import losses
+from .adapters import FORMAT_VERSION, TRAIN_MODES, Adapter, LORA_TARGETS, TrainableWeights, check_lora_rank
+from .losses import LN2, METHODS, LossConfig
+from .pairs import PromptPair
+from .trajectories import TrajectorySettings, build_trajectories
+from ..sampler import SamplingCancelled
+
+PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+OFFICIAL_LR, OFFICIAL_WIDTH = 2.34e-5, 2048   # S-VARE code's effective lr on Infinity-2B
+
+
+@dataclass
+class EraseConfig:
+    method: str = "svare"                     # svare | vare | naive
+    train: str = "ca_ffn"                     # ca_ffn (official) | lora
+    rank: int = 4                             # LoRA rank
+    lora_targets: tuple = ("ca", "ffn")       # from ca, ffn, sa
+    lora_scale: float = 1.0                   # weight change = lora_scale * B @ A
+    steps: int = 500
+    lr: float | None = None                   # None: default_lr(train, width)
+    batch_size: int = 2
+    alpha: float = 0.25                       # token selected when >= alpha of its bits are wrong
+    gamma: float = LN2                        # a bit is wrong when its CE > gamma
+    preservation_weight: float = 0.5          # w of L_Pre (svare)
+    precision: str = "auto"                   # half model: its dtype; fp32 model: fp16 on CUDA, else fp32
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    grad_clip: float = 5.0                    # 0 disables clipping
+    betas: tuple = (0.9, 0.97)
+    weight_decay: float = 0.005               # matrices only
+    trajectory: TrajectorySettings = field(default_factory=TrajectorySettings)
+
+    def __post_init__(self):
+        def fail(name, allowed, value):
+            raise ValueError(f"EraseConfig.{name} must be {allowed}, got {value!r}")
+
+        def real(name, value):
+            return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+        for name, allowed in (("method", METHODS), ("train", TRAIN_MODES), ("precision", PRECISIONS)):
+            if getattr(self, name) not in allowed:
+                fail(name, f"one of {allowed}", getattr(self, name))
+        for name, low in (("steps", 1), ("batch_size", 1), ("rank", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                fail(name, f"an integer >= {low}", value)
+        if self.lr is not None and not (real("lr", self.lr) and self.lr > 0):
+            fail("lr", "a finite number > 0 (or None for the default)", self.lr)
+        for name in ("grad_clip", "weight_decay", "preservation_weight"):
+            value = getattr(self, name)
+            if not (real(name, value) and value >= 0):
+                fail(name, "a finite number >= 0", value)
+        if not (real("lora_scale", self.lora_scale) and self.lora_scale > 0):
+            fail("lora_scale", "a finite number > 0", self.lora_scale)
+        self.lora_targets = tuple(self.lora_targets)
+        if not self.lora_targets or any(t not in LORA_TARGETS for t in self.lora_targets):
+            fail("lora_targets", f"one or more of {tuple(LORA_TARGETS)}", self.lora_targets)
+        self.betas = tuple(self.betas)
+        if len(self.betas) != 2 or not all(real("betas", b) and 0 <= b < 1 for b in self.betas):
+            fail("betas", "two numbers in [0, 1)", self.betas)
+        if not isinstance(self.trajectory, TrajectorySettings):
+            fail("trajectory", "a TrajectorySettings", self.trajectory)
+        self.loss_config()   # alpha / gamma checks live with the losses
+
+    def loss_config(self) -> LossConfig:
+        return LossConfig(gamma=self.gamma, alpha=self.alpha, preservation_weight=self.preservation_weight)
+
+
+@dataclass
+class TrainResult:
+    adapter: Adapter | None    # None only when cancelled before training began (trajectories)
+    history: list              # one dict per step (what the callback received)
+    cancelled: bool = False
+
+
+def default_lr(train: str, width: int) -> float:
+    """The official full fine-tuning lr at width 2048, scaled like the weights' init std
+    (1/sqrt(width)); LoRA (B starts at 0, updates pass through A) gets 10x."""
+    lr = OFFICIAL_LR * math.sqrt(OFFICIAL_WIDTH / width)
+    return lr * 10 if train == "lora" else lr
+
+
+def resolve_precision(precision: str, device: torch.device, model_dtype: torch.dtype):
+    """-> (name, autocast dtype or None, use GradScaler).
+
+    auto: a half-precision model trains in its own dtype; an fp32 model in fp16 on CUDA and
+    fp32 elsewhere. Autocast to the other half type is refused: autocast cannot mix bf16 and
+    fp16 tensors in one op (e.g. torch.cat of the frozen biases)."""
+    names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+    model_name = names.get(model_dtype, str(model_dtype))
+    if precision == "auto":
+        if model_dtype != torch.float32:
+            precision = model_name
+        else:
+            precision = "fp16" if device.type == "cuda" else "fp32"
+    if model_dtype != torch.float32 and precision != model_name:
+        raise ValueError(f"precision {precision} does not work with a model loaded in {model_name}: "
+                         f"train with precision {model_name} (or auto), or load the model in fp32")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[precision]
+    return precision, dtype, precision == "fp16"
+
+
+# ----------------------------------------------------------------------------- text
+
+class PromptBank:
+    """T5 states of every prompt, encoded once; `condition(prompts)` pads a batch of them."""
+
+    def __init__(self, pipe, prompts, chunk: int = 16):
+        self.pipe, self.states = pipe, {}
+        unique = list(dict.fromkeys(prompts))
+        with torch.no_grad():
+            for start in range(0, len(unique), chunk):
+                batch = unique[start:start + chunk]
+                states, lens = pipe.encode_prompts(batch)
+                for prompt, row, n in zip(batch, states, lens.tolist()):
+                    self.states[prompt] = row[:n].clone()
+
+    @torch.no_grad()
+    def condition(self, prompts):
+        rows = [self.states[p] for p in prompts]
+        lens = torch.tensor([len(r) for r in rows], device=rows[0].device)
+        padded = rows[0].new_zeros(len(rows), int(lens.max()), rows[0].shape[-1])
+        for i, row in enumerate(rows):
+            padded[i, :len(row)] = row
+        model = self.pipe.model
+        no_drop = torch.zeros(len(rows), dtype=torch.bool, device=padded.device)
+        return model.encode_condition(padded.to(model.word_embed.weight.dtype), lens, drop=no_drop)
+
+
+# ----------------------------------------------------------------------------- loop
+
+def _check_pairs(pairs) -> list[PromptPair]:
+    pairs = list(pairs)
+    if not pairs:
+        raise ValueError("pairs is empty; make some with pairs.make_pairs or load a pairs file")
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, PromptPair):
+            raise ValueError(f"pairs[{i}] must be a PromptPair, got {type(pair).__name__}")
+    return pairs
+
+
+def _batch_indices(n: int, batch_size: int, generator: torch.Generator):
+    """Endless seeded epochs: every pair once per epoch, in a new order each time."""
+    order: list[int] = []
+    while True:
+        batch = []
+        while len(batch) < batch_size:
+            if not order:
+                order = torch.randperm(n, generator=generator).tolist()
+            batch.append(order.pop())
+        yield batch
+
+
+def _final_losses(history: list, last: int = 10) -> dict:
+    keys = ("loss", "fce", "pre", "vare", "naive_ce", "selected_fraction", "bit_error_rate")
+    good = [h for h in history if not h["skipped"]][-last:]
+    return {k: sum(h[k] for h in good) / len(good) for k in keys if good and k in good[0]}
+
+
+def train_erasure(pipe, pairs, config: EraseConfig | None = None, callback=None, cancel=None,
+                  cache_dir=None) -> TrainResult:
+    """Train an erasure adapter on `pairs` (PromptPair list); see the module docstring.
+
+    callback(info) gets {"phase": "trajectories", "done", "total"} while trajectories are
+    sampled, then one dict per step: phase "train", step, steps, loss, the method's terms (fce,
+    pre, pre_weighted / vare / naive_ce), selected_fraction, bit_error_rate, lr, grad_norm,
+    seconds (since training began), skipped (this step), skipped_steps, loss_scale."""
+    config = config or EraseConfig()
+    pairs = _check_pairs(pairs)
+    model = pipe.model
+    device = pipe.device
+    if config.train == "lora":
+        check_lora_rank(model, config.rank, config.lora_targets)
+    precision, amp_dtype, use_scaler = resolve_precision(config.precision, device,
+                                                         model.word_embed.weight.dtype)
+    lr = config.lr if config.lr is not None else default_lr(config.train, model.cfg.embed_dim)
+    loss_config = config.loss_config()
+    needs_safe = config.method == "svare" and config.preservation_weight > 0
+
+    def traj_progress(done, total):
+        if callback is not None:
+            callback({"phase": "trajectories", "done": done, "total": total})
+
+    try:
+        trajs = build_trajectories(pipe, [p.safe for p in pairs], config.trajectory, cache_dir,
+                                   traj_progress, cancel).to(device)
+    except SamplingCancelled:
+        return TrainResult(adapter=None, history=[], cancelled=True)
+    schedule = trajs.schedule
+    bank = PromptBank(pipe, [p.unsafe for p in pairs] + [p.safe for p in pairs])
+
+    generator = torch.Generator().manual_seed(config.seed)
+    weights = TrainableWeights(model, config.train, config.rank, config.lora_targets,
+                               config.lora_scale, generator)
+    named = weights.named_parameters()
+    decay = [p for _, p in named if p.ndim >= 2]
+    no_decay = [p for _, p in named if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=lr, betas=config.betas)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None \
+        else contextlib.nullcontext
+    params = [p for _, p in named]
+    batches = _batch_indices(len(pairs), config.batch_size, generator)
+
+    history: list[dict] = []
+    skipped_steps, cancelled = 0, False
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    saved_mode = (model.training, model.gradient_checkpointing)
+    start_time = time.perf_counter()
+    try:
+        model.requires_grad_(False)                 # frozen tensors never collect gradients
+        model.gradient_checkpointing = config.gradient_checkpointing
+        model.train(config.gradient_checkpointing)  # Infinity checkpoints only in train mode
+        with weights.installed():
+            for step in range(config.steps):
+                if cancel is not None and cancel():
+                    cancelled = True
+                    break
+                indices = next(batches)
+                batch = trajs.batch(indices)
+                chosen = [pairs[i] for i in indices]
+                prompts = [p.unsafe for p in chosen] + ([p.safe for p in chosen] if needs_safe else [])
+                x = batch["x_wo_prefix"].repeat(2 if needs_safe else 1, 1, 1)
+                with autocast():
+                    logits = model(bank.condition(prompts), x, schedule)
+                unsafe_logits = logits[:len(indices)]
+                safe_logits = logits[len(indices):] if needs_safe else None
+                loss, stats = losses.erasure_objective(
+                    config.method, unsafe_logits, safe_logits, batch["teacher_logits"],
+                    batch["bit_labels"], loss_config)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip or math.inf)
+                finite = bool(torch.isfinite(grad_norm))
+                if use_scaler:
+                    scaler.step(optimizer)          # skips the step itself when grads overflowed
+                    scaler.update()
+                elif finite:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                skipped_steps += not finite
+                info = {"phase": "train", "step": step + 1, "steps": config.steps, **stats,
+                        "lr": lr, "grad_norm": float(grad_norm), "skipped": not finite,
+                        "skipped_steps": skipped_steps, "loss_scale": float(scaler.get_scale()),
+                        "seconds": time.perf_counter() - start_time}
+                history.append(info)
+                if callback is not None:
+                    callback(info)
+        tensors = weights.export()
+    finally:
+        model.train(saved_mode[0])
+        model.gradient_checkpointing = saved_mode[1]
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+
+    hyper = {"lr": lr, "batch_size": config.batch_size, "alpha": config.alpha,
+             "gamma": config.gamma, "preservation_weight": config.preservation_weight,
+             "precision": precision, "seed": config.seed, "grad_clip": config.grad_clip,
+             "betas": list(config.betas), "weight_decay": config.weight_decay,
+             "gradient_checkpointing": config.gradient_checkpointing,
+             "trajectory": asdict(config.trajectory)}
+    metadata = {
+        "format": FORMAT_VERSION, "base_fingerprint": pipe.fingerprint, "preset": pipe.preset,
+        "model": pipe.name, "stacked_on": [list(a) for a in getattr(pipe, "applied_adapters", ())],
+        "concepts": sorted({p.concept for p in pairs if p.concept}),
+        "anchors": sorted({p.anchor for p in pairs if p.anchor}),
+        "method": config.method, "train": config.train,
+        "rank": config.rank if config.train == "lora" else None,
+        "lora_targets": list(config.lora_targets) if config.train == "lora" else None,
+        "lora_scale": config.lora_scale, "hyperparameters": hyper, "n_pairs": len(pairs),
+        "schedule": [list(s) for s in schedule], "steps_done": len(history),
+        "steps_requested": config.steps, "skipped_steps": skipped_steps, "cancelled": cancelled,
+        "final_losses": _final_losses(history), "pack_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return TrainResult(adapter=Adapter(tensors=tensors, metadata=metadata), history=history,
+                       cancelled=cancelled)
