@@ -39,6 +39,6 @@ def text_encoder_config(vocab_size: int) -> T5Config:
 
 
 # Sampling defaults (written into embedded.json by training and read back at load time).
-DEFAULT_CFG = 3.0
+DEFAULT_CFG = 4.0   # cfg 3: purple circle colour 84%; cfg 4: every prompt >= 90% (README)
 DEFAULT_TAU = 0.5
 DEFAULT_TOP_P = 0.0
