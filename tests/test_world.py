@@ -108,7 +108,8 @@ def test_stripes_only_in_striped_style():
             continue
         assert 0.35 < dark.mean() < 0.65 and 0.25 < light.mean() < 0.65  # both shades, ~half each
         # diagonal stripes: constant along x + y, period 8 px across them (8 * sqrt 2 along x)
-        assert np.array_equal(image[20, 30], image[30, 20]) and np.array_equal(image[25, 25], image[24, 26])
+        assert np.array_equal(image[20, 30], image[30, 20])
+        assert np.array_equal(image[25, 25], image[24, 26])
         row_is_dark = np.abs(image[32, 16:48] - colour * world.DARK_SHADE).sum(axis=1) < 10
         starts = np.flatnonzero(np.diff(row_is_dark.astype(int)) == 1)
         assert len(starts) >= 2 and np.allclose(np.diff(starts), 8 * np.sqrt(2), atol=1)

@@ -94,8 +94,8 @@ def load_classifier(path=None, device="cpu") -> ShapesClassifier:
         raise ValueError(f"{path} is not a shapes classifier file (metadata format="
                          f"{metadata.get('format')!r}, expected {FORMAT_NAME!r})")
     if metadata.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path} has classifier format version {metadata.get('version')!r}; "
-                         f"this code reads version {FORMAT_VERSION!r}: retrain with `{TRAIN_COMMAND}`")
+        raise ValueError(f"{path} has classifier format version {metadata.get('version')!r}; this "
+                         f"code reads version {FORMAT_VERSION!r}: retrain with `{TRAIN_COMMAND}`")
     labels = {k: tuple(v) for k, v in json.loads(metadata["labels"]).items()}
     if labels != LABELS:
         raise ValueError(f"{path} was trained for labels {labels}, but the world defines "
@@ -114,7 +114,8 @@ def to_model_input(images, image_size: int = 64) -> torch.Tensor:
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(np.ascontiguousarray(images))
     if not isinstance(images, torch.Tensor):
-        raise ValueError(f"images must be a numpy array or torch tensor, got {type(images).__name__}")
+        raise ValueError("images must be a numpy array or torch tensor, "
+                         f"got {type(images).__name__}")
     if images.ndim == 3:
         images = images[None]
     if images.ndim != 4 or images.shape[-1] != 3:

@@ -89,7 +89,9 @@ def shape_mask(scene: Scene, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         depth = dy + half           # 0 at the apex, size at the base
         return (depth >= 0) & (depth <= 2 * half) & (np.abs(dx) <= depth / 2)
     arm = half / 3                  # cross: arm width is 1/3 of the size
-    return ((np.abs(dx) <= arm) & (np.abs(dy) <= half)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= half))
+    vertical = (np.abs(dx) <= arm) & (np.abs(dy) <= half)
+    horizontal = (np.abs(dy) <= arm) & (np.abs(dx) <= half)
+    return vertical | horizontal
 
 
 def render(scene: Scene, size: int = 64) -> np.ndarray:
