@@ -13,6 +13,7 @@ import torch
 
 
 @lru_cache(maxsize=64)
+@torch.inference_mode(False)   # cached tables must stay usable by a later training pass
 def _rope_cpu(schedule: tuple, head_dim: int, grid: tuple[int, int], base: float):
     half = head_dim // 2
     inv_freq = 1.0 / (base ** (torch.arange(0, half, 2, dtype=torch.int64) / half))

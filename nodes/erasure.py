@@ -1,0 +1,283 @@
+"""Prompt Pairs and Train Erasure (S-VARE): concepts -> pairs -> adapter + loss history.
+
+Training reports one progress step per training step (after a first phase that samples the
+safe prompts' trajectories) and sends `vare.train` events that web/vare.js draws as a live loss
+chart on the node: {node, phase: start | trajectories | train | done | cancelled, ...}.
+
+Cancel: training stops after the current step; the adapter trained so far is written to
+models/vare/partial/ (listed by Load Adapter) with its loss history beside it as JSON, the node
+says where (log + event), and the run ends as interrupted. Returning the partial adapter
+normally instead would make ComfyUI cache it as if training had finished.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from datetime import datetime
+
+import torch
+
+from vare_core.embedded import erasure_defaults
+from vare_core.embedded.erasure_defaults import embedded_pairs
+from vare_core.erasure.adapters import (TRAIN_MODES, ca_ffn_parameter_names, lora_layer_names,
+                                        save_adapter)
+from vare_core.erasure.losses import METHODS
+from vare_core.erasure.pairs import make_pairs, pairs_to_text, parse_pairs_text
+from vare_core.erasure.trainer import PRECISIONS, EraseConfig, train_erasure
+from vare_core.models import rope
+
+from . import host
+from .compat import CATEGORY, VareAdapter, VareLossHistory, VareModel, VarePairs, io, node_id
+from .types import LossHistory
+
+SHAPES_WORLD_MODELS = ("embedded", "tiny")     # word-level vocabulary of the shapes world
+EVENT = "vare.train"
+EVENT_INTERVAL_S = 0.2                          # at most ~5 chart updates a second
+
+
+def split_names(text: str) -> list[str]:
+    return [" ".join(part.split()) for part in re.split(r"[,\n]", text or "") if part.strip()]
+
+
+def build_pairs(pipe, concepts: str, anchors: str, n_per_concept: int, seed: int, custom_pairs: str):
+    concept_list, anchor_list = split_names(concepts), split_names(anchors)
+    pairs = []
+    if concept_list:
+        if not anchor_list:
+            raise ValueError("anchors is empty: name what each concept should turn into (e.g. square)")
+        if pipe.name in SHAPES_WORLD_MODELS:
+            pairs += embedded_pairs(concept_list, anchor_list, seed=seed, n_per_concept=n_per_concept)
+        else:
+            pairs += make_pairs(concept_list, anchor_list, n_per_concept=n_per_concept, seed=seed)
+    if custom_pairs.strip():
+        default = concept_list[0] if len(concept_list) == 1 else None
+        pairs += parse_pairs_text(custom_pairs, default_concept=default)
+    if not pairs:
+        raise ValueError("no pairs: give concepts and anchors, or custom pairs ('unsafe prompt | safe prompt' lines)")
+    return pairs
+
+
+class PromptPairs(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VARE_PromptPairs", display_name="Erasure Prompt Pairs (VARE)",
+            category=f"{CATEGORY}/erasure",
+            description="Prompt pairs (unsafe prompt with the concept | the same prompt with the "
+                        "anchor) that Train Erasure learns from.",
+            inputs=[
+                VareModel.Input("model", tooltip="decides the templates: shapes-world prompts for the "
+                                "embedded model, photo/painting templates for Infinity"),
+                io.String.Input("concepts", default="circle",
+                                tooltip="what to erase; several: comma separated (church, van gogh painting)"),
+                io.String.Input("anchors", default="square",
+                                tooltip="what to draw instead: one for all concepts, or one per concept"),
+                io.Int.Input("pairs_per_concept", default=50, min=1, max=1000,
+                             tooltip="generated pairs per concept"),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,
+                             tooltip="which templates and attributes are drawn"),
+                io.String.Input("custom_pairs", multiline=True, default="",
+                                tooltip="optional extra pairs, one per line: 'unsafe prompt | safe prompt' "
+                                        "(# starts a comment)"),
+            ],
+            outputs=[VarePairs.Output(display_name="pairs"),
+                     io.String.Output(display_name="pairs_text", tooltip="the pairs as text, to check them")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, concepts, anchors, custom_pairs):
+        if not split_names(concepts) and not custom_pairs.strip():
+            return "give concepts and anchors, or custom pairs ('unsafe prompt | safe prompt' lines)"
+        if split_names(concepts) and not split_names(anchors):
+            return "anchors is empty: name what each concept should turn into (e.g. square)"
+        if custom_pairs.strip():
+            try:
+                parse_pairs_text(custom_pairs)
+            except ValueError as err:
+                return f"custom_pairs: {err}"
+        return True
+
+    @classmethod
+    def execute(cls, model, concepts, anchors, pairs_per_concept, seed, custom_pairs):
+        pairs = build_pairs(model, concepts, anchors, pairs_per_concept, seed, custom_pairs)
+        return io.NodeOutput(pairs, pairs_to_text(pairs))
+
+
+# ----------------------------------------------------------------------------- training
+
+def default_lr(pipe, train: str) -> float | None:
+    """learning_rate 0: the embedded model's tuned LoRA rate, else the trainer's width-scaled default."""
+    if pipe.name in SHAPES_WORLD_MODELS and train == erasure_defaults.DEFAULT_TRAIN:
+        return erasure_defaults.DEFAULT_LR
+    return None
+
+
+def trainable_count(pipe, config: EraseConfig) -> int:
+    model = pipe.model
+    if config.train == "ca_ffn":
+        return sum(model.get_parameter(n).numel() for n in ca_ffn_parameter_names(model))
+    return sum(config.rank * sum(model.get_submodule(n).weight.shape)
+               for n in lora_layer_names(model, config.lora_targets))
+
+
+def out_of_memory_message(pipe, config: EraseConfig, step: int) -> str:
+    """What ran out, and the settings to change, cheapest first."""
+    n = trainable_count(pipe, config)
+    # fp32 master copy + gradient + two AdamW moments = 16 bytes per trained weight
+    state = f"{config.train} trains {n / 1e6:.1f}M weights (~{n * 16 / 2**30:.1f} GiB of optimiser state)"
+    tips = []
+    if config.train == "ca_ffn":
+        lora = EraseConfig(train="lora", rank=4, lora_targets=config.lora_targets, steps=1)
+        tips.append(f"train = lora, rank 4 ({trainable_count(pipe, lora) / 1e6:.1f}M weights)")
+    if not config.gradient_checkpointing:
+        tips.append("gradient_checkpointing on (activations are recomputed instead of stored)")
+    if config.batch_size > 1:
+        tips.append(f"batch_size {max(1, config.batch_size // 2)}")
+    if config.precision in ("fp32", "bf16") and pipe.device.type == "cuda":
+        tips.append("precision fp16")
+    where = "while sampling the trajectories" if step == 0 else f"at step {step}"
+    return (f"out of GPU memory {where} ({host.memory_summary(pipe.device)}); {state}, batch "
+            f"{config.batch_size}, precision {config.precision}. Change, in this order until it fits: "
+            + "; ".join(tips or ["a smaller model dtype or a GPU with more memory"]))
+
+
+def save_partial(adapter, history: LossHistory, config: EraseConfig) -> str:
+    folder = host.default_root(host.ADAPTER_FOLDER) / "partial"
+    folder.mkdir(parents=True, exist_ok=True)
+    concept = "_".join(re.sub(r"\W+", "-", c) for c in history.concepts) or "concept"
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    done = adapter.metadata.get("steps_done", len(history.steps))
+    path = folder / f"erase_{concept}_{config.method}_{done}of{config.steps}_{stamp}.safetensors"
+    save_adapter(adapter, path)
+    path.with_suffix(".loss.json").write_text(json.dumps(history.steps, indent=0))
+    return str(path)
+
+
+def finite(value):
+    """JSON for the browser has no NaN / Infinity: a skipped step's loss travels as null."""
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+class _Reporter:
+    """Trainer callback -> progress bar + throttled vare.train events with the new loss points."""
+
+    def __init__(self, node, steps: int, method: str):
+        self.node, self.steps, self.method = node, steps, method
+        self.points, self.last_sent, self.last_step = [], 0.0, 0
+
+    def send(self, phase: str, **data):
+        host.send_event(EVENT, {"node": self.node, "phase": phase, "steps": self.steps,
+                                "method": self.method, **data})
+
+    def __call__(self, info: dict):
+        if host.interrupted():              # the progress hook would raise and lose the adapter
+            return
+        if info["phase"] == "trajectories":
+            host.report_progress(self.node, info["done"], info["total"])
+            self.send("trajectories", done=info["done"], total=info["total"])
+            return
+        self.last_step = info["step"]
+        host.report_progress(self.node, info["step"], info["steps"])
+        self.points.append([info["step"], finite(info["loss"])])
+        now = time.monotonic()
+        if now - self.last_sent < EVENT_INTERVAL_S and info["step"] < info["steps"]:
+            return
+        self.last_sent = now
+        per_step = info["seconds"] / info["step"]
+        terms = {k: finite(info[k]) for k in ("fce", "pre", "vare", "naive_ce", "selected_fraction") if k in info}
+        self.send("train", step=info["step"], loss=finite(info["loss"]), terms=terms, points=self.points,
+                  seconds=info["seconds"], eta=per_step * (info["steps"] - info["step"]),
+                  skipped=info["skipped_steps"])
+        self.points = []
+
+
+class TrainErasure(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VARE_TrainErasure", display_name="Train Erasure S-VARE (VARE)",
+            category=f"{CATEGORY}/erasure",
+            description="Train an adapter that erases the pairs' concepts (S-VARE: filtered "
+                        "cross-entropy on the tokens that carry the concept + preservation loss). "
+                        "Cancel stops after the current step and saves the partial adapter to "
+                        "models/vare/partial.",
+            inputs=[
+                VareModel.Input("model", tooltip="the model to erase from (on the GPU when ComfyUI has one)"),
+                VarePairs.Input("pairs", tooltip="from Erasure Prompt Pairs"),
+                io.Combo.Input("method", options=list(METHODS), default="svare",
+                               tooltip="svare: the paper's method; vare: match the anchor's logits on "
+                                       "every token; naive: plain cross-entropy on every token"),
+                io.Combo.Input("train", options=list(TRAIN_MODES), default=erasure_defaults.DEFAULT_TRAIN,
+                               tooltip="ca_ffn: cross-attention + FFN weights (official, needs memory); "
+                                       "lora: low-rank factors on the same layers (small, fits 24 GB GPUs)"),
+                io.Int.Input("rank", default=erasure_defaults.DEFAULT_RANK, min=1, max=256, tooltip="LoRA rank (train = lora only)"),
+                io.Int.Input("steps", default=erasure_defaults.DEFAULT_STEPS, min=1, max=100000,
+                             tooltip="training steps (the default suits the embedded model; Infinity "
+                                     "erasures take ~500-1000)"),
+                io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=1e-6, round=1e-8,
+                               tooltip="0 = the default: for the embedded model with LoRA the tuned 2e-3, "
+                                       "else the official 2.34e-5 scaled to the model width (x10 for LoRA)"),
+                io.Float.Input("alpha", default=0.25, min=0.0, max=1.0, step=0.01,
+                               tooltip="a token is trained when at least this fraction of its bits is wrong"),
+                io.Float.Input("gamma", default=0.693147, min=0.0, max=10.0, step=0.001, round=1e-6,
+                               tooltip="a bit counts as wrong when its cross-entropy exceeds gamma (ln 2)"),
+                io.Float.Input("loss_weight", default=0.5, min=0.0, max=100.0, step=0.05,
+                               tooltip="weight of the preservation loss (svare)"),
+                io.Int.Input("batch_size", default=8, min=1, max=64,
+                             tooltip="pairs per step (Infinity at 1024px: 1-2 on a 24-80 GB GPU)"),
+                io.Combo.Input("precision", options=list(PRECISIONS), default="auto",
+                               tooltip="auto: fp16 with loss scaling on a GPU, fp32 on CPU"),
+                io.Boolean.Input("gradient_checkpointing", default=False,
+                                 tooltip="recompute activations in the backward pass: much less memory, ~30% slower"),
+                io.Int.Input("seed", default=42, min=0, max=2**31 - 1, control_after_generate=True,
+                             tooltip="order of the pairs and LoRA initialisation"),
+            ],
+            outputs=[VareAdapter.Output(display_name="adapter"),
+                     VareLossHistory.Output(display_name="loss_history")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, pairs, method, train, rank, steps, learning_rate, alpha, gamma,
+                loss_weight, batch_size, precision, gradient_checkpointing, seed):
+        pipe, node = model, node_id(cls)
+        if pipe.model.word_embed.weight.is_inference():
+            raise ValueError("this model's weights were made under torch.inference_mode and cannot be "
+                             "trained; load it with Load VAR Model (VARE), which keeps them trainable")
+        config = EraseConfig(method=method, train=train, rank=rank, steps=steps,
+                             lr=learning_rate if learning_rate > 0 else default_lr(pipe, train),
+                             batch_size=batch_size,
+                             alpha=alpha, gamma=gamma, preservation_weight=loss_weight,
+                             precision=precision, gradient_checkpointing=gradient_checkpointing, seed=seed)
+        concepts = sorted({p.concept for p in pairs if p.concept})
+        reporter = _Reporter(node, steps, method)
+        reporter.send("start", concepts=concepts)
+        host.free_accelerator_memory()
+        # ComfyUI runs nodes under torch.inference_mode(); training needs autograd back, and
+        # RoPE tables cached while sampling in inference mode cannot enter autograd: drop them.
+        rope._rope_cpu.cache_clear()
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                result = train_erasure(pipe, pairs, config, callback=reporter, cancel=host.interrupted)
+        except Exception as err:
+            if not host.is_out_of_memory(err):
+                raise
+            host.free_accelerator_memory()
+            raise MemoryError(out_of_memory_message(pipe, config, reporter.last_step)) from None
+        history = LossHistory(steps=result.history, method=method, concepts=concepts,
+                              cancelled=result.cancelled)
+        if result.cancelled:
+            if result.adapter is None or not result.history:
+                reporter.send("cancelled", step=0, path=None)
+                host.raise_interrupted()
+            path = save_partial(result.adapter, history, config)
+            host.log.warning("VARE training cancelled after %d of %d steps; partial adapter saved to %s",
+                             len(result.history), steps, path)
+            reporter.send("cancelled", step=len(result.history), path=path)
+            host.raise_interrupted()
+        final = result.history[-1] if result.history else {}
+        reporter.send("done", step=len(result.history), loss=finite(final.get("loss")),
+                      seconds=final.get("seconds", 0.0))
+        return io.NodeOutput(result.adapter, history)

@@ -1,0 +1,202 @@
+"""What the nodes need from ComfyUI besides the node API: model folders, device, progress bars
+with previews, interrupts, events to the web extension. Every function also works without
+ComfyUI (tests, scripting): folders then come from $VARE_MODELS_DIR (default ./models), progress
+and events go nowhere, and nothing is ever interrupted.
+
+Model folders (ComfyUI's names; extra_model_paths.yaml entries are honoured):
+    diffusion_models, checkpoints   Infinity transformers: a weight file, or a folder holding a
+                                    sharded checkpoint (*.index.json + shards)
+    vae                             BSQ VAE files
+    text_encoders                   flan-t5-xl folders (config.json, tokenizer.json, weights) or
+                                    single encoder files
+    vare (models/vare), loras       erasure adapters (.safetensors)
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("vare")
+
+try:
+    import folder_paths
+except ImportError:
+    folder_paths = None
+try:
+    import comfy.model_management as model_management
+    import comfy.utils as comfy_utils
+except ImportError:
+    model_management = comfy_utils = None
+
+ADAPTER_FOLDER = "vare"
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".sft")
+_SHARD = re.compile(r"-\d{3,6}-of-\d{3,6}\.\w+$")
+_OOM_TYPES = (torch.cuda.OutOfMemoryError,)
+
+
+class Interrupted(Exception):
+    """Raised outside ComfyUI where ComfyUI would raise InterruptProcessingException."""
+
+
+# ----------------------------------------------------------------------------- folders
+
+def register_folders() -> None:
+    """Add models/vare as the adapter folder (ComfyUI also lists models/loras for adapters)."""
+    if folder_paths is None:
+        return
+    path = os.path.join(folder_paths.models_dir, ADAPTER_FOLDER)
+    folder_paths.add_model_folder_path(ADAPTER_FOLDER, path, is_default=True)
+    paths, extensions = folder_paths.folder_names_and_paths[ADAPTER_FOLDER]
+    folder_paths.folder_names_and_paths[ADAPTER_FOLDER] = (paths, set(extensions) | {".safetensors"})
+
+
+def folder_roots(name: str) -> list[Path]:
+    """Every directory ComfyUI searches for a model folder name."""
+    if folder_paths is not None:
+        try:
+            return [Path(p) for p in folder_paths.get_folder_paths(name)]
+        except KeyError:
+            return []
+    base = Path(os.environ.get("VARE_MODELS_DIR", "models"))
+    return [base / name]
+
+
+def default_root(name: str) -> Path:
+    """Where new files of this folder are written (its first directory)."""
+    return folder_roots(name)[0]
+
+
+def _is_hf_folder(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def list_entries(names, folders_ok: str | None = None) -> list[str]:
+    """Relative names of weight files under the folders `names`, sorted, without duplicates.
+
+    folders_ok="sharded": a folder with a *.index.json is one entry ("name/"), its shards none.
+    folders_ok="hf": a folder with config.json (Hugging Face layout) is one entry ("name/").
+    """
+    entries: list[str] = []
+    for name in names:
+        for root in folder_roots(name):
+            if not root.is_dir():
+                continue
+            for directory, subdirs, files in os.walk(root, followlinks=True):
+                here = Path(directory)
+                rel = here.relative_to(root).as_posix()
+                if here != root and folders_ok == "sharded" and any(f.endswith(".index.json") for f in files):
+                    entries.append(rel + "/")
+                    subdirs[:] = []
+                    continue
+                if here != root and folders_ok == "hf" and _is_hf_folder(here):
+                    entries.append(rel + "/")
+                    subdirs[:] = []
+                    continue
+                subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+                for f in files:
+                    if f.lower().endswith(WEIGHT_SUFFIXES) and not _SHARD.search(f):
+                        entries.append(f if here == root else f"{rel}/{f}")
+    return sorted(dict.fromkeys(entries), key=str.lower)
+
+
+def resolve_entry(names, entry: str) -> Path:
+    """The path of an entry from list_entries; FileNotFoundError naming the folders searched."""
+    clean = entry.rstrip("/")
+    if Path(clean).is_absolute() or ".." in Path(clean).parts:
+        raise FileNotFoundError(f"{entry!r}: give a name from the list, not a path outside the model folders")
+    for name in names:
+        for root in folder_roots(name):
+            candidate = root / clean
+            if candidate.exists():
+                return candidate
+    searched = ", ".join(str(r) for n in names for r in folder_roots(n))
+    raise FileNotFoundError(f"{entry!r} was not found in {searched}; put the file there and "
+                            "refresh the node (press R)")
+
+
+def comfy_t5_tokenizer() -> Path | None:
+    """The T5 tokenizer.json ComfyUI ships (same vocabulary as flan-t5), if present."""
+    if model_management is None:
+        return None
+    import comfy
+    path = Path(comfy.__file__).parent / "text_encoders" / "t5_tokenizer" / "tokenizer.json"
+    return path if path.is_file() else None
+
+
+def output_dir() -> Path:
+    return Path(folder_paths.get_output_directory()) if folder_paths else Path("output")
+
+
+# ----------------------------------------------------------------------------- device, memory
+
+def torch_device() -> torch.device:
+    if model_management is not None:
+        return model_management.get_torch_device()
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def free_accelerator_memory() -> None:
+    """Ask ComfyUI to unload its own models before a memory-hungry job (training)."""
+    if model_management is not None:
+        model_management.unload_all_models()
+        model_management.soft_empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def memory_summary(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "CPU memory"
+    free, total = torch.cuda.mem_get_info(device)
+    return f"{free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB on {torch.cuda.get_device_name(device)}"
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, _OOM_TYPES):
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+
+
+# ----------------------------------------------------------------------------- progress, events
+
+def interrupted() -> bool:
+    """True once the user pressed Cancel (the flag stays set until ComfyUI handles it)."""
+    return model_management is not None and model_management.processing_interrupted()
+
+
+def raise_interrupted() -> None:
+    """End the run as interrupted, the way ComfyUI's own nodes do."""
+    if model_management is not None:
+        model_management.interrupt_current_processing(False)
+        raise model_management.InterruptProcessingException()
+    raise Interrupted("cancelled")
+
+
+def report_progress(node: str | None, value: int, total: int, preview=None) -> None:
+    """Progress bar on the node; preview: a PIL image shown on it (the frontend scales it)."""
+    if comfy_utils is None:
+        return
+    bar = comfy_utils.ProgressBar(total, node_id=node)
+    bar.update_absolute(value, total, ("JPEG", preview, 512) if preview is not None else None)
+
+
+def send_event(event: str, data: dict) -> None:
+    """A custom websocket message to the client that queued the prompt (no-op outside ComfyUI)."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    server = PromptServer.instance
+    server.send_sync(event, data, server.client_id)
+
+
+def to_pil(image: torch.Tensor):
+    """(H, W, 3) float [0, 1] -> PIL RGB."""
+    from PIL import Image
+    array = (image.detach().float().clamp(0, 1).cpu() * 255).round().to(torch.uint8).numpy()
+    return Image.fromarray(array)
+

@@ -1,0 +1,186 @@
+"""Load VAR Model and VAR Text Encode: files -> VARE_MODEL, prompt -> VARE_CONDITIONING.
+
+Which file goes where (ComfyUI's model folders):
+    transformer   models/diffusion_models/ (or models/checkpoints/): infinity_2b_reg.pth, or a
+                  folder with a sharded checkpoint (model.safetensors.index.json + shards)
+    vae           models/vae/: infinity_vae_d32reg.pth (2B), infinity_vae_d56_f8_14_patchify.pth (8B)
+    text encoder  models/text_encoders/flan-t5-xl/ (config.json, tokenizer.json, weights), or one
+                  encoder .safetensors there (tokenizer: a tokenizer.json beside it, else ComfyUI's T5 one)
+`embedded` needs no files: the pack ships the small shapes-world model.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from vare_core.pipeline import EMBEDDED, load_pipeline
+
+from . import host
+from .compat import CATEGORY, VareConditioning, VareModel, io
+from .types import VareConditioning as Conditioning
+
+TRANSFORMER_FOLDERS = ("diffusion_models", "checkpoints")
+DTYPES = ("auto", "fp16", "bf16", "fp32")
+
+
+def transformer_choices() -> list[str]:
+    return [EMBEDDED] + host.list_entries(TRANSFORMER_FOLDERS, folders_ok="sharded")
+
+
+def vae_choices() -> list[str]:
+    return [EMBEDDED] + host.list_entries(["vae"])
+
+
+def text_encoder_choices() -> list[str]:
+    return [EMBEDDED] + host.list_entries(["text_encoders"], folders_ok="hf")
+
+
+def check_model_files(transformer: str, vae: str, text_encoder: str) -> str | None:
+    """None when the choice can load, else the message shown on the node."""
+    if transformer == EMBEDDED:
+        return None
+    missing = [label for label, value in (("vae", vae), ("text_encoder", text_encoder)) if value == EMBEDDED]
+    if missing:
+        return (f"{transformer} needs its own {' and '.join(missing)}: choose the BSQ VAE from "
+                "models/vae (Infinity-2B: infinity_vae_d32reg.pth) and the flan-t5-xl folder from "
+                "models/text_encoders; 'embedded' only goes with the embedded transformer")
+    for folders, value in ((TRANSFORMER_FOLDERS, transformer), (("vae",), vae),
+                           (("text_encoders",), text_encoder)):
+        try:
+            host.resolve_entry(folders, value)
+        except FileNotFoundError as err:
+            return str(err)
+    return None
+
+
+def _tokenizer_for(encoder_file: Path) -> Path:
+    beside = encoder_file.parent / "tokenizer.json"
+    if beside.is_file():
+        return beside
+    shipped = host.comfy_t5_tokenizer()
+    if shipped is None:
+        raise FileNotFoundError(f"text encoder {encoder_file.name} is a single file and no tokenizer.json "
+                                f"was found beside it in {encoder_file.parent}; copy the T5 tokenizer.json "
+                                "there or use a flan-t5-xl folder")
+    return shipped
+
+
+def model_info(pipe) -> str:
+    params = sum(p.numel() for p in pipe.model.parameters())
+    h, w = pipe.resolutions()[0] if pipe.fixed_schedule else pipe.schedule_for()[-1]
+    if not pipe.fixed_schedule:
+        factor = pipe.vae.config.patch_size * (2 if pipe.spatial_patchify else 1)
+        h, w = h * factor, w * factor
+    dtype = str(pipe.model.word_embed.weight.dtype).replace("torch.", "")
+    return (f"{pipe.name}: preset {pipe.preset}, {params / 1e6:.1f}M transformer parameters, "
+            f"{dtype} on {pipe.device}, default image {h}x{w}")
+
+
+class LoadModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VARE_LoadModel", display_name="Load VAR Model (VARE)", category=CATEGORY,
+            description="Load an Infinity-family VAR text-to-image model, or the embedded "
+                        "shapes-world model that needs no files. The preset (2B, 8B, ...) is "
+                        "detected from the weights.",
+            inputs=[
+                io.Combo.Input("transformer", options=transformer_choices(), default=EMBEDDED,
+                               tooltip="'embedded' (ships with the pack, runs on any CPU), or an "
+                                       "Infinity transformer from models/diffusion_models or "
+                                       "models/checkpoints (a file, or a folder of shards)"),
+                io.Combo.Input("vae", options=vae_choices(), default=EMBEDDED,
+                               tooltip="BSQ VAE from models/vae (Infinity-2B: infinity_vae_d32reg.pth); "
+                                       "'embedded' with the embedded transformer"),
+                io.Combo.Input("text_encoder", options=text_encoder_choices(), default=EMBEDDED,
+                               tooltip="flan-t5-xl folder (or one encoder file) from models/text_encoders; "
+                                       "'embedded' with the embedded transformer"),
+                io.Combo.Input("dtype", options=list(DTYPES), default="auto",
+                               tooltip="auto: bf16 (or fp16) on a GPU, fp32 on CPU; the embedded "
+                                       "model always loads in fp32 under auto"),
+            ],
+            outputs=[VareModel.Output(display_name="model"),
+                     io.String.Output(display_name="info", tooltip="what was loaded")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, transformer, vae, text_encoder, dtype):
+        if dtype not in DTYPES:
+            return f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}"
+        return check_model_files(transformer, vae, text_encoder) or True
+
+    @classmethod
+    def execute(cls, transformer, vae, text_encoder, dtype):
+        problem = check_model_files(transformer, vae, text_encoder)
+        if problem:
+            raise ValueError(problem)
+        device = host.torch_device()
+        # ComfyUI runs nodes under torch.inference_mode(); weights made there could never take
+        # part in training (autograd refuses inference tensors), so load them as normal tensors.
+        with torch.inference_mode(False), torch.no_grad():
+            if transformer == EMBEDDED:
+                pipe = load_pipeline(EMBEDDED, device=device, dtype=dtype)
+            else:
+                model_path = host.resolve_entry(TRANSFORMER_FOLDERS, transformer)
+                vae_path = host.resolve_entry(["vae"], vae)
+                encoder_path = host.resolve_entry(["text_encoders"], text_encoder)
+                tokenizer = None if encoder_path.is_dir() else _tokenizer_for(encoder_path)
+                pipe = load_pipeline(model_path, vae_path, encoder_path, device=device, dtype=dtype,
+                                     tokenizer=tokenizer)
+        info = model_info(pipe)
+        host.log.info("VARE loaded %s", info)
+        return io.NodeOutput(pipe, info)
+
+
+def split_prompts(prompt: str, one_per_line: bool) -> list[str]:
+    if one_per_line:
+        return [line.strip() for line in prompt.splitlines() if line.strip()]
+    return [prompt.strip()] if prompt.strip() else []
+
+
+def encoder_id(pipe) -> str:
+    """Identifies the text encoder object (shared by a model and its adapted copies)."""
+    return f"{pipe.name}:{id(pipe.text_encoder):x}"
+
+
+class TextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VARE_TextEncode", display_name="VAR Text Encode (VARE)", category=CATEGORY,
+            description="Encode a prompt (and an optional negative prompt) with the model's T5 "
+                        "text encoder.",
+            inputs=[
+                VareModel.Input("model", tooltip="the model from Load VAR Model"),
+                io.String.Input("prompt", multiline=True, default="a red circle on a white background",
+                                tooltip="what the image should show"),
+                io.String.Input("negative_prompt", multiline=True, default="",
+                                tooltip="optional: what to steer away from (replaces the empty "
+                                        "condition of classifier-free guidance)"),
+                io.Boolean.Input("one_prompt_per_line", default=False,
+                                 tooltip="on: every non-empty line is its own prompt (one image "
+                                         "each per batch entry); off: the whole text is one prompt"),
+            ],
+            outputs=[VareConditioning.Output(display_name="conditioning")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, prompt, one_prompt_per_line):
+        if not split_prompts(prompt, one_prompt_per_line):
+            return "prompt is empty; write what the image should show"
+        return True
+
+    @classmethod
+    def execute(cls, model, prompt, negative_prompt, one_prompt_per_line):
+        prompts = split_prompts(prompt, one_prompt_per_line)
+        if not prompts:
+            raise ValueError("prompt is empty; write what the image should show")
+        states, lens = model.encode_prompts(prompts)
+        negative = negative_prompt.strip()
+        neg_states = neg_lens = None
+        if negative:
+            neg_states, neg_lens = model.encode_prompts([negative] * len(prompts))
+        return io.NodeOutput(Conditioning(prompts=prompts, negative=negative, states=states, lens=lens,
+                                          negative_states=neg_states, negative_lens=neg_lens,
+                                          encoder=encoder_id(model)))

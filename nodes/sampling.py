@@ -1,0 +1,160 @@
+"""VAR Sampler: conditioning -> IMAGE, one progress step (with a preview) per scale.
+
+Settings: seed, cfg and tau (a number, one number per scale as text "3,3,4,4,4", or "auto" for
+the model's tuned value), top_k, top_p, the image size from the model's aspect templates and the
+images per prompt. Cancel stops it between two scales.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from vare_core import scales
+from vare_core.sampler import SamplingCancelled, decode_images, sample
+
+from . import host
+from .compat import CATEGORY, VareConditioning, VareModel, io, node_id
+from .loaders import encoder_id
+
+AUTO = "auto"
+MODEL_DEFAULT = "model default"
+EMBEDDED_SIZE = "64x64 (embedded)"
+_SIZE = re.compile(r"^(\d+)x(\d+)\b")
+
+
+def resolution_choices() -> list[str]:
+    sizes = [f"{h}x{w} (h/w {ratio:g}, {preset})" for (h, w), (ratio, preset) in scales.all_image_sizes().items()]
+    return [MODEL_DEFAULT, EMBEDDED_SIZE] + sizes
+
+
+def parse_resolution(choice: str) -> tuple[int | None, int | None]:
+    if choice == MODEL_DEFAULT:
+        return None, None
+    match = _SIZE.match(choice)
+    if not match:
+        raise ValueError(f"resolution {choice!r}: pick one from the list (HEIGHTxWIDTH ...)")
+    return int(match.group(1)), int(match.group(2))
+
+
+def check_per_scale(text: str, name: str, positive: bool = False) -> str | None:
+    """None when text is 'auto' or parses as numbers (the count is checked once the model is
+    known), else the message for the node."""
+    if text.strip().lower() == AUTO:
+        return None
+    count = max(1, len([p for p in re.split(r"[,\s\[\]]+", text.strip()) if p]))
+    try:
+        values = scales.parse_per_scale(text, count, name)
+    except ValueError as err:
+        return f"{err}, or 'auto' for the model's default"
+    if positive and any(v <= 0 for v in values):
+        return f"{name} must be > 0 on every scale, got {text!r}"
+    return None
+
+
+def per_scale(text: str, n_scales: int, name: str):
+    """'auto' -> None (the model default), else one float per scale."""
+    if text.strip().lower() == AUTO:
+        return None
+    return scales.parse_per_scale(text, n_scales, name)
+
+
+def generate_from_conditioning(pipe, cond, *, seed, cfg, tau, top_k, top_p, height, width,
+                               callback=None, cancel=None):
+    """VarPipeline.generate for prompts already encoded (same defaults, same seeding)."""
+    schedule = pipe.schedule_for(height, width)
+    d = pipe.defaults
+    generator = torch.Generator(pipe.device).manual_seed(int(seed))
+    negative = (cond.negative_states.to(pipe.device), cond.negative_lens.to(pipe.device)) \
+        if cond.negative_states is not None else (None, None)
+    return sample(pipe.model, pipe.vae, cond.states.to(pipe.device), cond.lens.to(pipe.device), schedule,
+                  cfg=d.get("cfg", 3.0) if cfg is None else cfg,
+                  tau=d.get("tau", 0.5) if tau is None else tau,
+                  top_k=d.get("top_k", 0) if top_k is None else top_k,
+                  top_p=d.get("top_p", 0.0) if top_p is None else top_p,
+                  negative_states=negative[0], negative_lens=negative[1], generator=generator,
+                  callback=callback, cancel=cancel, spatial_patchify=pipe.spatial_patchify)
+
+
+class Sampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VARE_Sampler", display_name="VAR Sampler (VARE)", category=CATEGORY,
+            description="Generate images scale by scale (next-scale prediction). Shows the "
+                        "partial image after every scale; Cancel stops between scales.",
+            inputs=[
+                VareModel.Input("model", tooltip="the model (with any adapters applied)"),
+                VareConditioning.Input("conditioning", tooltip="from VAR Text Encode"),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="same seed, prompts and settings -> same images"),
+                io.String.Input("cfg", default=AUTO,
+                                tooltip="classifier-free guidance: a number (3), one number per scale "
+                                        "('3,3,4,4,4'), or auto for the model's default"),
+                io.String.Input("tau", default=AUTO,
+                                tooltip="temperature: a number (0.5), one per scale, or auto; lower is "
+                                        "more deterministic"),
+                io.Int.Input("top_k", default=0, min=0, max=2,
+                             tooltip="keep the k most likely values of each bit; 0 = off (a bit has 2 values)"),
+                io.Float.Input("top_p", default=-1.0, min=-1.0, max=1.0, step=0.01,
+                               tooltip="nucleus filter per bit; -1 = the model's default (Infinity 0.97, "
+                                       "embedded off), 0 = off"),
+                io.Combo.Input("resolution", options=resolution_choices(), default=MODEL_DEFAULT,
+                               tooltip="image size from the model's aspect-ratio templates (HxW, h/w "
+                                       "ratio, preset); the embedded model draws 64x64 only"),
+                io.Int.Input("batch_size", default=1, min=1, max=64,
+                             tooltip="images per prompt (each prompt gets a different random draw)"),
+                io.Boolean.Input("preview", default=True,
+                                 tooltip="decode the partial image after every scale and show it on the node"),
+            ],
+            outputs=[io.Image.Output(display_name="images", tooltip="RGB, prompts in order, "
+                                     "batch_size images each")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, cfg, tau, resolution):
+        for text, name, positive in ((cfg, "cfg", False), (tau, "tau", True)):
+            problem = check_per_scale(text, name, positive)
+            if problem:
+                return problem
+        if resolution not in resolution_choices():
+            return f"resolution {resolution!r} is not in the list"
+        return True
+
+    @classmethod
+    def execute(cls, model, conditioning, seed, cfg, tau, top_k, top_p, resolution, batch_size,
+                preview=True):
+        pipe, node = model, node_id(cls)
+        if conditioning.encoder != encoder_id(pipe):
+            raise ValueError("the conditioning was encoded by another model's text encoder: connect "
+                             "VAR Text Encode to the same Load VAR Model as this sampler")
+        height, width = parse_resolution(resolution)
+        schedule = pipe.schedule_for(height, width)            # ValueError names the valid sizes
+        n = len(schedule)
+        cond = conditioning.repeated(batch_size)
+
+        def on_scale(step):
+            if host.interrupted():          # the progress hook would raise; stop at the next scale
+                return
+            image = None
+            if preview:
+                image = host.to_pil(decode_images(pipe.vae, step.summed_codes[:1])[0])
+            host.report_progress(node, step.index + 1, n, image)
+
+        host.report_progress(node, 0, n)
+        try:
+            result = generate_from_conditioning(
+                pipe, cond, seed=seed, cfg=per_scale(cfg, n, "cfg"), tau=per_scale(tau, n, "tau"),
+                top_k=top_k, top_p=None if top_p < 0 else top_p, height=height, width=width,
+                callback=on_scale, cancel=host.interrupted)
+        except SamplingCancelled:
+            host.raise_interrupted()
+        except Exception as err:
+            if not host.is_out_of_memory(err):
+                raise
+            host.free_accelerator_memory()
+            raise MemoryError(f"out of memory sampling {len(cond.prompts)} images at "
+                              f"{resolution} ({host.memory_summary(pipe.device)}); lower batch_size or "
+                              "the resolution, or load the model in fp16/bf16") from None
+        return io.NodeOutput(result.images.float().cpu())

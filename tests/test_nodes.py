@@ -1,0 +1,344 @@
+"""The ComfyUI nodes, executed without ComfyUI.
+
+Outside ComfyUI, nodes/compat.py gives the node classes a stand-in for `comfy_api.latest`
+(nodes/standin.py: same Schema / Input / NodeOutput names and INPUT_TYPES layout), and nodes/host.py
+reads model folders from $VARE_MODELS_DIR. Every node's execute runs here under
+torch.inference_mode(), as ComfyUI runs it, with the embedded model when its weights are present
+(the tiny random pipeline otherwise). tests/test_comfy_e2e.py runs the same nodes in a real ComfyUI.
+"""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import nodes  # noqa: E402
+from nodes import adapters, erasure, evaluation, host, loaders, sampling  # noqa: E402
+from nodes.compat import io  # noqa: E402
+from nodes.types import LossHistory, VareConditioning  # noqa: E402
+from vare_core.embedded import spec  # noqa: E402
+from vare_core.erasure.adapters import Adapter, load_adapter  # noqa: E402
+from vare_core.pipeline import VarPipeline  # noqa: E402
+
+HAS_EMBEDDED = (spec.WEIGHTS_DIR / spec.INFO_FILE).is_file()
+HAS_CLASSIFIER = (spec.WEIGHTS_DIR / spec.CLASSIFIER_FILE).is_file()
+needs_embedded = pytest.mark.skipif(not HAS_EMBEDDED, reason="embedded weights not in vare_core/embedded/weights yet")
+
+
+def run(node, **inputs):
+    """Execute like ComfyUI: inference mode, the node's id in cls.hidden."""
+    saved = node.hidden
+    node.hidden = io.HiddenHolder(unique_id="7") if hasattr(io, "HiddenHolder") else saved
+    try:
+        with torch.inference_mode():
+            return node.execute(**inputs)
+    finally:
+        node.hidden = saved
+
+
+@pytest.fixture(autouse=True)
+def folders(tmp_path, monkeypatch):
+    monkeypatch.setenv("VARE_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("VARE_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "models"
+
+
+@pytest.fixture
+def events(monkeypatch):
+    """Records progress updates and websocket events instead of sending them."""
+    log = {"progress": [], "events": []}
+    monkeypatch.setattr(host, "report_progress",
+                        lambda node, value, total, preview=None: log["progress"].append((node, value, total, preview)))
+    monkeypatch.setattr(host, "send_event", lambda name, data: log["events"].append((name, data)))
+    return log
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    if HAS_EMBEDDED:
+        return loaders.LoadModel.execute("embedded", "embedded", "embedded", "auto")[0]
+    from vare_core.testing import tiny_pipeline
+    return tiny_pipeline()
+
+
+def encode(model, prompt="a red circle\na blue square", negative="", per_line=True) -> VareConditioning:
+    return run(loaders.TextEncode, model=model, prompt=prompt, negative_prompt=negative,
+               one_prompt_per_line=per_line)[0]
+
+
+def sample(model, cond, **overrides):
+    kwargs = dict(model=model, conditioning=cond, seed=0, cfg="auto", tau="auto", top_k=0, top_p=-1.0,
+                  resolution="model default", batch_size=2, preview=True)
+    kwargs.update(overrides)
+    return run(sampling.Sampler, **kwargs)[0]
+
+
+def train(model, pairs, steps=3, **overrides):
+    kwargs = dict(model=model, pairs=pairs, method="svare", train="lora", rank=2, steps=steps,
+                  learning_rate=0.0, alpha=0.25, gamma=0.693147, loss_weight=0.5, batch_size=2,
+                  precision="auto", gradient_checkpointing=False, seed=42)
+    kwargs.update(overrides)
+    return run(erasure.TrainErasure, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def pairs(model):
+    return erasure.PromptPairs.execute(model, "circle", "square", 2, 0, "")[0]
+
+
+# ----------------------------------------------------------------------------- registry
+
+def test_every_node_is_prefixed_described_and_has_a_tooltip_on_every_input():
+    ids = [n.GET_SCHEMA().node_id for n in nodes.NODES]
+    assert len(ids) == len(set(ids)) == 11
+    for node in nodes.NODES:
+        schema = node.GET_SCHEMA()
+        assert schema.node_id.startswith("VARE_") and schema.category.startswith("VARE")
+        assert schema.display_name.endswith("(VARE)") and schema.description
+        for item in schema.inputs:
+            assert item.tooltip, f"{schema.node_id}.{item.id} has no tooltip"
+
+
+def test_pack_entry_point_lists_the_nodes():
+    import asyncio
+    import importlib.util
+    spec_ = importlib.util.spec_from_file_location("vare_pack", REPO / "__init__.py",
+                                                   submodule_search_locations=[str(REPO)])
+    pack = importlib.util.module_from_spec(spec_)
+    sys.modules["vare_pack"] = pack
+    spec_.loader.exec_module(pack)
+    extension = asyncio.run(pack.comfy_entrypoint())
+    listed = asyncio.run(extension.get_node_list())
+    assert [n.GET_SCHEMA().node_id for n in listed] == [n.GET_SCHEMA().node_id for n in nodes.NODES]
+    assert (REPO / pack.WEB_DIRECTORY / "vare.js").is_file()
+
+
+# ----------------------------------------------------------------------------- loading, sampling
+
+@needs_embedded
+def test_load_embedded_under_inference_mode_keeps_weights_trainable():
+    pipe, info = run(loaders.LoadModel, transformer="embedded", vae="embedded", text_encoder="embedded",
+                     dtype="auto")
+    assert isinstance(pipe, VarPipeline) and pipe.name == "embedded"
+    assert "embedded" in info and "64x64" in info
+    assert not any(p.is_inference() for p in pipe.model.parameters())
+
+
+def test_load_from_model_folders(folders):
+    """A transformer / VAE / T5 folder in ComfyUI's folder layout loads through the node."""
+    from safetensors.torch import save_file
+    from vare_core.models.presets import to_official_keys
+    from vare_core.testing import tiny_pipeline
+    tiny = tiny_pipeline()
+    (folders / "diffusion_models").mkdir(parents=True)
+    (folders / "vae").mkdir()
+    t5_dir = folders / "text_encoders" / "tiny-t5"
+    t5_dir.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in to_official_keys(tiny.model.state_dict(), 1).items()},
+              str(folders / "diffusion_models" / "tiny_transformer.safetensors"))
+    save_file({k: v.contiguous() for k, v in tiny.vae.state_dict().items()}, str(folders / "vae" / "tiny_vae.safetensors"))
+    (t5_dir / "config.json").write_text(json.dumps(tiny.text_encoder.model.config.to_hf_config()))
+    tiny.text_encoder.tokenizer.save(str(t5_dir / "tokenizer.json"))
+    save_file({k: v.contiguous() for k, v in tiny.text_encoder.model.state_dict().items()}, str(t5_dir / "model.safetensors"))
+
+    inputs = {i.id: i for i in loaders.LoadModel.GET_SCHEMA().inputs}
+    assert inputs["transformer"].options == ["embedded", "tiny_transformer.safetensors"]
+    assert inputs["text_encoder"].options == ["embedded", "tiny-t5/"]
+    pipe, info = run(loaders.LoadModel, transformer="tiny_transformer.safetensors", vae="tiny_vae.safetensors",
+                     text_encoder="tiny-t5/", dtype="fp32")
+    assert torch.equal(pipe.model.word_embed.weight, tiny.model.word_embed.weight)
+    assert "tiny_transformer.safetensors" in info and "custom" in info
+    assert not pipe.model.word_embed.weight.is_inference()
+
+
+def test_bad_model_choices_give_messages():
+    message = loaders.LoadModel.validate_inputs("infinity_2b_reg.pth", "embedded", "embedded", "auto")
+    assert isinstance(message, str) and "models/vae" in message and "flan-t5-xl" in message
+    message = loaders.LoadModel.validate_inputs("missing.pth", "v.pth", "flan-t5-xl/", "auto")
+    assert "was not found" in message
+    assert loaders.LoadModel.validate_inputs("embedded", "embedded", "embedded", "auto") is True
+
+
+def test_text_encode_gives_one_row_per_prompt(model):
+    cond = encode(model, negative="a green cross")
+    assert cond.prompts == ["a red circle", "a blue square"] and cond.negative == "a green cross"
+    assert cond.states.shape[0] == cond.lens.shape[0] == cond.negative_states.shape[0] == 2
+    assert encode(model, per_line=False).prompts == ["a red circle\na blue square"]
+    assert "empty" in loaders.TextEncode.validate_inputs(" \n ", True)
+
+
+def test_sampler_gives_comfy_images_identical_to_generate_with_a_preview_per_scale(model, events):
+    cond = encode(model)
+    images = sample(model, cond)
+    n_scales = len(model.default_schedule)
+    height, width = model.resolutions()[0]
+    assert images.shape == (4, height, width, 3) and images.dtype == torch.float32
+    assert 0.0 <= images.min() and images.max() <= 1.0
+    expected = model.generate(["a red circle", "a red circle", "a blue square", "a blue square"], seed=0).images
+    assert torch.equal(images, expected)
+    steps = [p for p in events["progress"] if p[1] > 0]
+    assert [p[1] for p in steps] == list(range(1, n_scales + 1)) and {p[0] for p in steps} == {"7"}
+    assert all(p[3] is not None and p[3].size == (width, height) for p in steps)
+    events["progress"].clear()
+    sample(model, cond, preview=False)
+    assert all(p[3] is None for p in events["progress"])
+
+
+def test_sampler_settings_change_the_images_and_bad_ones_are_explained(model):
+    cond = encode(model, per_line=False, prompt="a red circle")
+    base = sample(model, cond, batch_size=1)
+    n = len(model.default_schedule)
+    assert not torch.equal(base, sample(model, cond, batch_size=1, seed=1))
+    assert torch.equal(sample(model, cond, batch_size=1, cfg=",".join(["3"] * n), tau="1"),
+                       sample(model, cond, batch_size=1, cfg="3", tau="1"))
+    assert "cfg" in sampling.Sampler.validate_inputs("3,x", "auto", "model default")
+    assert "tau must be > 0" in sampling.Sampler.validate_inputs("auto", "0", "model default")
+    assert "not in the list" in sampling.Sampler.validate_inputs("auto", "auto", "13x13")
+    with pytest.raises(ValueError, match=f"got 2 values for {n} scales"):
+        sample(model, cond, cfg="3,4")
+    if model.fixed_schedule:
+        with pytest.raises(ValueError, match="only draws"):
+            sample(model, cond, resolution="1024x1024 (h/w 1, 1M)")
+
+
+def test_sampler_stops_between_scales_when_cancelled(model, events, monkeypatch):
+    polls = []
+    monkeypatch.setattr(host, "interrupted", lambda: polls.append(1) or len(polls) > 3)
+    with pytest.raises(host.Interrupted):
+        sample(model, encode(model))
+    assert max(p[1] for p in events["progress"]) < len(model.default_schedule)
+
+
+def test_conditioning_of_another_model_is_refused(model):
+    from vare_core.testing import tiny_pipeline
+    other = tiny_pipeline(seed=1)
+    with pytest.raises(ValueError, match="another model's text encoder"):
+        sample(other, encode(model))
+
+
+# ----------------------------------------------------------------------------- erasure
+
+def test_prompt_pairs(model):
+    pairs, text = erasure.PromptPairs.execute(model, "circle", "square", 5, 0, "a red disc | a red box")
+    assert len(pairs) == 6 and len(text.splitlines()) == 6
+    assert all("circle" in p.unsafe and "square" in p.safe for p in pairs[:5])
+    assert pairs[-1].unsafe == "a red disc" and pairs[-1].concept == "circle"
+    assert "anchors is empty" in erasure.PromptPairs.validate_inputs("circle", "", "")
+    assert "line 1" in erasure.PromptPairs.validate_inputs("", "", "no separator here")
+    assert erasure.PromptPairs.validate_inputs("", "", "a | b") is True
+
+
+def test_training_returns_adapter_history_progress_and_chart_events(model, pairs, events):
+    adapter, history = train(model, pairs, steps=3)
+    assert isinstance(adapter, Adapter) and adapter.metadata["steps_done"] == 3
+    assert isinstance(history, LossHistory) and [s["step"] for s in history.steps] == [1, 2, 3]
+    assert history.concepts == ["circle"] and not history.cancelled
+    phases = [d["phase"] for name, d in events["events"] if name == "vare.train"]
+    assert phases[0] == "start" and phases[-1] == "done" and "train" in phases
+    points = [p for _, d in events["events"] if d["phase"] == "train" for p in d["points"]]
+    assert [p[0] for p in points] == [1, 2, 3] and all(d["node"] == "7" for _, d in events["events"])
+    assert [p[1] for p in events["progress"] if p[2] == 3][-3:] == [1, 2, 3]
+    json.dumps([d for _, d in events["events"]], allow_nan=False)     # valid JSON for the browser
+
+
+def test_cancel_saves_the_partial_adapter_and_ends_interrupted(model, pairs, events, monkeypatch, folders):
+    steps_seen = []
+    original = erasure._Reporter.__call__
+
+    def reporter(self, info):
+        original(self, info)
+        if info["phase"] == "train":
+            steps_seen.append(info["step"])
+    monkeypatch.setattr(erasure._Reporter, "__call__", reporter)
+    monkeypatch.setattr(host, "interrupted", lambda: len(steps_seen) >= 2)
+    with pytest.raises(host.Interrupted):
+        train(model, pairs, steps=50)
+    cancelled = [d for _, d in events["events"] if d["phase"] == "cancelled"][0]
+    path = Path(cancelled["path"])
+    assert path.parent == folders / "vare" / "partial" and cancelled["step"] == 2
+    partial = load_adapter(path)
+    assert partial.metadata["cancelled"] and partial.metadata["steps_done"] == 2
+    assert len(json.loads(path.with_suffix(".loss.json").read_text())) == 2
+    assert "partial/" + path.name in adapters.adapter_choices()
+
+
+def test_out_of_memory_names_the_settings_to_change(model, pairs, monkeypatch):
+    def fail(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(erasure, "train_erasure", fail)
+    with pytest.raises(MemoryError, match="train = lora.*gradient_checkpointing on.*batch_size 1"):
+        train(model, pairs, train="ca_ffn")
+
+
+# ----------------------------------------------------------------------------- adapters
+
+@pytest.fixture(scope="module")
+def trained(model, pairs):
+    return train(model, pairs, steps=2, train="ca_ffn", learning_rate=1e-3)
+
+
+def test_apply_adapter_makes_a_new_model_and_chains(model, trained):
+    adapter = trained[0]
+    base_weights = {k: v.clone() for k, v in model.model.state_dict().items()}
+    erased = run(adapters.ApplyAdapter, model=model, adapter=adapter, strength=1.0)[0]
+    twice = run(adapters.ApplyAdapter, model=erased, adapter=adapter, strength=0.5)[0]
+    off = run(adapters.ApplyAdapter, model=model, adapter=adapter, strength=0.0)[0]
+    assert all(torch.equal(v, model.model.state_dict()[k]) for k, v in base_weights.items())
+    assert len(twice.applied_adapters) == 2
+    cond = encode(model)
+    assert torch.equal(sample(off, cond), sample(model, cond))
+    name = next(iter(adapter.tensors))
+    assert not torch.equal(erased.model.get_parameter(name), model.model.get_parameter(name))
+
+
+def test_save_then_load_adapter(trained, folders):
+    adapter = trained[0]
+    first = adapters.SaveAdapter.execute(adapter, "erase_{concepts}", "vare", False)
+    second = adapters.SaveAdapter.execute(adapter, "erase_{concepts}", "vare", False)
+    assert Path(first[0]) == folders / "vare" / "erase_circle.safetensors"
+    assert Path(second[0]).name == "erase_circle_001.safetensors" and "saved" in first.ui["text"][0]
+    (folders / "loras").mkdir()
+    adapters.SaveAdapter.execute(adapter, "in_loras", "loras", False)
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2)}, str(folders / "loras" / "sd_style.safetensors"))
+    choices = adapters.adapter_choices()
+    assert {"erase_circle.safetensors", "erase_circle_001.safetensors", "in_loras.safetensors"} <= set(choices)
+    assert "sd_style.safetensors" not in choices
+    loaded, info = adapters.LoadAdapter.execute("erase_circle.safetensors")
+    assert set(loaded.tensors) == set(adapter.tensors) and "erases circle -> square" in info
+    assert "not a path" in adapters.SaveAdapter.validate_inputs("../../etc/x")
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def test_loss_plot_is_an_image(trained):
+    out = run(evaluation.LossPlot, loss_history=trained[1], width=512, height=256)
+    assert out[0].shape == (1, 256, 512, 3) and out.ui is not None
+    assert out[0].std() > 0.01                # curves and text, not a blank canvas
+
+
+@pytest.mark.skipif(not HAS_CLASSIFIER, reason="classifier weights not shipped yet")
+def test_erasure_check_scores_rendered_shapes():
+    import numpy as np
+    from vare_core.embedded.world import Scene, render
+    scenes = [Scene(shape, "red", "white", "solid", 40, 32, 32) for shape in ("circle", "circle", "square", "cross")]
+    images = torch.from_numpy(np.stack([render(s) for s in scenes])).float() / 255
+    annotated, report, rate = run(evaluation.ErasureCheck, images=images, concept="disc", expect="absent", columns=2)[:3]
+    assert rate == 0.5 and "circle (shape) in 2 of 4 images" in report
+    assert annotated.shape[0] == 1 and annotated.shape[-1] == 3 and annotated.shape[2] >= 2 * 160
+    assert "knows the embedded shapes world" in evaluation.ErasureCheck.validate_inputs("dog")
+
+
+def test_compare_grid(model):
+    cond = encode(model)
+    before = sample(model, cond)
+    grid = run(evaluation.CompareGrid, before=before, after=before.flip(0), before_title="before",
+               after_title="after", row_labels="a\nb\nc\nd")[0]
+    assert grid.shape[0] == 1 and grid.shape[2] > 2 * before.shape[2]
+    with pytest.raises(ValueError, match="same prompts"):
+        run(evaluation.CompareGrid, before=before, after=before[:1], before_title="b", after_title="a")
