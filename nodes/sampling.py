@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import re
 
-import torch
 
 from vare_core import scales
-from vare_core.sampler import SamplingCancelled, decode_images, sample
+from vare_core.sampler import SamplingCancelled, decode_images
 
 from . import host
 from .compat import CATEGORY, VareConditioning, VareModel, io, node_id
@@ -62,18 +61,10 @@ def per_scale(text: str, n_scales: int, name: str):
 def generate_from_conditioning(pipe, cond, *, seed, cfg, tau, top_k, top_p, height, width,
                                callback=None, cancel=None):
     """VarPipeline.generate for prompts already encoded (same defaults, same seeding)."""
-    schedule = pipe.schedule_for(height, width)
-    d = pipe.defaults
-    generator = torch.Generator(pipe.device).manual_seed(int(seed))
-    negative = (cond.negative_states.to(pipe.device), cond.negative_lens.to(pipe.device)) \
-        if cond.negative_states is not None else (None, None)
-    return sample(pipe.model, pipe.vae, cond.states.to(pipe.device), cond.lens.to(pipe.device), schedule,
-                  cfg=d.get("cfg", 3.0) if cfg is None else cfg,
-                  tau=d.get("tau", 0.5) if tau is None else tau,
-                  top_k=d.get("top_k", 0) if top_k is None else top_k,
-                  top_p=d.get("top_p", 0.0) if top_p is None else top_p,
-                  negative_states=negative[0], negative_lens=negative[1], generator=generator,
-                  callback=callback, cancel=cancel, spatial_patchify=pipe.spatial_patchify)
+    return pipe.generate_encoded(cond.states, cond.lens, negative_states=cond.negative_states,
+                                 negative_lens=cond.negative_lens, seed=seed, cfg=cfg, tau=tau,
+                                 top_k=top_k, top_p=top_p, height=height, width=width,
+                                 callback=callback, cancel=cancel)
 
 
 class Sampler(io.ComfyNode):

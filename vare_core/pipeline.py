@@ -84,19 +84,31 @@ class VarPipeline:
         for i, p in enumerate(prompts):
             if not isinstance(p, str) or not p.strip():
                 raise ValueError(f"prompt {i} is empty; write what the image should show")
-        schedule = self.schedule_for(height, width)
         states, lens = self.encode_prompts(prompts)
         neg_states = neg_lens = None
         if negative_prompt:
             neg_states, neg_lens = self.encode_prompts([negative_prompt] * len(prompts))
+        return self.generate_encoded(states, lens, negative_states=neg_states, negative_lens=neg_lens,
+                                     seed=seed, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p,
+                                     height=height, width=width, callback=callback, cancel=cancel)
+
+    def generate_encoded(self, states, lens, *, negative_states=None, negative_lens=None, seed: int = 0,
+                         cfg=None, tau=None, top_k: int | None = None, top_p: float | None = None,
+                         height: int | None = None, width: int | None = None, callback=None,
+                         cancel=None) -> SampleResult:
+        """`generate` for prompts already encoded (e.g. a ComfyUI conditioning); unset
+        settings take the model's defaults."""
+        schedule = self.schedule_for(height, width)
+        if negative_states is not None:
+            negative_states, negative_lens = negative_states.to(self.device), negative_lens.to(self.device)
         generator = torch.Generator(self.device).manual_seed(int(seed))
         d = self.defaults
-        return sample(self.model, self.vae, states, lens, schedule,
+        return sample(self.model, self.vae, states.to(self.device), lens.to(self.device), schedule,
                       cfg=d.get("cfg", 3.0) if cfg is None else cfg,
                       tau=d.get("tau", 0.5) if tau is None else tau,
                       top_k=d.get("top_k", 0) if top_k is None else top_k,
                       top_p=d.get("top_p", 0.0) if top_p is None else top_p,
-                      negative_states=neg_states, negative_lens=neg_lens, generator=generator,
+                      negative_states=negative_states, negative_lens=negative_lens, generator=generator,
                       callback=callback, cancel=cancel, spatial_patchify=self.spatial_patchify)
 
 

@@ -103,11 +103,6 @@ def encode_bits(vae: BSQVAE, images: torch.Tensor, chunk: int = 256) -> list[tor
     return [torch.cat(parts) for parts in per_scale]
 
 
-def tokenize_all(text_encoder: TextEncoder, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    ids, mask = text_encoder.tokenize(prompts)
-    return ids, mask
-
-
 def train_transformer(bits: list[torch.Tensor], ids: torch.Tensor, mask: torch.Tensor, vocab_size: int,
                       steps: int, batch: int, lr: float, gen: torch.Generator, log: Log, checkpoint=None):
     model = Infinity(spec.transformer_config())
@@ -209,7 +204,7 @@ def main(argv=None):
     tokenizer = build_word_level_tokenizer(VOCABULARY)
     vocab_size = tokenizer.get_vocab_size()
     text_encoder = TextEncoder(tokenizer, T5Encoder(spec.text_encoder_config(vocab_size)), spec.TEXT_MAX_TOKENS)
-    ids, mask = tokenize_all(text_encoder, prompts)
+    ids, mask = text_encoder.tokenize(prompts)
     def save_snapshot(model, t5, step):
         snapshot = args.out / "snapshots" / f"step{step}"
         save_transformer(snapshot, model, t5, tokenizer)
