@@ -21,9 +21,9 @@ import torch
 
 from vare_core.embedded import erasure_defaults
 from vare_core.embedded.erasure_defaults import embedded_pairs
-from vare_core.erasure.adapters import (TRAIN_MODES, ca_ffn_parameter_names, lora_layer_names,
-                                        save_adapter)
+from vare_core.erasure.adapters import TRAIN_MODES, save_adapter
 from vare_core.erasure.losses import METHODS
+from vare_core.erasure.memory import memory_advice
 from vare_core.erasure.pairs import make_pairs, pairs_to_text, parse_pairs_text
 from vare_core.erasure.trainer import PRECISIONS, EraseConfig, train_erasure
 from vare_core.models import rope
@@ -32,7 +32,6 @@ from . import host
 from .compat import CATEGORY, VareAdapter, VareLossHistory, VareModel, VarePairs, io, node_id
 from .types import LossHistory
 
-SHAPES_WORLD_MODELS = ("embedded", "tiny")     # word-level vocabulary of the shapes world
 EVENT = "vare.train"
 EVENT_INTERVAL_S = 0.2                          # at most ~5 chart updates a second
 
@@ -47,7 +46,7 @@ def build_pairs(pipe, concepts: str, anchors: str, n_per_concept: int, seed: int
     if concept_list:
         if not anchor_list:
             raise ValueError("anchors is empty: name what each concept should turn into (e.g. square)")
-        if pipe.name in SHAPES_WORLD_MODELS:
+        if pipe.name in erasure_defaults.SHAPES_WORLD_MODELS:
             pairs += embedded_pairs(concept_list, anchor_list, seed=seed, n_per_concept=n_per_concept)
         else:
             pairs += make_pairs(concept_list, anchor_list, n_per_concept=n_per_concept, seed=seed)
@@ -107,40 +106,10 @@ class PromptPairs(io.ComfyNode):
 
 # ----------------------------------------------------------------------------- training
 
-def default_lr(pipe, train: str) -> float | None:
-    """learning_rate 0: the embedded model's tuned LoRA rate, else the trainer's width-scaled default."""
-    if pipe.name in SHAPES_WORLD_MODELS and train == erasure_defaults.DEFAULT_TRAIN:
-        return erasure_defaults.DEFAULT_LR
-    return None
-
-
-def trainable_count(pipe, config: EraseConfig) -> int:
-    model = pipe.model
-    if config.train == "ca_ffn":
-        return sum(model.get_parameter(n).numel() for n in ca_ffn_parameter_names(model))
-    return sum(config.rank * sum(model.get_submodule(n).weight.shape)
-               for n in lora_layer_names(model, config.lora_targets))
-
-
 def out_of_memory_message(pipe, config: EraseConfig, step: int) -> str:
-    """What ran out, and the settings to change, cheapest first."""
-    n = trainable_count(pipe, config)
-    # fp32 master copy + gradient + two AdamW moments = 16 bytes per trained weight
-    state = f"{config.train} trains {n / 1e6:.1f}M weights (~{n * 16 / 2**30:.1f} GiB of optimiser state)"
-    tips = []
-    if config.train == "ca_ffn":
-        lora = EraseConfig(train="lora", rank=4, lora_targets=config.lora_targets, steps=1)
-        tips.append(f"train = lora, rank 4 ({trainable_count(pipe, lora) / 1e6:.1f}M weights)")
-    if not config.gradient_checkpointing:
-        tips.append("gradient_checkpointing on (activations are recomputed instead of stored)")
-    if config.batch_size > 1:
-        tips.append(f"batch_size {max(1, config.batch_size // 2)}")
-    if config.precision in ("fp32", "bf16") and pipe.device.type == "cuda":
-        tips.append("precision fp16")
     where = "while sampling the trajectories" if step == 0 else f"at step {step}"
-    return (f"out of GPU memory {where} ({host.memory_summary(pipe.device)}); {state}, batch "
-            f"{config.batch_size}, precision {config.precision}. Change, in this order until it fits: "
-            + "; ".join(tips or ["a smaller model dtype or a GPU with more memory"]))
+    return (f"out of GPU memory {where} ({host.memory_summary(pipe.device)}); "
+            + memory_advice(pipe.model, config, on_cuda=pipe.device.type == "cuda"))
 
 
 def save_partial(adapter, history: LossHistory, config: EraseConfig) -> str:
@@ -247,7 +216,7 @@ class TrainErasure(io.ComfyNode):
             raise ValueError("this model's weights were made under torch.inference_mode and cannot be "
                              "trained; load it with Load VAR Model (VARE), which keeps them trainable")
         config = EraseConfig(method=method, train=train, rank=rank, steps=steps,
-                             lr=learning_rate if learning_rate > 0 else default_lr(pipe, train),
+                             lr=learning_rate if learning_rate > 0 else erasure_defaults.tuned_lr(pipe.name, train),
                              batch_size=batch_size,
                              alpha=alpha, gamma=gamma, preservation_weight=loss_weight,
                              precision=precision, gradient_checkpointing=gradient_checkpointing, seed=seed)

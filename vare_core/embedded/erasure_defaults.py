@@ -34,6 +34,8 @@ DEFAULT_STEPS = 150
 DEFAULT_TRAIN = "lora"
 DEFAULT_RANK = 8
 DEFAULT_LR = 2e-3
+# Models that speak the shapes world's word-level vocabulary (tiny: testing.tiny_pipeline).
+SHAPES_WORLD_MODELS = ("embedded", "tiny")
 
 
 def shape_name(word: str, role: str) -> str:
@@ -62,3 +64,11 @@ def embedded_erase_config(steps: int | None = None, **overrides):
                     steps=DEFAULT_STEPS if steps is None else steps, batch_size=8, precision="fp32")
     settings.update(overrides)
     return EraseConfig(**settings)
+
+
+def tuned_lr(model_name: str, train: str) -> float | None:
+    """The lr measured for this model and training mode, or None for the trainer's
+    width-scaled default (trainer.default_lr)."""
+    if model_name in SHAPES_WORLD_MODELS and train == DEFAULT_TRAIN:
+        return DEFAULT_LR
+    return None
