@@ -204,3 +204,12 @@ def test_default_lr_scales_with_width():
     assert default_lr("ca_ffn", 2048) == pytest.approx(2.34e-5)
     assert default_lr("ca_ffn", 512) == pytest.approx(4.68e-5)
     assert default_lr("lora", 2048) == pytest.approx(2.34e-4)
+
+
+def test_single_process_needs_no_process_group(pipe, pairs, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    result = run(pipe, pairs, tmp_path, steps=1)
+    assert not torch.distributed.is_initialized()
+    assert result.adapter is not None and "distributed" not in result.adapter.metadata["hyperparameters"]
+    with pytest.raises(ValueError, match="torchrun"):                 # FSDP needs processes
+        train_erasure(pipe, pairs, EraseConfig(steps=1), cache_dir=tmp_path, fsdp=True)

@@ -12,6 +12,13 @@ stay unseen and can test generalisation; the safe prompt the anchor, with the sa
 background / style words), and training options left unset take that model's tuned defaults.
 Ctrl-C stops training after the current step and saves the partial adapter (a second Ctrl-C
 aborts at once).
+
+Several processes (DDP; --fsdp shards the trained tensors and optimizer state, see
+erasure/distributed.py): the same command under torchrun. The global batch (--batch-size) is
+split over the processes; rank 0 samples the trajectories, prints, and writes the adapter.
+
+    torchrun --nproc_per_node 2 -m vare_core erase --model embedded --concept circle \
+        --anchor square --steps 150 --out erase_circle.safetensors
 """
 from __future__ import annotations
 
@@ -54,10 +61,11 @@ def config_from_args(args):
 
 
 class _StopFlag:
-    """First Ctrl-C asks training to stop after the current step; the second one aborts."""
+    """First Ctrl-C asks training to stop after the current step; the second one aborts.
+    (torchrun passes a Ctrl-C on to every process: all of them stop after the same step.)"""
 
-    def __init__(self):
-        self.stop = False
+    def __init__(self, verbose: bool = True):
+        self.stop, self.verbose = False, verbose
 
     def __call__(self) -> bool:
         return self.stop
@@ -66,23 +74,37 @@ class _StopFlag:
         if self.stop:
             raise KeyboardInterrupt
         self.stop = True
-        print("\nstopping after this step (Ctrl-C again to abort without saving)...", flush=True)
+        if self.verbose:
+            print("\nstopping after this step (Ctrl-C again to abort without saving)...", flush=True)
 
 
 def cmd_erase(args):
-    from tqdm import tqdm
-
-    from .. import cli as main_cli
-    from .adapters import save_adapter
-    from .trainer import train_erasure
+    from . import distributed
     out = Path(args.out)
     if not out.parent.is_dir():
         raise ValueError(f"--out {out}: the folder {out.parent} does not exist")
     config = config_from_args(args)              # bad settings fail before the model loads
     args.seed = config.seed
+    if args.fsdp and distributed.env_world_size() <= 1:
+        raise ValueError("--fsdp shards training across processes: launch with "
+                         "torchrun --nproc_per_node N -m vare_core erase ... (N >= 2)")
+    with distributed.process_group_from_env(args.device) as context:   # None: one process
+        if context is not None:
+            args.device = str(context.device)
+        _erase(args, config, out, main=context is None or context.is_main)
+
+
+def _erase(args, config, out: Path, main: bool):
+    """Load, train, save; under torchrun only rank 0 (`main`) prints and writes."""
+    from tqdm import tqdm
+
+    from .. import cli as main_cli
+    from .adapters import save_adapter
+    from .trainer import train_erasure
     pipe = main_cli.load_from_args(args)
     pairs = pairs_from_args(args, pipe)
-    print(f"{len(pairs)} pairs, e.g. {pairs[0].unsafe!r} -> {pairs[0].safe!r}")
+    if main:
+        print(f"{len(pairs)} pairs, e.g. {pairs[0].unsafe!r} -> {pairs[0].safe!r}")
 
     bars = {}
 
@@ -100,15 +122,19 @@ def cmd_erase(args):
         bar.set_postfix(terms, refresh=False)
         bar.update(1)
 
-    stop = _StopFlag()
+    stop = _StopFlag(verbose=main)
     previous = signal.signal(signal.SIGINT, stop.handle)
     try:
-        result = train_erasure(pipe, pairs, config, callback=progress, cancel=stop,
-                               cache_dir=args.cache_dir)
+        result = train_erasure(pipe, pairs, config, callback=progress if main else None,
+                               cancel=stop, cache_dir=args.cache_dir, fsdp=args.fsdp)
     finally:
         signal.signal(signal.SIGINT, previous)
         for bar in bars.values():
             bar.close()
+    if not main:                                 # rank 0 reports and writes the adapter
+        if result.cancelled:
+            raise KeyboardInterrupt
+        return
     if result.adapter is None:
         print("interrupted before training started; nothing saved")
         raise KeyboardInterrupt
@@ -153,6 +179,9 @@ def register(subparsers) -> None:
     g.add_argument("--grad-checkpointing", action="store_true")
     g.add_argument("--seed", type=int, help="training and pair seed (default 42)")
     g.add_argument("--cache-dir", default=None, help="trajectory cache (default $VARE_CACHE_DIR or ~/.cache/vare)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the trained tensors, gradients and optimizer state "
+                        "over the processes (FSDP) instead of replicating them (DDP)")
     p.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
     p.set_defaults(func=cmd_erase)
 

@@ -28,6 +28,11 @@ What happens:
 The model stays in eval mode (no condition dropout); with gradient checkpointing it is put in
 train mode only because Infinity.forward checkpoints in train mode, with dropout disabled
 explicitly. cancel() is checked before every step; stopping returns the adapter of the steps done.
+
+Under torchrun (an initialised process group) the same call trains with DDP, or FSDP with
+`fsdp=True`; each rank takes its slice of the same global batch, so the result equals a
+single-process run of that batch (see distributed.py). Only rank 0 runs the callback and gets
+the adapter.
 """
 from __future__ import annotations
 
@@ -40,8 +45,9 @@ from datetime import datetime, timezone
 import torch
 
 from .. import __version__
-from . import losses
-from .adapters import FORMAT_VERSION, TRAIN_MODES, Adapter, LORA_TARGETS, TrainableWeights, check_lora_rank
+from . import distributed, losses
+from .adapters import (FORMAT_VERSION, TRAIN_MODES, Adapter, LORA_TARGETS, TrainableWeights,
+                       check_lora_rank, shared_copy)
 from .losses import LN2, METHODS, LossConfig
 from .pairs import PromptPair
 from .trajectories import TrajectorySettings, build_trajectories
@@ -110,7 +116,7 @@ class EraseConfig:
 
 @dataclass
 class TrainResult:
-    adapter: Adapter | None    # None only when cancelled before training began (trajectories)
+    adapter: Adapter | None    # None when cancelled before training began, and on ranks > 0
     history: list              # one dict per step (what the callback received)
     cancelled: bool = False
 
@@ -199,18 +205,34 @@ def _final_losses(history: list, last: int = 10) -> dict:
     return {k: sum(h[k] for h in good) / len(good) for k in keys if good and k in good[0]}
 
 
+def _make_optimizer(params, lr: float, config: EraseConfig) -> torch.optim.AdamW:
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=config.betas)
+
+
 def train_erasure(pipe, pairs, config: EraseConfig | None = None, callback=None, cancel=None,
-                  cache_dir=None) -> TrainResult:
+                  cache_dir=None, fsdp: bool = False) -> TrainResult:
     """Train an erasure adapter on `pairs` (PromptPair list); see the module docstring.
 
     callback(info) gets {"phase": "trajectories", "done", "total"} while trajectories are
     sampled, then one dict per step: phase "train", step, steps, loss, the method's terms (fce,
     pre, pre_weighted / vare / naive_ce), selected_fraction, bit_error_rate, lr, grad_norm,
-    seconds (since training began), skipped (this step), skipped_steps, loss_scale."""
+    seconds (since training began), skipped (this step), skipped_steps, loss_scale.
+    In a process group the stats are those of the global batch, the same on every rank."""
     config = config or EraseConfig()
     pairs = _check_pairs(pairs)
     model = pipe.model
     device = pipe.device
+    context = distributed.current(device)       # None: a single process
+    if fsdp and context is None:
+        raise ValueError("fsdp shards the training state across processes: launch with "
+                         "torchrun --nproc_per_node N (N >= 2)")
+    distributed.shard(range(config.batch_size), context)   # refuses batch_size < world size
+    main = context is None or context.is_main
+    callback, traj_cancel = (callback, cancel) if main else (None, None)
     if config.train == "lora":
         check_lora_rank(model, config.rank, config.lora_targets)
     precision, amp_dtype, use_scaler = resolve_precision(config.precision, device,
@@ -223,28 +245,20 @@ def train_erasure(pipe, pairs, config: EraseConfig | None = None, callback=None,
         if callback is not None:
             callback({"phase": "trajectories", "done": done, "total": total})
 
-    try:
-        trajs = build_trajectories(pipe, [p.safe for p in pairs], config.trajectory, cache_dir,
-                                   traj_progress, cancel).to(device)
+    def sample_trajectories():
+        return build_trajectories(pipe, [p.safe for p in pairs], config.trajectory, cache_dir,
+                                  traj_progress, traj_cancel)
+
+    try:   # rank 0 samples and caches; the other ranks then read its cache
+        trajs = distributed.main_first(sample_trajectories, context, "trajectories").to(device)
     except SamplingCancelled:
         return TrainResult(adapter=None, history=[], cancelled=True)
     schedule = trajs.schedule
     bank = PromptBank(pipe, [p.unsafe for p in pairs] + [p.safe for p in pairs])
 
     generator = torch.Generator().manual_seed(config.seed)
-    weights = TrainableWeights(model, config.train, config.rank, config.lora_targets,
-                               config.lora_scale, generator)
-    named = weights.named_parameters()
-    decay = [p for _, p in named if p.ndim >= 2]
-    no_decay = [p for _, p in named if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=lr, betas=config.betas)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None \
         else contextlib.nullcontext
-    params = [p for _, p in named]
-    batches = _batch_indices(len(pairs), config.batch_size, generator)
 
     history: list[dict] = []
     skipped_steps, cancelled = 0, False
@@ -255,26 +269,35 @@ def train_erasure(pipe, pairs, config: EraseConfig | None = None, callback=None,
         model.requires_grad_(False)                 # frozen tensors never collect gradients
         model.gradient_checkpointing = config.gradient_checkpointing
         model.train(config.gradient_checkpointing)  # Infinity checkpoints only in train mode
+        trained_model = shared_copy(model) if fsdp else model   # FSDP rewrites what it shards
+        weights = TrainableWeights(trained_model, config.train, config.rank, config.lora_targets,
+                                   config.lora_scale, generator)
+        batches = _batch_indices(len(pairs), config.batch_size, generator)
         with weights.installed():
+            parallel = distributed.strategy(trained_model, weights, context, fsdp)
+            optimizer = _make_optimizer(parallel.parameters, lr, config)
+            scaler = parallel.make_scaler(device, use_scaler)
             for step in range(config.steps):
-                if cancel is not None and cancel():
-                    cancelled = True
+                if distributed.any_rank(cancel is not None and cancel(), context):
+                    cancelled = True                # every rank stops after the same step
                     break
-                indices = next(batches)
-                batch = trajs.batch(indices)
-                chosen = [pairs[i] for i in indices]
+                indices = next(batches)             # the global batch, the same on every rank
+                local = distributed.shard(indices, context)
+                batch = trajs.batch(local)
+                chosen = [pairs[i] for i in local]
                 prompts = [p.unsafe for p in chosen] + ([p.safe for p in chosen] if needs_safe else [])
                 x = batch["x_wo_prefix"].repeat(2 if needs_safe else 1, 1, 1)
                 with autocast():
-                    logits = model(bank.condition(prompts), x, schedule)
-                unsafe_logits = logits[:len(indices)]
-                safe_logits = logits[len(indices):] if needs_safe else None
+                    logits = parallel.forward(bank.condition(prompts), x, schedule)
+                unsafe_logits = logits[:len(local)]
+                safe_logits = logits[len(local):] if needs_safe else None
                 loss, stats = losses.erasure_objective(
                     config.method, unsafe_logits, safe_logits, batch["teacher_logits"],
                     batch["bit_labels"], loss_config)
-                scaler.scale(loss).backward()
+                weight = distributed.loss_weight(len(local), len(indices), context)
+                scaler.scale(loss if weight == 1 else loss * weight).backward()
                 scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip or math.inf)
+                grad_norm = parallel.clip_grad_norm(config.grad_clip or math.inf)
                 finite = bool(torch.isfinite(grad_norm))
                 if use_scaler:
                     scaler.step(optimizer)          # skips the step itself when grads overflowed
@@ -283,6 +306,7 @@ def train_erasure(pipe, pairs, config: EraseConfig | None = None, callback=None,
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 skipped_steps += not finite
+                stats = distributed.reduce_stats(stats, len(local), len(indices), context)
                 info = {"phase": "train", "step": step + 1, "steps": config.steps, **stats,
                         "lr": lr, "grad_norm": float(grad_norm), "skipped": not finite,
                         "skipped_steps": skipped_steps, "loss_scale": float(scaler.get_scale()),
@@ -290,12 +314,14 @@ def train_erasure(pipe, pairs, config: EraseConfig | None = None, callback=None,
                 history.append(info)
                 if callback is not None:
                     callback(info)
-        tensors = weights.export()
+            tensors = parallel.export()             # None on ranks > 0
     finally:
         model.train(saved_mode[0])
         model.gradient_checkpointing = saved_mode[1]
         for p, flag in requires_grad.items():
             p.requires_grad_(flag)
+    if not main:
+        return TrainResult(adapter=None, history=history, cancelled=cancelled)
 
     hyper = {"lr": lr, "batch_size": config.batch_size, "alpha": config.alpha,
              "gamma": config.gamma, "preservation_weight": config.preservation_weight,
@@ -303,6 +329,8 @@ def train_erasure(pipe, pairs, config: EraseConfig | None = None, callback=None,
              "betas": list(config.betas), "weight_decay": config.weight_decay,
              "gradient_checkpointing": config.gradient_checkpointing,
              "trajectory": asdict(config.trajectory)}
+    if context is not None:
+        hyper["distributed"] = {"world_size": context.world_size, "strategy": "fsdp" if fsdp else "ddp"}
     metadata = {
         "format": FORMAT_VERSION, "base_fingerprint": pipe.fingerprint, "preset": pipe.preset,
         "model": pipe.name, "stacked_on": [list(a) for a in getattr(pipe, "applied_adapters", ())],
