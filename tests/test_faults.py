@@ -1,0 +1,82 @@
+"""Faults while writing: disk full, Ctrl-C, exceptions. The file at the destination is always
+either the previous one or a complete new one, and no temp file is left behind."""
+import errno
+
+import pytest
+import safetensors.torch
+import torch
+
+from vare_core.checkpoints import save_safetensors_atomic
+from vare_core.erasure.adapters import FORMAT_VERSION, Adapter, load_adapter, save_adapter
+
+
+def adapter(value: float) -> Adapter:
+    return Adapter(tensors={"blocks.0.ca.proj.weight": torch.full((4, 4), value)},
+                   metadata={"format": FORMAT_VERSION, "base_fingerprint": "abc", "method": "svare", "train": "ca_ffn"})
+
+
+def failing_writer(exception):
+    """safetensors.save_file that writes half a file, then fails like a full disk or a Ctrl-C."""
+    real = safetensors.torch.save_file
+
+    def write(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(f.seek(0, 2) // 2)
+        raise exception
+    return write
+
+
+@pytest.fixture
+def previous(tmp_path):
+    path = tmp_path / "erase.safetensors"
+    try:
+        save_adapter(adapter(1.0), path)
+    except Exception as err:   # pragma: no cover - the fixture itself must work
+        pytest.fail(f"could not write the first adapter: {err}")
+    return path
+
+
+def leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_disk_full_keeps_the_previous_adapter_and_says_so(previous, monkeypatch):
+    monkeypatch.setattr(safetensors.torch, "save_file",
+                        failing_writer(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(OSError, match=r"No space left on device.*previous file there is unchanged") as info:
+        save_adapter(adapter(2.0), previous)
+    assert info.value.errno == errno.ENOSPC and str(previous) in str(info.value)
+    assert torch.equal(load_adapter(previous).tensors["blocks.0.ca.proj.weight"], torch.full((4, 4), 1.0))
+    assert leftovers(previous.parent) == []
+
+
+def test_ctrl_c_while_saving_keeps_the_previous_adapter(previous, monkeypatch):
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_writer(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        save_adapter(adapter(2.0), previous)
+    assert torch.equal(load_adapter(previous).tensors["blocks.0.ca.proj.weight"], torch.full((4, 4), 1.0))
+    assert leftovers(previous.parent) == []
+
+
+def test_disk_full_on_a_new_file_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(safetensors.torch, "save_file",
+                        failing_writer(OSError(errno.ENOSPC, "No space left on device")))
+    target = tmp_path / "cache.safetensors"
+    with pytest.raises(OSError, match="could not write"):
+        save_safetensors_atomic({"x": torch.ones(3)}, target)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_only_folder_is_a_clear_error(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+    monkeypatch.setattr("tempfile.mkstemp", refuse)
+    with pytest.raises(OSError, match=r"cannot write .*Permission denied"):
+        save_adapter(adapter(2.0), tmp_path / "a.safetensors")
+
+
+def test_successful_save_replaces_the_file_completely(previous):
+    save_adapter(adapter(3.0), previous)
+    assert torch.equal(load_adapter(previous).tensors["blocks.0.ca.proj.weight"], torch.full((4, 4), 3.0))
+    assert leftovers(previous.parent) == []
