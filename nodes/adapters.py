@@ -26,14 +26,19 @@ _header_cache: dict[tuple[str, float], bool] = {}
 
 def is_vare_adapter(path: Path) -> bool:
     """Reads only the safetensors header: does its metadata name our adapter format?"""
-    key = (str(path), path.stat().st_mtime)
+    try:
+        key = (str(path), path.stat().st_mtime)
+    except OSError:
+        return False
     if key not in _header_cache:
         try:
             with open(path, "rb") as f:
                 size = struct.unpack("<Q", f.read(8))[0]
                 header = json.loads(f.read(size)) if size < 100 * 2**20 else {}
-            _header_cache[key] = header.get("__metadata__", {}).get("format") == json.dumps(FORMAT_VERSION)
-        except (OSError, ValueError, struct.error):
+            metadata = header.get("__metadata__") if isinstance(header, dict) else None
+            _header_cache[key] = isinstance(metadata, dict) and \
+                metadata.get("format") == json.dumps(FORMAT_VERSION)
+        except (OSError, ValueError, RecursionError, struct.error):   # not an adapter: skip it
             _header_cache[key] = False
     return _header_cache[key]
 

@@ -113,6 +113,10 @@ class ErasureCheck(io.ComfyNode):
         problem = check_concept(concept)
         if problem:
             raise ValueError(problem)
+        if expect not in EXPECT:
+            raise ValueError(f"expect {expect!r}: choose one of {', '.join(EXPECT)}")
+        if len(images) == 0:
+            raise ValueError("images is an empty batch; connect the sampler's images")
         _, count, report, cells = judge(images, concept, expect)
         annotated = drawing.to_tensor(drawing.grid(cells, min(columns, len(cells))))
         return io.NodeOutput(annotated, report, count / len(cells),

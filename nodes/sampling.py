@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 
-
 from vare_core import scales
 from vare_core.sampler import SamplingCancelled, decode_images
 
@@ -39,11 +38,12 @@ def parse_resolution(choice: str) -> tuple[int | None, int | None]:
 def check_per_scale(text: str, name: str, positive: bool = False) -> str | None:
     """None when text is 'auto' or parses as numbers (the count is checked once the model is
     known), else the message for the node."""
+    if not isinstance(text, str):
+        return f"{name} must be text: a number, one number per scale, or 'auto'; got {text!r}"
     if text.strip().lower() == AUTO:
         return None
-    count = max(1, len([p for p in re.split(r"[,\s\[\]]+", text.strip()) if p]))
     try:
-        values = scales.parse_per_scale(text, count, name)
+        values = scales.per_scale_values(text, name)
     except ValueError as err:
         return f"{err}, or 'auto' for the model's default"
     if positive and any(v <= 0 for v in values):

@@ -55,8 +55,46 @@ def add_sampling_args(parser: argparse.ArgumentParser):
                        help="erasure adapter to apply (repeatable), strength default 1.0")
 
 
+def check_device(text: str | None) -> None:
+    """--device must name a device torch can use here (not only one it can spell)."""
+    if text is None:
+        return
+    import torch
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError):
+        raise CliError(f"--device {text!r} is not a device; use cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CliError(f"--device {text}: torch sees no CUDA GPU here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CliError(f"--device {text}: there are only {torch.cuda.device_count()} CUDA "
+                           f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise CliError(f"--device {text}: the Apple MPS backend is not available; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise CliError(f"--device {text}: VARE runs on cpu, cuda or mps")
+
+
+def check_model_args(args) -> None:
+    """File flags and --device, checked before anything loads so the message names the flag."""
+    from .pipeline import EMBEDDED
+    check_device(args.device)
+    extra = [flag for flag, value in (("--vae", args.vae), ("--text-encoder", args.text_encoder),
+                                      ("--tokenizer", args.tokenizer)) if value]
+    if args.model == EMBEDDED and extra:
+        raise CliError(f"{', '.join(extra)}: only for a checkpoint --model; the embedded model "
+                       "brings its own VAE and text encoder (leave them out, or pass --model FILE)")
+    files = [("--model", args.model), ("--vae", args.vae), ("--text-encoder", args.text_encoder),
+             ("--tokenizer", args.tokenizer)]
+    for flag, value in files:
+        if value and value != EMBEDDED and not Path(value).exists():
+            raise CliError(f"{flag} {value}: no such file or folder")
+
+
 def load_from_args(args):
     from .pipeline import load_pipeline
+    check_model_args(args)
     return load_pipeline(args.model, args.vae, args.text_encoder, device=args.device,
                          dtype=args.dtype, tokenizer=args.tokenizer)
 
@@ -68,7 +106,13 @@ def sampling_kwargs(args, n_scales: int) -> dict:
         kwargs["cfg"] = parse_per_scale(args.cfg, n_scales, "--cfg")
     if args.tau is not None:
         kwargs["tau"] = parse_per_scale(args.tau, n_scales, "--tau")
+        if any(t <= 0 for t in kwargs["tau"]):
+            raise CliError(f"--tau {args.tau}: the temperature must be > 0 on every scale "
+                           "(lower = more deterministic, e.g. 0.5)")
     if args.top_k is not None:
+        if not 0 <= args.top_k <= 2:
+            raise CliError(f"--top-k {args.top_k}: must be 0 (off), 1 (greedy) or 2; "
+                           "each bit has only two values")
         kwargs["top_k"] = args.top_k
     if args.top_p is not None:
         if not 0 <= args.top_p <= 1:
@@ -77,10 +121,29 @@ def sampling_kwargs(args, n_scales: int) -> dict:
     return kwargs
 
 
+def check_sample_args(args) -> None:
+    """Everything of `sample` that needs no model: fails before the (slow) load."""
+    if not args.prompt.strip():
+        raise CliError("--prompt is empty; write what the image should show")
+    for flag, value in (("--n", args.n), ("--batch", args.batch)):
+        if value < 1:
+            raise CliError(f"{flag} {value}: must be at least 1")
+    if (args.height is None) != (args.width is None):
+        raise CliError("give --height and --width together (or neither, for the model's default size)")
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and value < 1:
+            raise CliError(f"{flag} {value}: must be a positive number of pixels")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} is a file; give a folder for the images")
+    if not args.stem or Path(args.stem).name != args.stem:
+        raise CliError(f"--stem {args.stem!r}: give a file name prefix such as 'sample', not a path")
+
+
 def cmd_sample(args):
     from tqdm import tqdm
-    if args.n < 1:
-        raise CliError(f"--n {args.n}: must be at least 1")
+    check_sample_args(args)
+    negative = args.negative if args.negative and args.negative.strip() else None
     pipe = apply_adapter_args(load_from_args(args), args.adapter)
     schedule = pipe.schedule_for(args.height, args.width)
     kwargs = sampling_kwargs(args, len(schedule))
@@ -89,7 +152,7 @@ def cmd_sample(args):
         for start in range(0, args.n, args.batch):
             count = min(args.batch, args.n - start)
             result = pipe.generate([args.prompt] * count, seed=args.seed + start,
-                                   negative_prompt=args.negative, height=args.height, width=args.width,
+                                   negative_prompt=negative, height=args.height, width=args.width,
                                    callback=lambda step: bar.update(1), **kwargs)
             images.append(result.images)
     import torch
@@ -145,7 +208,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (CliError, ValueError, FileNotFoundError) as err:
+    # OSError: files that cannot be read or written; MemoryError: out of memory, with advice
+    except (CliError, ValueError, OSError, MemoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

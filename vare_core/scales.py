@@ -227,18 +227,24 @@ def custom_schedule(sizes: Sequence) -> list[tuple[int, int]]:
     return pairs
 
 
-def parse_per_scale(value, n_scales: int, name: str) -> list[float]:
-    """Expand a per-scale setting (cfg, tau) to one float per scale.
+def per_scale_values(value, name: str, n_scales: int | None = None) -> list[float]:
+    """The finite numbers of a per-scale setting (cfg, tau) as given, not yet expanded.
 
-    Accepts a number, a list of numbers, or text: "3", "3,3,4", "[3, 3, 4]", "3 3 4".
-    A single value is repeated; otherwise exactly n_scales values are needed."""
-    if isinstance(n_scales, bool) or not isinstance(n_scales, int) or n_scales <= 0:
-        raise ValueError(f"n_scales must be a positive int, got {n_scales!r}")
-    allowed = (f"a number (e.g. 3) or {n_scales} comma-separated numbers, one per scale "
-               f"(e.g. \"{','.join(['3'] * min(n_scales, 4))}{',...' if n_scales > 4 else ''}\")")
+    Accepts a number, a list of numbers, or text: "3", "3,3,4", "[3, 3, 4]", "3 3 4". Any
+    other input is a ValueError naming `name`; n_scales only makes its example concrete."""
+    if n_scales is None:
+        allowed = 'a number (e.g. 3) or one number per scale (e.g. "3,3,4,4,4")'
+    else:
+        allowed = (f"a number (e.g. 3) or {n_scales} comma-separated numbers, one per scale "
+                   f"(e.g. \"{','.join(['3'] * min(n_scales, 4))}{',...' if n_scales > 4 else ''}\")")
 
     def fail(reason: str):
-        raise ValueError(f"{name}: {reason} in {value!r}; expected {allowed}")
+        try:
+            shown = repr(value)
+        except ValueError:          # an int too long to print
+            shown = f"<{type(value).__name__} too long to print>"
+        shown = shown if len(shown) <= 80 else shown[:80] + "..."
+        raise ValueError(f"{name}: {reason} in {shown}; expected {allowed}")
 
     if isinstance(value, bool):
         fail("a boolean is not a number")
@@ -256,7 +262,7 @@ def parse_per_scale(value, n_scales: int, name: str) -> list[float]:
             try:
                 items.append(float(part))
             except ValueError:
-                fail(f"{part!r} is not a number")
+                fail(f"{part[:40]!r} is not a number")
     elif isinstance(value, (list, tuple)):
         items = list(value)
         if not items:
@@ -265,11 +271,22 @@ def parse_per_scale(value, n_scales: int, name: str) -> list[float]:
             fail("every entry must be a number")
     else:
         fail(f"type {type(value).__name__} is not supported")
-    values = [float(v) for v in items]
+    try:
+        values = [float(v) for v in items]
+    except OverflowError:           # an int beyond the float range
+        values = [math.inf]
     if not all(math.isfinite(v) for v in values):
         fail("values must be finite")
-    if len(values) == 1:
-        return values * n_scales
-    if len(values) != n_scales:
+    if n_scales is not None and len(values) not in (1, n_scales):
         fail(f"got {len(values)} values for {n_scales} scales")
     return values
+
+
+def parse_per_scale(value, n_scales: int, name: str) -> list[float]:
+    """Expand a per-scale setting (cfg, tau) to one float per scale (see per_scale_values).
+
+    A single value is repeated; otherwise exactly n_scales values are needed."""
+    if isinstance(n_scales, bool) or not isinstance(n_scales, int) or n_scales <= 0:
+        raise ValueError(f"n_scales must be a positive int, got {n_scales!r}")
+    values = per_scale_values(value, name, n_scales)
+    return values * n_scales if len(values) == 1 else values

@@ -40,6 +40,8 @@ SHAPES_WORLD_MODELS = ("embedded", "tiny")
 
 def shape_name(word: str, role: str) -> str:
     """A shape word or synonym -> the main shape name; clear error otherwise."""
+    if not isinstance(word, str):
+        raise ValueError(f"{role} must be a shape name (text), got {word!r}")
     text = " ".join(word.lower().split())
     for shape, words in SYNONYMS.items():
         if text in words:

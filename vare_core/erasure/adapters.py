@@ -100,8 +100,8 @@ def check_lora_rank(model: nn.Module, rank: int, targets) -> None:
         out_features, in_features = model.get_submodule(name).weight.shape
         if rank > min(out_features, in_features):
             raise ValueError(f"rank {rank} is larger than layer {name} allows "
-                             f"({out_features}x{in_features}: at most {min(out_features, in_features)}); "
-                             "choose a smaller --rank")
+                             f"({out_features}x{in_features}): choose a rank of at most "
+                             f"{min(out_features, in_features)}")
 
 
 def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -207,7 +207,47 @@ class TrainableWeights:
 
 # ----------------------------------------------------------------------------- file
 
+# Metadata keys that code reads back (describe, file names, stacking): their types are checked
+# on load; any other key is kept as plain JSON data.
+def _is_count(v, low=0):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _is_text_list(v):
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _is_number_dict(v):
+    return isinstance(v, dict) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                       for x in v.values())
+
+
+_METADATA_TYPES = {
+    **{key: (lambda v: isinstance(v, str), "a string")
+       for key in ("base_fingerprint", "model", "preset", "method")},
+    **{key: (_is_text_list, "a list of strings") for key in ("concepts", "anchors")},
+    **{key: (_is_count, "an integer >= 0")
+       for key in ("n_pairs", "steps_done", "steps_requested", "skipped_steps")},
+    "rank": (lambda v: v is None or _is_count(v, 1), "an integer >= 1 or null"),
+    "lora_targets": (lambda v: v is None or (_is_text_list(v) and set(v) <= set(LORA_TARGETS)),
+                     f"null or a list from {sorted(LORA_TARGETS)}"),
+    "cancelled": (lambda v: isinstance(v, bool), "true or false"),
+    "final_losses": (_is_number_dict, "an object of name -> number"),
+    "hyperparameters": (lambda v: isinstance(v, dict), "an object"),
+    "stacked_on": (lambda v: isinstance(v, list), "a list"),
+}
+
+
+def _check_metadata(metadata: dict, where: str) -> None:
+    for key, (ok, allowed) in _METADATA_TYPES.items():
+        if key in metadata and not ok(metadata[key]):
+            shown = repr(metadata[key])
+            raise AdapterError(f"{where}: metadata {key!r} must be {allowed}, got "
+                               f"{shown if len(shown) <= 80 else shown[:80] + '...'}")
+
+
 def _check_structure(tensors: dict, metadata: dict, where: str) -> None:
+    _check_metadata(metadata, where)
     train = metadata.get("train")
     if train not in TRAIN_MODES:
         raise AdapterError(f"{where}: metadata 'train' is {train!r}, expected one of {TRAIN_MODES}")
@@ -247,8 +287,16 @@ def save_adapter(adapter: Adapter, path) -> None:
 def load_adapter(path) -> Adapter:
     """Read an adapter file; AdapterError (naming the file) when it is not a usable adapter."""
     path = Path(path)
+    if path.is_dir():
+        raise AdapterError(f"{path} is a folder; give the adapter's .safetensors file")
     if not path.is_file():
         raise FileNotFoundError(f"adapter file not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(9)          # safetensors: 8-byte header length, then the JSON header's '{'
+    pickled = head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+    if pickled and head[8:9] != b"{":
+        raise AdapterError(f"{path}: is a torch.save / pickle file; adapters are .safetensors files "
+                           "written by save_adapter (pickles are never loaded)")
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
@@ -259,9 +307,10 @@ def load_adapter(path) -> Adapter:
     metadata = {}
     for key, value in raw.items():
         try:
-            metadata[key] = json.loads(value)
-        except ValueError:
-            raise AdapterError(f"{path}: metadata {key!r} is not JSON ({value[:80]!r}); "
+            metadata[key] = json.loads(value)   # data only: JSON is never evaluated as code
+        except (ValueError, RecursionError) as err:
+            problem = "is nested too deeply" if isinstance(err, RecursionError) else "is not JSON"
+            raise AdapterError(f"{path}: metadata {key!r} {problem} ({value[:40]!r}); "
                                "this file was not written by save_adapter") from None
     if metadata.get("format") != FORMAT_VERSION:
         raise AdapterError(f"{path}: format {metadata.get('format')!r} is not {FORMAT_VERSION!r}; "
@@ -314,7 +363,7 @@ def apply_adapter(pipe, adapter: Adapter, strength: float = 1.0, force: bool = F
     if base != pipe.fingerprint and not force:
         raise AdapterError(f"{where} was trained on base weights {base} but this model is "
                            f"{pipe.fingerprint} ({pipe.name}); load the model it was made for, "
-                           "or pass force=True to apply it anyway")
+                           "or apply it anyway (force=True; node: allow_other_base)")
     _check_structure(adapter.tensors, adapter.metadata, where)
     _check_against_model(adapter, pipe.model, where)
     model = shared_copy(pipe.model)

@@ -263,11 +263,17 @@ def infer_concept_anchor(unsafe: str, safe: str) -> tuple[str, str]:
     return " ".join(concept), " ".join(anchor)
 
 
+def _short(value, limit: int = 120) -> str:
+    """repr for messages, cut so a huge bad entry cannot flood the screen."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _user_pair(unsafe, safe, where: str, default_concept: str | None,
                concept=None, anchor=None) -> PromptPair:
     if not isinstance(unsafe, str) or not isinstance(safe, str):
         raise ValueError(f"{where}: unsafe and safe prompts must be strings, got "
-                         f"{unsafe!r} and {safe!r}")
+                         f"{_short(unsafe)} and {_short(safe)}")
     unsafe, safe = unsafe.strip(), safe.strip()
     for label, prompt in (("unsafe", unsafe), ("safe", safe)):
         if not prompt:
@@ -346,13 +352,18 @@ def _pair_from_record(entry, where: str, default_concept: str | None) -> PromptP
     if isinstance(entry, (list, tuple)) and len(entry) == 2:
         return _user_pair(entry[0], entry[1], where, default_concept)
     raise ValueError(f"{where}: expected {{\"unsafe\": ..., \"safe\": ...}} or "
-                     f"[unsafe, safe], got {entry!r}")
+                     f"[unsafe, safe], got {_short(entry)}")
 
 
 def load_pairs_file(path, default_concept: str | None = None) -> list[PromptPair]:
     """Pairs from a .txt (text format), .json (list of {"unsafe", "safe"} objects or
-    [unsafe, safe] lists) or .csv (header with unsafe and safe columns) file."""
+    [unsafe, safe] lists) or .csv (header with unsafe and safe columns) file.
+
+    default_concept (one name, or several separated by commas) must occur in at least one
+    unsafe prompt (check_concept_present): pairs that never show it cannot erase it."""
     path = Path(path)
+    if default_concept is not None and not isinstance(default_concept, str):
+        raise ValueError(f"default_concept must be a string or None, got {default_concept!r}")
     if not path.is_file():
         raise FileNotFoundError(f"pairs file not found: {path}")
     suffix = path.suffix.lower()
@@ -371,6 +382,8 @@ def load_pairs_file(path, default_concept: str | None = None) -> list[PromptPair
                 data = json.loads(text)
             except json.JSONDecodeError as err:
                 raise ValueError(f"invalid JSON at line {err.lineno}: {err.msg}") from None
+            except RecursionError:   # json gives up on very deep nesting
+                raise ValueError("JSON nested too deeply; expected a flat list of pairs") from None
             if not isinstance(data, list):
                 raise ValueError("expected a JSON list of pairs at the top level")
             pairs = [_pair_from_record(entry, f"entry {i}", default_concept)
@@ -384,6 +397,13 @@ def load_pairs_file(path, default_concept: str | None = None) -> list[PromptPair
         raise ValueError(f"pairs file {path}: {err}") from None
     if not pairs:
         raise ValueError(f"pairs file {path} holds no pairs")
+    if default_concept and default_concept.strip():
+        for concept in _normalise_names(default_concept, "concepts"):
+            if not check_concept_present(pairs, concept):
+                raise ValueError(f"pairs file {path}: the concept {concept!r} occurs in none of its "
+                                 f"{len(pairs)} unsafe prompts, so training would not erase it; name "
+                                 "the concept the unsafe prompts contain, or leave it out to infer "
+                                 "it from each pair")
     return pairs
 
 
