@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from vare_core.erasure import memory
+
 log = logging.getLogger("vare")
 
 try:
@@ -35,7 +37,6 @@ except ImportError:
 ADAPTER_FOLDER = "vare"
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".sft")
 _SHARD = re.compile(r"-\d{3,6}-of-\d{3,6}\.\w+$")
-_OOM_TYPES = (torch.cuda.OutOfMemoryError,)
 
 
 class Interrupted(Exception):
@@ -155,10 +156,7 @@ def memory_summary(device: torch.device) -> str:
     return f"{free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB on {torch.cuda.get_device_name(device)}"
 
 
-def is_out_of_memory(err: BaseException) -> bool:
-    if isinstance(err, _OOM_TYPES):
-        return True
-    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+is_out_of_memory = memory.is_out_of_memory
 
 
 # ----------------------------------------------------------------------------- progress, events

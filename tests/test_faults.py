@@ -80,3 +80,20 @@ def test_successful_save_replaces_the_file_completely(previous):
     save_adapter(adapter(3.0), previous)
     assert torch.equal(load_adapter(previous).tensors["blocks.0.ca.proj.weight"], torch.full((4, 4), 3.0))
     assert leftovers(previous.parent) == []
+
+
+def test_erase_cli_out_of_memory_names_the_settings_that_fit(tmp_path, monkeypatch, capsys):
+    from vare_core import cli
+    from vare_core.erasure import trainer
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(trainer, "train_erasure", out_of_memory)
+    out = tmp_path / "erase.safetensors"
+    code = cli.main(["erase", "--model", "embedded", "--concept", "circle", "--anchor", "square",
+                     "--train", "ca_ffn", "--batch-size", "4", "--out", str(out)])
+    message = capsys.readouterr().err
+    assert code == 2 and not out.exists()
+    assert "out of memory" in message
+    for tip in ("train = lora", "gradient_checkpointing on", "batch_size 2"):
+        assert tip in message

@@ -25,7 +25,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-SHAPES_WORLD_MODELS = ("embedded", "tiny")   # tiny: testing.tiny_pipeline, same vocabulary
+from ..embedded.erasure_defaults import SHAPES_WORLD_MODELS
 TRAINING_OPTIONS = ("method", "train", "rank", "steps", "lr", "batch_size", "alpha", "gamma",
                     "preservation_weight", "precision", "seed")
 
@@ -98,7 +98,10 @@ def _erase(args, config, out: Path, main: bool):
     """Load, train, save; under torchrun only rank 0 (`main`) prints and writes."""
     from tqdm import tqdm
 
+    import torch
+
     from .. import cli as main_cli
+    from . import memory
     from .adapters import save_adapter
     from .trainer import train_erasure
     pipe = main_cli.load_from_args(args)
@@ -127,6 +130,13 @@ def _erase(args, config, out: Path, main: bool):
     try:
         result = train_erasure(pipe, pairs, config, callback=progress if main else None,
                                cancel=stop, cache_dir=args.cache_dir, fsdp=args.fsdp)
+    except Exception as err:
+        if not memory.is_out_of_memory(err):
+            raise
+        if pipe.device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise MemoryError(f"out of memory on {pipe.device} while training; "
+                          + memory.memory_advice(pipe.model, config, on_cuda=pipe.device.type == "cuda")) from None
     finally:
         signal.signal(signal.SIGINT, previous)
         for bar in bars.values():

@@ -9,6 +9,8 @@ Used by the Train Erasure node and the erase CLI to turn an out-of-memory error 
 """
 from __future__ import annotations
 
+import torch
+
 from .adapters import ca_ffn_parameter_names, lora_layer_names
 
 # fp32 master copy + fp32 gradient + AdamW's two fp32 moments
@@ -51,3 +53,10 @@ def memory_advice(model, config, on_cuda: bool) -> str:
         tips.append("precision fp16")
     return (f"{state}. Change, in this order until it fits: "
             + "; ".join(tips or ["a smaller model dtype or a GPU with more memory"]))
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA's own error, or a RuntimeError of another backend (MPS, XPU) saying so."""
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
