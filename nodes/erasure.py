@@ -212,6 +212,8 @@ class TrainErasure(io.ComfyNode):
     def execute(cls, model, pairs, method, train, rank, steps, learning_rate, alpha, gamma,
                 loss_weight, batch_size, precision, gradient_checkpointing, seed):
         pipe, node = model, node_id(cls)
+        if not (math.isfinite(learning_rate) and learning_rate >= 0):
+            raise ValueError(f"learning_rate must be a finite number >= 0 (0 = the default), got {learning_rate}")
         if pipe.model.word_embed.weight.is_inference():
             raise ValueError("this model's weights were made under torch.inference_mode and cannot be "
                              "trained; load it with Load VAR Model (VARE), which keeps them trainable")

@@ -97,3 +97,67 @@ def test_erase_cli_out_of_memory_names_the_settings_that_fit(tmp_path, monkeypat
     assert "out of memory" in message
     for tip in ("train = lora", "gradient_checkpointing on", "batch_size 2"):
         assert tip in message
+
+
+def _erase_until_training(out, cache, extra=()):
+    """Start `erase` in a subprocess and return it once its progress bar shows training steps."""
+    import os
+    import subprocess
+    import sys
+    import time
+    command = [sys.executable, "-m", "vare_core", "erase", "--model", "embedded", "--concept", "circle",
+               "--anchor", "square", "--n-pairs", "8", "--retain", "0", "--steps", "100000",
+               "--cache-dir", str(cache), "--out", str(out), *extra]
+    import threading
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    chunks = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
+    reader.start()
+    proc.stderr_chunks = chunks
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        seen = "".join(chunks)
+        if "erase (svare)" in seen and "3/100000" in seen.replace(" ", ""):
+            return proc, seen
+        time.sleep(0.2)
+    proc.kill()
+    seen = "".join(chunks)
+    pytest.fail(f"erase never reached step 3: {seen[-2000:]}")
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_training_writes_a_complete_partial_adapter(previous, tmp_path):
+    import signal
+    proc, _ = _erase_until_training(previous, tmp_path / "cache")
+    proc.send_signal(signal.SIGINT)
+    out = proc.stdout.read()
+    proc.wait(timeout=120)
+    err = "".join(proc.stderr_chunks)
+    assert proc.returncode == 130, err[-2000:]
+    adapter_now = load_adapter(previous)                     # complete: it loads and validates
+    meta = adapter_now.metadata
+    assert meta["cancelled"] is True and 3 <= meta["steps_done"] < 100000
+    assert "partial adapter" in out
+    assert leftovers(previous.parent) == []
+
+
+@pytest.mark.slow
+def test_second_ctrl_c_leaves_the_previous_or_a_complete_adapter(previous, tmp_path):
+    import signal
+    import time
+    proc, _ = _erase_until_training(previous, tmp_path / "cache")
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out = proc.stdout.read()
+    proc.wait(timeout=120)
+    err = "".join(proc.stderr_chunks)
+    assert proc.returncode == 130, err[-2000:]
+    # the second Ctrl-C lands either before the partial save (previous file kept) or during /
+    # after it: the file is then the previous one or the complete partial adapter, never half
+    now = load_adapter(previous)
+    kept = torch.equal(now.tensors.get("blocks.0.ca.proj.weight", torch.zeros(1)), torch.full((4, 4), 1.0))
+    assert kept or now.metadata["cancelled"] is True
+    assert leftovers(previous.parent) == []

@@ -159,7 +159,6 @@ a church at night\ta house at night
     ("a => b | c", "line 1: 2 separators"),
     ("# c\n\n | safe", "line 3: the unsafe prompt is empty"),
     ("unsafe |   ", "line 1: the safe prompt is empty"),
-    ("x | y\na cat | A  cat", "line 2: the unsafe and safe prompts are the same"),
 ])
 def test_parse_errors_name_the_line(text, match):
     with pytest.raises(ValueError, match=match) as info:
@@ -248,7 +247,6 @@ def test_load_txt_json_csv(tmp_path):
     ("p.json", "[{\"unsafe\": \"a\", \"other\": \"b\"}]", "entry 0: missing the key/column 'safe'"),
     ("p.json", "[[\"a\", \"b\", \"c\"]]", "entry 0: expected"),
     ("p.json", "[[\"a\", 3]]", "entry 0: unsafe and safe prompts must be strings"),
-    ("p.json", "[[\"a cat\", \"a cat\"]]", "entry 0: the unsafe and safe prompts are the same"),
     ("p.csv", "prompt,other\na,b\n", "row 2: missing the key/column 'unsafe'"),
     ("p.txt", "# only comments\n", "holds no pairs"),
     ("p.txt", "a | b\nbroken\n", "line 2"),
@@ -280,3 +278,31 @@ def test_check_concept_present():
     assert not check_concept_present(pairs, "chur")  # whole words only
     assert not check_concept_present(pairs, "house")  # only unsafe prompts count
     assert not check_concept_present(pairs, "  ")
+
+
+def test_same_prompt_twice_is_a_keep_pair():
+    pairs = parse_pairs_text("a cat | a dog\na red square | A  red square")
+    assert pairs[1] == PromptPair("a red square", "a red square", "", "")
+    assert parse_pairs_text(pairs_to_text(pairs)) == pairs
+
+
+def test_retain_pairs_keep_each_concept_and_are_seeded():
+    from vare_core.erasure.pairs import retain_pairs
+    pairs = retain_pairs(["square", "triangle"], n_per_concept=5, seed=3,
+                         templates=["a {color} {}", "a {}"], slot_values={"color": ["red", "blue"]})
+    assert len(pairs) == 10 and all(p.unsafe == p.safe and p.concept == p.anchor == "" for p in pairs)
+    assert sum("square" in p.unsafe for p in pairs) == 5
+    assert pairs == retain_pairs(["square", "triangle"], n_per_concept=5, seed=3,
+                                 templates=["a {color} {}", "a {}"], slot_values={"color": ["red", "blue"]})
+    with pytest.raises(ValueError, match="n_per_concept"):
+        retain_pairs("square", n_per_concept=0)
+
+
+def test_embedded_pairs_keep_every_shape_not_erased():
+    from vare_core.embedded.erasure_defaults import embedded_pairs
+    pairs = embedded_pairs("circle", "square", retain_per_shape=4)
+    keep = [p for p in pairs if p.unsafe == p.safe]
+    assert len(pairs) == 50 + 12 and len(keep) == 12
+    assert not any("circle" in p.unsafe for p in keep)
+    assert {w for p in keep for w in ("square", "triangle", "cross") if w in p.unsafe} == {"square", "triangle", "cross"}
+    assert len(embedded_pairs("circle", "square", retain_per_shape=0)) == 50

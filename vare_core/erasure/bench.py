@@ -84,15 +84,15 @@ def peak_rss_mib() -> float:
 
 
 def run_method(pipe, method: str, train: str, concepts: list, anchors: list, seed: int, steps: int | None,
-               out: Path):
-    from ..embedded.erasure_defaults import embedded_erase_config, embedded_pairs
+               out: Path, retain: int | None = None):
+    from ..embedded.erasure_defaults import DEFAULT_RETAIN, embedded_erase_config, embedded_pairs
     from .adapters import apply_adapter, save_adapter
     from .trainer import train_erasure
     overrides = {"method": method, "train": train}
     if train == "ca_ffn":
         overrides.update(lr=None)       # the trainer's width-scaled default for full weights
     config = embedded_erase_config(steps=steps, **overrides)
-    pairs = embedded_pairs(concepts, anchors, seed=seed)
+    pairs = embedded_pairs(concepts, anchors, seed=seed, retain_per_shape=DEFAULT_RETAIN if retain is None else retain)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.time()
@@ -120,7 +120,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def run_bench(concepts="circle", anchors="square", samples=64, seed=0, methods=("svare", "vare", "naive"),
-              trains=("ca_ffn", "lora"), steps=None, out: Path | str = "out/bench-erasure", log=print) -> list[dict]:
+              trains=("ca_ffn", "lora"), steps=None, out: Path | str = "out/bench-erasure", log=print,
+              retain: int | None = None) -> list[dict]:
     from ..embedded.classifier import load_classifier
     from ..embedded.erasure_defaults import shape_name
     from ..pipeline import load_pipeline
@@ -134,22 +135,41 @@ def run_bench(concepts="circle", anchors="square", samples=64, seed=0, methods=(
     rows = [{"method": "original", "train": "-", **score(pipe, classifier, concepts, samples, seed)}]
     log(format_table(rows))
     for method, train in itertools.product(methods, trains):
-        erased, info = run_method(pipe, method, train, concepts, anchors, seed, steps, out)
+        erased, info = run_method(pipe, method, train, concepts, anchors, seed, steps, out, retain)
         rows.append({"method": method, "train": train, **info, **score(erased, classifier, concepts, samples, seed)})
         log(format_table(rows[-1:]).splitlines()[-1])
     table = format_table(rows)
     command = (f"python -m vare_core bench-erasure --concept {','.join(concepts)} --anchor {','.join(anchors)} --samples {samples} "
-               f"--seed {seed} --methods {','.join(methods)} --train {','.join(trains)}")
+               f"--seed {seed} --methods {','.join(methods)} --train {','.join(trains)}"
+               + (f" --retain {retain}" if retain is not None else ""))
     (out / "bench.md").write_text(f"{command}\n\n{table}\n")
     (out / "bench.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
     return rows
 
 
+def check_args(args) -> tuple[list, list, tuple, tuple]:
+    """Every option checked before the minutes of scoring start."""
+    from .adapters import TRAIN_MODES
+    from .losses import METHODS
+    names = lambda text: [n.strip() for n in (text or "").split(",") if n.strip()]  # noqa: E731
+    methods, trains = tuple(names(args.methods)), tuple(names(getattr(args, "train", "ca_ffn,lora")))
+    for flag, given, allowed in (("--methods", methods, METHODS), ("--train", trains, TRAIN_MODES)):
+        bad = [g for g in given if g not in allowed]
+        if bad or not given:
+            raise ValueError(f"{flag} {','.join(given) or '(empty)'}: choose from {', '.join(allowed)} (comma list)")
+    for flag, value, low in (("--samples", args.samples, 1), ("--steps", getattr(args, "steps", None), 1),
+                             ("--retain", getattr(args, "retain", None), 0)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    concepts, anchors = names(args.concept), names(args.anchor)
+    if not concepts or not anchors:
+        raise ValueError("--concept and --anchor need at least one shape each (comma list)")
+    return concepts, anchors, methods, trains
+
+
 def main(args) -> None:
+    concepts, anchors, methods, trains = check_args(args)
     torch.set_num_threads(2)
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    trains = tuple(t.strip() for t in getattr(args, "train", "ca_ffn,lora").split(",") if t.strip())
-    names = lambda text: [n.strip() for n in text.split(",") if n.strip()]  # noqa: E731
-    rows = run_bench(names(args.concept), names(args.anchor), args.samples, args.seed, methods, trains,
-                     getattr(args, "steps", None), args.out)
+    rows = run_bench(concepts, anchors, args.samples, args.seed, methods, trains,
+                     getattr(args, "steps", None), args.out, retain=getattr(args, "retain", None))
     print(format_table(rows))

@@ -31,17 +31,28 @@ TRAINING_OPTIONS = ("method", "train", "rank", "steps", "lr", "batch_size", "alp
 
 
 def pairs_from_args(args, pipe):
-    from .pairs import load_pairs_file, make_pairs
+    from .pairs import load_pairs_file, make_pairs, retain_pairs
     if args.pairs:
         return load_pairs_file(args.pairs, default_concept=args.concept)
     if not args.concept or not args.anchor:
         raise ValueError("give --concept and --anchor (or a --pairs file)")
     concepts = [c for c in args.concept.split(",") if c.strip()]
     anchors = [a for a in args.anchor.split(",") if a.strip()]
+    if args.retain is not None and args.retain < 0:
+        raise ValueError(f"--retain must be >= 0 (keep pairs per kept concept), got {args.retain}")
+    keep = [k.strip() for k in (args.keep or "").split(",") if k.strip()]
     if pipe.name in SHAPES_WORLD_MODELS:
-        from ..embedded.erasure_defaults import embedded_pairs
-        return embedded_pairs(concepts, anchors, seed=args.seed, n_per_concept=args.n_pairs)
-    return make_pairs(concepts, anchors, n_per_concept=args.n_pairs, seed=args.seed)
+        from ..embedded.erasure_defaults import DEFAULT_RETAIN, embedded_pairs
+        if keep:
+            raise ValueError("--keep: the embedded model already keeps every shape that is not erased; "
+                             "set how many pairs per shape with --retain")
+        return _with_flag_names(lambda: embedded_pairs(
+            concepts, anchors, seed=args.seed, n_per_concept=args.n_pairs,
+            retain_per_shape=DEFAULT_RETAIN if args.retain is None else args.retain))
+    pairs = _with_flag_names(lambda: make_pairs(concepts, anchors, n_per_concept=args.n_pairs, seed=args.seed))
+    if keep and args.retain != 0:
+        pairs += retain_pairs(keep, n_per_concept=args.retain or 10, seed=args.seed + 1)
+    return pairs
 
 
 def config_from_args(args):
@@ -56,8 +67,27 @@ def config_from_args(args):
         from ..embedded import erasure_defaults
         if given.get("train", erasure_defaults.DEFAULT_TRAIN) != erasure_defaults.DEFAULT_TRAIN:
             given.setdefault("lr", None)     # the tuned lr belongs to the default train mode
-        return erasure_defaults.embedded_erase_config(**given)
-    return EraseConfig(**given)
+        return _with_flag_names(lambda: erasure_defaults.embedded_erase_config(**given))
+    return _with_flag_names(lambda: EraseConfig(**given))
+
+
+FLAGS = {"preservation_weight": "--loss-weight", "n_per_concept": "--n-pairs", "lora_targets": "--lora-targets",
+         "batch_size": "--batch-size"}
+
+
+def _with_flag_names(build):
+    """Run build(); a ValueError about EraseConfig.x / n_per_concept names the CLI flag instead."""
+    import re
+    try:
+        return build()
+    except ValueError as err:
+        def flag(match):
+            name = match.group(1)
+            return FLAGS.get(name, "--" + name.replace("_", "-"))
+        message = re.sub(r"\b(?:EraseConfig\.|LossConfig\.)?(preservation_weight|n_per_concept|lora_targets|"
+                         r"batch_size|method|train|rank|steps|lr|alpha|gamma|precision|seed)\b(?= must| is| should| \()",
+                         flag, str(err))
+        raise ValueError(message) from None
 
 
 class _StopFlag:
@@ -172,6 +202,9 @@ def register(subparsers) -> None:
     g.add_argument("--anchor", help="what to draw instead, e.g. square")
     g.add_argument("--pairs", help="pairs file (.txt 'unsafe | safe' lines, .json or .csv)")
     g.add_argument("--n-pairs", type=int, default=50, help="generated pairs per concept")
+    g.add_argument("--keep", help="concepts to keep as they are (comma list): adds keep-as-is pairs "
+                                  "(embedded model: every shape not erased, always)")
+    g.add_argument("--retain", type=int, help="keep-as-is pairs per kept concept (default 10; 0 = none)")
     g = p.add_argument_group("training")
     g.add_argument("--method", choices=["svare", "vare", "naive"], help="default svare")
     g.add_argument("--train", choices=["ca_ffn", "lora"],
@@ -204,4 +237,6 @@ def register(subparsers) -> None:
     p.add_argument("--methods", default="svare,vare,naive", help="comma list")
     p.add_argument("--train", default="ca_ffn,lora", help="comma list of what trains: ca_ffn, lora")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the model's default)")
+    p.add_argument("--retain", type=int, default=None,
+                   help="keep-as-is pairs per shape not erased (default 10; 0 = the paper's pairs only)")
     p.set_defaults(func=cmd_bench)

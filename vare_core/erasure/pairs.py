@@ -13,6 +13,7 @@ Usage:
                        vocabulary=set(world_vocabulary))
     # -> 'a red circle on a gray background' | 'a red square on a gray background'
 
+    pairs += retain_pairs(["square", "triangle"], n_per_concept=10)   # keep these as they are
     pairs = load_pairs_file("my_pairs.txt")   # lines "unsafe prompt | safe prompt"
     text = pairs_to_text(pairs)               # the same text format back
 
@@ -23,7 +24,8 @@ attribute and differ only in the subject. `{{` and `}}` are literal braces.
 
 Text format (parse_pairs_text / pairs_to_text): one pair per line, `unsafe | safe` (a tab or ` => `
 also separates); exactly one separator per line; `#` starts a comment (to the end of the line);
-blank lines are ignored; surrounding whitespace is stripped. Prompts in this format therefore
+blank lines are ignored; surrounding whitespace is stripped. A line with the same prompt on both
+sides (`a red square | a red square`) is a keep pair (see retain_pairs). Prompts in this format therefore
 cannot contain `|`, `=>`, tabs, `#` or line breaks (JSON/CSV files can).
 """
 import csv
@@ -249,6 +251,32 @@ def make_pairs(concepts: list[str] | str, anchors: list[str] | str, n_per_concep
     return pairs
 
 
+def retain_pairs(keep: list[str] | str, n_per_concept: int = 10, seed: int = 0,
+                 templates: list[str] | None = None, vocabulary: set[str] | None = None,
+                 slot_values: dict[str, list[str]] | None = None) -> list[PromptPair]:
+    """Pairs whose two prompts are the same prompt about a concept to KEEP (concept = anchor = "").
+
+    Added to the erasure pairs, they hold the trained weights to what the frozen model draws for
+    neighbouring concepts: L_FCE pulls such a prompt toward its own trajectory and L_Pre keeps its
+    distribution. Without them, a LoRA that maps "circle" to "square" also drifts on "triangle".
+    Same templates and slots as make_pairs."""
+    keep_list = _normalise_names(keep, "keep")
+    if isinstance(n_per_concept, bool) or not isinstance(n_per_concept, int) or n_per_concept <= 0:
+        raise ValueError(f"n_per_concept must be a positive integer, got {n_per_concept!r}")
+    if vocabulary is not None:
+        for name in keep_list:
+            _check_vocabulary(name, "keep", vocabulary)
+    template_list = list(DEFAULT_TEMPLATES if templates is None else templates)
+    rng = random.Random(seed)
+    pairs = []
+    for name in keep_list:
+        for i in range(n_per_concept):
+            template = template_list[rng.randrange(len(template_list))]
+            prompt = fill_template(template, name, rng, slot_values)
+            pairs.append(PromptPair(unsafe=prompt, safe=prompt, concept="", anchor=""))
+    return pairs
+
+
 # ----------------------------------------------------------------------------- user pairs
 
 def infer_concept_anchor(unsafe: str, safe: str) -> tuple[str, str]:
@@ -279,8 +307,7 @@ def _user_pair(unsafe, safe, where: str, default_concept: str | None,
         if not prompt:
             raise ValueError(f"{where}: the {label} prompt is empty; expected {_SEPARATOR_DISPLAY}")
     if " ".join(unsafe.casefold().split()) == " ".join(safe.casefold().split()):
-        raise ValueError(f"{where}: the unsafe and safe prompts are the same ({unsafe!r}); the "
-                         "safe prompt must replace the concept with something else")
+        return PromptPair(unsafe=unsafe, safe=unsafe, concept="", anchor="")   # a keep pair
     inferred_concept, inferred_anchor = infer_concept_anchor(unsafe, safe)
     concept = concept if isinstance(concept, str) and concept.strip() else \
         (default_concept if default_concept else inferred_concept)
