@@ -326,6 +326,10 @@ def build_vae(state_dict, dtype=None, device=None) -> BSQVAE:
             f"{len(missing)} missing (first: {missing[:5]}), {len(unexpected)} unexpected "
             f"(first: {unexpected[:5]}), {len(wrong)} with wrong shapes (first: {wrong[:3]}). "
             "Is this an Infinity BSQ VAE checkpoint (the 'vae' dict of a .pth)?")
+    not_float = [f"{k} ({v.dtype})" for k, v in sd.items() if not v.is_floating_point()]
+    if not_float:
+        raise ValueError(f"VAE weights must be floating point; {len(not_float)} tensors are not "
+                         f"(first: {not_float[:3]}). Is this a BSQ VAE checkpoint?")
     if dtype is None:
         dtype = sd["encoder.conv_in.weight"].dtype
     vae.load_state_dict(sd, strict=True, assign=True)

@@ -459,7 +459,11 @@ class TextEncoder:
         if not isinstance(tokenizer, Tokenizer):
             if not Path(tokenizer).is_file():
                 raise FileNotFoundError(f"tokenizer.json not found: {tokenizer}")
-            tokenizer = Tokenizer.from_file(str(tokenizer))
+            try:
+                tokenizer = Tokenizer.from_file(str(tokenizer))
+            except Exception as err:   # the tokenizers library raises a bare Exception
+                raise ValueError(f"tokenizer.json {tokenizer} is not a tokenizer file ({str(err)[:120]}); "
+                                 "use the tokenizer.json of a flan-t5 / T5 v1.1 folder") from None
         return cls(tokenizer, load_t5_encoder(weights, config, dtype, device), max_length)
 
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
