@@ -304,3 +304,26 @@ def test_shape_and_label_errors():
         L.preservation_loss(student, teacher[:, :4])
     with pytest.raises(ValueError, match="even last dim"):
         L.bit_cross_entropy(student[..., :7], labels)
+
+
+def test_keep_rows_take_part_in_preservation_only():
+    from vare_core.erasure.losses import LossConfig, erasure_objective, filtered_ce_loss, preservation_loss
+    g = torch.Generator().manual_seed(0)
+    unsafe, safe, teacher = (torch.randn(4, 6, 8, generator=g) for _ in range(3))
+    labels = torch.randint(0, 2, (4, 6, 4), generator=g)
+    config = LossConfig(preservation_weight=0.5)
+    rows = torch.tensor([True, False, True, False])
+    loss, _ = erasure_objective("svare", unsafe, safe, teacher, labels, config, erase_rows=rows)
+    fce_erase, _ = filtered_ce_loss(unsafe[rows], labels[rows], config.gamma, config.alpha)
+    expected = fce_erase * 0.5 + 0.5 * preservation_loss(safe, teacher)
+    assert torch.allclose(loss, expected)
+    # all rows erase: identical to no mask; no rows erase: preservation only, still differentiable
+    full, _ = erasure_objective("svare", unsafe, safe, teacher, labels, config)
+    same, _ = erasure_objective("svare", unsafe, safe, teacher, labels, config, erase_rows=torch.ones(4, dtype=torch.bool))
+    assert torch.equal(full, same)
+    student = unsafe.clone().requires_grad_(True)
+    keep_only, stats = erasure_objective("svare", student, safe, teacher, labels, config,
+                                         erase_rows=torch.zeros(4, dtype=torch.bool))
+    assert torch.allclose(keep_only, 0.5 * preservation_loss(safe, teacher)) and stats["fce"] == 0.0
+    keep_only.backward()
+    assert student.grad is not None and float(student.grad.abs().sum()) == 0.0

@@ -245,10 +245,25 @@ def vare_loss(student_logits: Tensor, teacher_logits: Tensor,
     return _token_average(token_prob_mse(student_logits, teacher_logits), token_mask)
 
 
+def _filtered_ce_on_rows(logits: Tensor, bit_labels: Tensor, config: LossConfig,
+                         token_mask: Tensor | None, erase_rows: Tensor | None) -> tuple[Tensor, dict]:
+    """L_FCE over the rows to erase, as a mean over ALL rows (keep rows contribute 0)."""
+    if erase_rows is None or bool(erase_rows.all()):
+        return filtered_ce_loss(logits, bit_labels, config.gamma, config.alpha, token_mask)
+    rows = erase_rows.to(logits.device)
+    if not bool(rows.any()):
+        zero = logits.float().sum() * 0.0          # keeps the graph: a keep-only batch has no FCE
+        return zero, {"selected_fraction": 0.0, "selected_tokens": 0, "bit_error_rate": 0.0, "mean_bit_ce": 0.0}
+    mask = token_mask[rows] if token_mask is not None else None
+    fce, stats = filtered_ce_loss(logits[rows], bit_labels[rows.to(bit_labels.device)], config.gamma, config.alpha, mask)
+    return fce * (int(rows.sum()) / len(rows)), stats
+
+
 def erasure_objective(method: str, student_unsafe_logits: Tensor,
                       student_safe_logits: Tensor | None, teacher_logits: Tensor | None,
                       bit_labels: Tensor | None, config: LossConfig,
-                      token_mask: Tensor | None = None) -> tuple[Tensor, dict]:
+                      token_mask: Tensor | None = None,
+                      erase_rows: Tensor | None = None) -> tuple[Tensor, dict]:
     """One training objective and its float stats.
 
     svare: L_FCE(student on c*) + w * L_Pre(student on c vs teacher); w = 0 skips the safe pass.
@@ -256,6 +271,9 @@ def erasure_objective(method: str, student_unsafe_logits: Tensor,
     Inputs a method does not use may be None. selected_fraction / bit_error_rate / mean_bit_ce
     (the student's disagreement with the safe trajectory on c*) are reported whenever bit_labels
     are given: they fall as erasure proceeds.
+    erase_rows (B,) bool, svare only: rows that are False are keep pairs (the same prompt on both
+    sides); they take part in L_Pre only, and count as 0 in L_FCE's mean over the batch (so a
+    batch split over processes still sums to the same loss).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -274,8 +292,7 @@ def erasure_objective(method: str, student_unsafe_logits: Tensor,
 
     stats: dict = {}
     if method == "svare":
-        fce, stats = filtered_ce_loss(student_unsafe_logits, bit_labels, config.gamma,
-                                      config.alpha, token_mask)
+        fce, stats = _filtered_ce_on_rows(student_unsafe_logits, bit_labels, config, token_mask, erase_rows)
         loss = fce
         stats["fce"] = float(fce.detach())
         if config.preservation_weight > 0:

@@ -20,6 +20,7 @@ What happens:
    preservation weight > 0); loss = losses.erasure_objective: L_FCE + w * L_Pre for svare (the
    paper's single objective; the official code's variant with two optimiser steps per iteration,
    L_FCE then w * L_Pre, is not used), MSE to the teacher for vare, plain CE for naive.
+   Keep pairs (unsafe == safe, pairs.retain_pairs) take part in L_Pre only.
 5. AdamW (betas 0.9/0.97, weight decay on matrices only), gradient clipping, constant lr.
    Precision: fp16 = autocast + GradScaler (overflowing steps are skipped and counted), bf16 =
    autocast, fp32 = plain; a step whose gradients are not finite is always skipped, so weights
@@ -291,9 +292,10 @@ def train_erasure(pipe, pairs, config: EraseConfig | None = None, callback=None,
                     logits = parallel.forward(bank.condition(prompts), x, schedule)
                 unsafe_logits = logits[:len(local)]
                 safe_logits = logits[len(local):] if needs_safe else None
+                erase_rows = torch.tensor([p.unsafe != p.safe for p in chosen])   # False: keep pairs
                 loss, stats = losses.erasure_objective(
                     config.method, unsafe_logits, safe_logits, batch["teacher_logits"],
-                    batch["bit_labels"], loss_config)
+                    batch["bit_labels"], loss_config, erase_rows=erase_rows)
                 weight = distributed.loss_weight(len(local), len(indices), context)
                 scaler.scale(loss if weight == 1 else loss * weight).backward()
                 scaler.unscale_(optimizer)
