@@ -181,7 +181,7 @@ def sample_node(ctx, **overrides):
 
 
 def train_node(ctx, **overrides):
-    kwargs = dict(model=ctx.pipe, pairs=embedded_pairs(["circle"], ["square"], n_per_concept=2),
+    kwargs = dict(model=ctx.pipe, pairs=embedded_pairs(["circle"], ["square"], n_per_concept=2, retain_per_shape=0),
                   method="svare", train="lora", rank=2, steps=1, learning_rate=0.0, alpha=0.25, gamma=0.693147,
                   loss_weight=0.5, batch_size=2, precision="auto", gradient_checkpointing=False, seed=42)
     return erasure.TrainErasure.execute(**{**kwargs, **overrides})

@@ -101,7 +101,7 @@ def test_sampler_node_same_seed_same_images(embedded):
 # ----------------------------------------------------------------------------- training
 
 def train(pipe, tmp_path, cache: str, train_mode="lora", seed=1):
-    pairs = embedded_pairs(["circle"], ["square"], seed=0, n_per_concept=4)
+    pairs = embedded_pairs(["circle"], ["square"], seed=0, n_per_concept=4, retain_per_shape=0)
     config = EraseConfig(method="svare", train=train_mode, rank=2, steps=3, batch_size=2, lr=2e-3,
                          precision="fp32", seed=seed)
     return train_erasure(pipe, pairs, config, cache_dir=tmp_path / cache)

@@ -38,7 +38,7 @@ def test_erase_writes_adapter(tiny, tmp_path, capsys):
     assert meta["concepts"] == ["circle"] and meta["anchors"] == ["square"]
     assert meta["steps_done"] == 3 and meta["method"] == "svare"
     assert meta["train"] == erasure_defaults.DEFAULT_TRAIN
-    assert meta["base_fingerprint"] == tiny.fingerprint and meta["n_pairs"] == 4
+    assert meta["base_fingerprint"] == tiny.fingerprint and meta["n_pairs"] == 4 + 3   # + one keep pair per other shape
     assert "saved" in capsys.readouterr().out
 
 
@@ -112,7 +112,10 @@ def test_embedded_pairs_and_defaults(tiny, tmp_path, capsys):
     config = config_from_args(args)
     args.seed = config.seed                          # as cmd_erase does: pairs use the training seed
     pairs = pairs_from_args(args, tiny)
-    assert len(pairs) == 20
+    assert len(pairs) == 20 + 3 * 4                 # + a fifth as keep pairs for each other shape
+    keep = pairs[20:]
+    assert all(p.unsafe == p.safe and prompt_attributes(p.unsafe).get("shape") != "circle" for p in keep)
+    pairs = pairs[:20]
     for pair in pairs:
         unsafe, safe = prompt_attributes(pair.unsafe), prompt_attributes(pair.safe)
         assert unsafe.pop("shape") == "circle" and safe.pop("shape") == "square"

@@ -21,7 +21,7 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def pairs():
-    return embedded_pairs("circle", "square", n_per_concept=6, seed=0)
+    return embedded_pairs("circle", "square", n_per_concept=6, seed=0, retain_per_shape=0)
 
 
 def run(pipe, pairs, tmp_path, **overrides) -> TrainResult:

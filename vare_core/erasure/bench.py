@@ -85,14 +85,14 @@ def peak_rss_mib() -> float:
 
 def run_method(pipe, method: str, train: str, concepts: list, anchors: list, seed: int, steps: int | None,
                out: Path, retain: int | None = None):
-    from ..embedded.erasure_defaults import DEFAULT_RETAIN, embedded_erase_config, embedded_pairs
+    from ..embedded.erasure_defaults import embedded_erase_config, embedded_pairs
     from .adapters import apply_adapter, save_adapter
     from .trainer import train_erasure
     overrides = {"method": method, "train": train}
     if train == "ca_ffn":
         overrides.update(lr=None)       # the trainer's width-scaled default for full weights
     config = embedded_erase_config(steps=steps, **overrides)
-    pairs = embedded_pairs(concepts, anchors, seed=seed, retain_per_shape=DEFAULT_RETAIN if retain is None else retain)
+    pairs = embedded_pairs(concepts, anchors, seed=seed, retain_per_shape=retain)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.time()

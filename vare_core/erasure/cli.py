@@ -42,16 +42,16 @@ def pairs_from_args(args, pipe):
         raise ValueError(f"--retain must be >= 0 (keep pairs per kept concept), got {args.retain}")
     keep = [k.strip() for k in (args.keep or "").split(",") if k.strip()]
     if pipe.name in SHAPES_WORLD_MODELS:
-        from ..embedded.erasure_defaults import DEFAULT_RETAIN, embedded_pairs
+        from ..embedded.erasure_defaults import embedded_pairs
         if keep:
             raise ValueError("--keep: the embedded model already keeps every shape that is not erased; "
                              "set how many pairs per shape with --retain")
         return _with_flag_names(lambda: embedded_pairs(
             concepts, anchors, seed=args.seed, n_per_concept=args.n_pairs,
-            retain_per_shape=DEFAULT_RETAIN if args.retain is None else args.retain))
+            retain_per_shape=args.retain))
     pairs = _with_flag_names(lambda: make_pairs(concepts, anchors, n_per_concept=args.n_pairs, seed=args.seed))
     if keep and args.retain != 0:
-        pairs += retain_pairs(keep, n_per_concept=args.retain or 10, seed=args.seed + 1)
+        pairs += retain_pairs(keep, n_per_concept=args.retain or max(1, args.n_pairs // 5), seed=args.seed + 1)
     return pairs
 
 
@@ -204,7 +204,7 @@ def register(subparsers) -> None:
     g.add_argument("--n-pairs", type=int, default=50, help="generated pairs per concept")
     g.add_argument("--keep", help="concepts to keep as they are (comma list): adds keep-as-is pairs "
                                   "(embedded model: every shape not erased, always)")
-    g.add_argument("--retain", type=int, help="keep-as-is pairs per kept concept (default 10; 0 = none)")
+    g.add_argument("--retain", type=int, help="keep-as-is pairs per kept concept (default: a fifth of --n-pairs; 0 = none)")
     g = p.add_argument_group("training")
     g.add_argument("--method", choices=["svare", "vare", "naive"], help="default svare")
     g.add_argument("--train", choices=["ca_ffn", "lora"],
@@ -238,5 +238,5 @@ def register(subparsers) -> None:
     p.add_argument("--train", default="ca_ffn,lora", help="comma list of what trains: ca_ffn, lora")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the model's default)")
     p.add_argument("--retain", type=int, default=None,
-                   help="keep-as-is pairs per shape not erased (default 10; 0 = the paper's pairs only)")
+                   help="keep-as-is pairs per shape not erased (default 10 = a fifth of the 50 pairs; 0 = the paper's pairs only)")
     p.set_defaults(func=cmd_bench)

@@ -256,7 +256,10 @@ def _filtered_ce_on_rows(logits: Tensor, bit_labels: Tensor, config: LossConfig,
         return zero, {"selected_fraction": 0.0, "selected_tokens": 0, "bit_error_rate": 0.0, "mean_bit_ce": 0.0}
     mask = token_mask[rows] if token_mask is not None else None
     fce, stats = filtered_ce_loss(logits[rows], bit_labels[rows.to(bit_labels.device)], config.gamma, config.alpha, mask)
-    return fce * (int(rows.sum()) / len(rows)), stats
+    share = int(rows.sum()) / len(rows)
+    # rates over all rows' tokens (keep rows: none selected), so they average exactly over processes
+    stats = {k: (v if k == "selected_tokens" else v * share) for k, v in stats.items()}
+    return fce * share, stats
 
 
 def erasure_objective(method: str, student_unsafe_logits: Tensor,
