@@ -1,12 +1,16 @@
 """Sampling speed: our KV-cached, CFG-batched sampler vs a straightforward reference path.
 
     python bench/sample_speed.py                 # CPU, small config (always)
-    python bench/sample_speed.py --repeats 1     # quick (CI)
+    python bench/sample_speed.py --quick         # CI: first 5 scales, one timed repeat
     python bench/sample_speed.py --gpu           # + Infinity-2B preset, random weights, on CUDA
 
 The reference path recomputes the whole prefix at every scale (no KV cache) and runs the
 conditional and unconditional halves as two separate passes. Both paths use the same weights
-and produce the same bits for the same seed (checked). Prints a table and the command.
+and, for the same seed, give the same codes up to float rounding: the "same codes" column is
+the fraction of the final summed codes on which they agree.
+On CUDA a low-VRAM row streams the blocks from pinned CPU memory (model.enable_block_streaming).
+Peak memory: torch.cuda.max_memory_allocated on CUDA, the process's peak resident set on the
+CPU (VmHWM, reset before each row). Prints a table and the command.
 """
 from __future__ import annotations
 
@@ -50,11 +54,26 @@ def reference_sample(model: Infinity, text, lens, schedule, cfg=3.0, tau=1.0, ge
     return summed
 
 
+def _reset_cpu_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:   # VmHWM := VmRSS (Linux >= 4.0)
+        f.write("5")
+
+
+def _cpu_peak_gib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
 def timed(fn, repeats: int, device) -> tuple[float, float]:
     fn()  # warm-up
     times = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    else:
+        _reset_cpu_peak()
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -63,11 +82,12 @@ def timed(fn, repeats: int, device) -> tuple[float, float]:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else _cpu_peak_gib()
     return statistics.median(times), peak
 
 
-def run(name, cfg: InfinityConfig, schedule, batch, dtype, device, repeats, reference=True):
+def run(name, cfg: InfinityConfig, schedule, batch, dtype, device, repeats, reference=True,
+        low_vram=False):
     with torch.device(device):      # built in place: no CPU copy of a 2B model
         model = Infinity(cfg)
     init_weights(model)
@@ -80,32 +100,47 @@ def run(name, cfg: InfinityConfig, schedule, batch, dtype, device, repeats, refe
         pass
 
     def ours():
-        sample(model, NoVAE(), text, lens, schedule, cfg=3.0, tau=1.0, decode=False,
-               generator=torch.Generator(device).manual_seed(0))
+        return sample(model, NoVAE(), text, lens, schedule, cfg=3.0, tau=1.0, decode=False,
+                      generator=torch.Generator(device).manual_seed(0)).summed_codes
 
     rows = []
     seconds, peak = timed(ours, repeats, device)
-    rows.append((name, "ours (KV cache, batched CFG)", batch, seconds, tokens / seconds, peak))
+    rows.append((name, "ours (KV cache, batched CFG)", batch, seconds, tokens / seconds, peak, None))
     if reference:
         ref = lambda: reference_sample(model, text, lens, schedule, generator=torch.Generator(device).manual_seed(0))  # noqa: E731
         seconds, peak = timed(ref, repeats, device)
-        rows.append((name, "reference (no cache, 2-pass CFG)", batch, seconds, tokens / seconds, peak))
+        same = float((ours() == ref()).float().mean())
+        rows.append((name, "reference (no cache, 2-pass CFG)", batch, seconds, tokens / seconds, peak, same))
+    if low_vram:
+        expected = ours()
+        model.enable_block_streaming(device)   # blocks to pinned CPU memory, streamed per use
+        torch.cuda.empty_cache()
+        seconds, peak = timed(ours, repeats, device)
+        same = float((ours() == expected).float().mean())
+        rows.append((name, "ours, low-VRAM block streaming", batch, seconds, tokens / seconds, peak, same))
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return rows
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5, quick 1)")
+    parser.add_argument("--quick", action="store_true", help="CI: first 5 scales, one timed repeat")
     parser.add_argument("--gpu", action="store_true", help="also time the 2B preset on CUDA")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadier on a shared machine)")
     args = parser.parse_args(argv)
+    args.repeats = args.repeats or (1 if args.quick else 5)
     torch.set_num_threads(args.threads)
     rows = []
     cpu = torch.device("cpu")
     small = InfinityConfig(depth=8, embed_dim=256, num_heads=4, bits=16, text_channels=128,
                            text_maxlen=32, block_chunks=1)
-    rows += run("small d8 w256, 256px sched, fp32 CPU", small, scale_schedule(1.0, "0.06M"), 2,
-                torch.float32, cpu, args.repeats)
+    schedule = scale_schedule(1.0, "0.06M")[:5 if args.quick else None]
+    tokens = sum(h * w for h, w in schedule)
+    rows += run(f"small d8 w256, 256px sched ({len(schedule)} scales, {tokens} tokens), fp32 CPU", small,
+                schedule, 2, torch.float32, cpu, args.repeats)
     if args.gpu and torch.cuda.is_available():
         gpu = torch.device("cuda")
         for px, preset in ((512, "0.25M"), (1024, "1M")):
@@ -113,13 +148,17 @@ def main(argv=None):
                 for batch in (1, 4):
                     rows += run(f"infinity_2b {px}px {str(dtype)[6:]}", InfinityConfig.infinity_2b(),
                                 scale_schedule(1.0, preset), batch, dtype, gpu, args.repeats,
-                                reference=(px == 512 and batch == 1))
-    print(f"command: python bench/sample_speed.py {' '.join(argv or sys.argv[1:])}")
-    print(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, torch {torch.__version__}")
-    print("| config | path | batch | s / batch | tokens/s | peak GiB |")
-    print("|---|---|---|---|---|---|")
-    for name, path, batch, seconds, tps, peak in rows:
-        print(f"| {name} | {path} | {batch} | {seconds:.3f} | {tps:,.0f} | {peak:.2f} |")
+                                reference=(px == 512 and batch == 1),
+                                low_vram=(px == 1024 and batch == 1 and dtype == torch.bfloat16))
+    shown = " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"command: python bench/sample_speed.py {shown}".rstrip())
+    print(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, "
+          f"{args.threads} CPU thread(s), torch {torch.__version__}")
+    print("| config | path | batch | s / batch | tokens/s | peak GiB | same codes |")
+    print("|---|---|---|---|---|---|---|")
+    for name, path, batch, seconds, tps, peak, same in rows:
+        shown = "-" if same is None else f"{same:.1%}"
+        print(f"| {name} | {path} | {batch} | {seconds:.3f} | {tps:,.0f} | {peak:.2f} | {shown} |")
     return rows
 
 

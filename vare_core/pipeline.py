@@ -8,12 +8,17 @@ Usage::
     result = pipe.generate(["a red circle on a white background"] * 4, seed=0)
     result.images                                                      # (4, H, W, 3) in [0, 1]
 
+    # Small GPU: T5 waits in CPU memory between prompts, transformer blocks are streamed.
+    pipe = load_pipeline("infinity_2b_reg.pth", vae=..., text_encoder=..., device="cuda",
+                         offload_text_encoder=True, low_vram=True)
+
 The data path: prompts -> TextEncoder (T5 states cut to each prompt's length) -> Infinity
 (pooled condition, text K/V once) -> sampler (scale by scale) -> BSQ VAE decode -> images.
 """
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +33,7 @@ from .models.t5 import T5Config, TextEncoder
 from .sampler import SampleResult, sample
 
 EMBEDDED = "embedded"
+OFFLOAD_DEVICE = torch.device("cpu")   # where offloaded weights wait
 
 
 @dataclass
@@ -42,6 +48,7 @@ class VarPipeline:
     spatial_patchify: bool = False
     fixed_schedule: bool = False                # small models trained on one resolution only
     applied_adapters: tuple = ()                # (adapter id, strength) applied on top of the base
+    offload_text_encoder: bool = False          # T5 rests on the CPU, visits the device to encode
 
     @property
     def device(self) -> torch.device:
@@ -71,9 +78,29 @@ class VarPipeline:
         schedule, _, _ = scales.schedule_for_image(height, width)
         return schedule
 
+    @property
+    def low_vram(self) -> bool:
+        return self.model.stream_device is not None
+
     def encode_prompts(self, prompts: list[str]):
-        states, lens = self.text_encoder.encode(list(prompts))
+        with self._text_encoder_on_device():
+            states, lens = self.text_encoder.encode(list(prompts))
         return states.to(self.device), lens.to(self.device)
+
+    @contextmanager
+    def _text_encoder_on_device(self):
+        """With offload_text_encoder the encoder is moved to the compute device for one call
+        and back to the CPU afterwards, so its memory is free while the transformer samples."""
+        if not self.offload_text_encoder:
+            yield
+            return
+        self.text_encoder.to(self.device)
+        try:
+            yield
+        finally:
+            self.text_encoder.to(OFFLOAD_DEVICE)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()   # hand the freed blocks back (other nodes, the VAE)
 
     def generate(self, prompts: list[str] | str, *, seed: int = 0, negative_prompt: str | None = None,
                  cfg=None, tau=None, top_k: int | None = None, top_p: float | None = None,
@@ -131,7 +158,21 @@ def _pick_dtype(dtype, device: torch.device):
     return dtype
 
 
-def load_embedded(device=None, dtype=None, weights_dir: Path | None = None) -> VarPipeline:
+def load_transformer(path, *, dtype=None, device="cpu", low_vram: bool = False) -> tuple[Infinity, str]:
+    """The transformer of a checkpoint file and the fingerprint of its weights. The file is
+    memory-mapped and each tensor is cast and moved on its own, so no full fp32 copy is made
+    (see presets.build_infinity). low_vram: blocks stay on the CPU, streamed to `device`."""
+    weights = load_state_dict(path, mmap=True)
+    target = torch.device(device)
+    model = build_infinity(weights, dtype=dtype, device=OFFLOAD_DEVICE if low_vram else target,
+                           source=str(path))
+    if low_vram:
+        model.enable_block_streaming(target, OFFLOAD_DEVICE)
+    return model, file_fingerprint(weights)
+
+
+def load_embedded(device=None, dtype=None, weights_dir: Path | None = None, *,
+                  offload_text_encoder: bool = False, low_vram: bool = False) -> VarPipeline:
     from .embedded import spec
     folder = Path(weights_dir or spec.WEIGHTS_DIR)
     info_path = folder / spec.INFO_FILE
@@ -141,52 +182,61 @@ def load_embedded(device=None, dtype=None, weights_dir: Path | None = None) -> V
     info = json.loads(info_path.read_text())
     device = _pick_device(device)
     dtype = _pick_dtype(dtype, device) if dtype not in (None, "auto") else torch.float32
-    weights = load_state_dict(folder / spec.TRANSFORMER_FILE)
-    model = build_infinity(weights, dtype=dtype, device=device, source=str(folder / spec.TRANSFORMER_FILE))
+    model, fingerprint = load_transformer(folder / spec.TRANSFORMER_FILE, dtype=dtype, device=device,
+                                          low_vram=low_vram)
     vae = build_vae(load_state_dict(folder / spec.VAE_FILE), dtype=dtype, device=device)
-    text_encoder = TextEncoder.from_folder(folder / spec.TEXT_ENCODER_DIR, dtype=dtype, device=device,
+    text_encoder = TextEncoder.from_folder(folder / spec.TEXT_ENCODER_DIR, dtype=dtype,
+                                           device=OFFLOAD_DEVICE if offload_text_encoder else device,
                                            max_length=model.cfg.text_maxlen)
     return VarPipeline(model=model, vae=vae, text_encoder=text_encoder, name=EMBEDDED,
-                       fingerprint=file_fingerprint(weights),
+                       fingerprint=fingerprint,
                        default_schedule=[tuple(s) for s in info["scale_schedule"]],
                        defaults={k: info[k] for k in ("cfg", "tau", "top_p") if k in info},
-                       fixed_schedule=True)
+                       fixed_schedule=True, offload_text_encoder=offload_text_encoder)
 
 
 def load_pipeline(model: str | Path = EMBEDDED, vae: str | Path | None = None,
                   text_encoder: str | Path | None = None, *, device=None, dtype=None,
-                  tokenizer: str | Path | None = None) -> VarPipeline:
+                  tokenizer: str | Path | None = None, offload_text_encoder: bool = False,
+                  low_vram: bool = False) -> VarPipeline:
     """Load a model by name ('embedded') or from checkpoint files users already have.
 
     text_encoder: a flan-t5-xl folder (config.json, tokenizer.json, weights), or a single
     encoder .safetensors file together with `tokenizer` (a tokenizer.json path).
+    offload_text_encoder: keep the text encoder in CPU memory and move it to the device only
+    while it encodes (flan-t5-xl is 2.4 GB in fp16). low_vram: keep the transformer blocks in
+    CPU memory and copy them to the device one at a time while sampling (slower; training
+    needs the model loaded without it). Both change where weights wait, not the results.
     """
+    for name, flag in (("offload_text_encoder", offload_text_encoder), ("low_vram", low_vram)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
     if str(model) == EMBEDDED:
-        return load_embedded(device, dtype)
+        return load_embedded(device, dtype, offload_text_encoder=offload_text_encoder, low_vram=low_vram)
     if vae is None or text_encoder is None:
         raise ValueError("a transformer checkpoint needs --vae (the BSQ VAE .pth/.safetensors) and "
                          "--text-encoder (a flan-t5-xl folder); or use --model embedded")
     device = _pick_device(device)
     dtype = _pick_dtype(dtype, device)
-    weights = load_state_dict(model, mmap=True)
-    transformer = build_infinity(weights, dtype=dtype, device=device, source=str(model))
+    transformer, fingerprint = load_transformer(model, dtype=dtype, device=device, low_vram=low_vram)
     vae_model = build_vae(load_state_dict(vae), dtype=dtype, device=device)
+    encoder_device = OFFLOAD_DEVICE if offload_text_encoder else device
     if Path(text_encoder).is_dir():
-        encoder = TextEncoder.from_folder(text_encoder, dtype=dtype, device=device,
+        encoder = TextEncoder.from_folder(text_encoder, dtype=dtype, device=encoder_device,
                                           max_length=transformer.cfg.text_maxlen)
     else:
         if tokenizer is None:
             raise ValueError(f"text encoder {text_encoder} is a single file: also give the T5 "
                              "tokenizer.json (tokenizer=...)")
         encoder = TextEncoder.from_files(text_encoder, tokenizer, T5Config.flan_t5_xl(), dtype=dtype,
-                                         device=device, max_length=transformer.cfg.text_maxlen)
+                                         device=encoder_device, max_length=transformer.cfg.text_maxlen)
     check_compatible(transformer, vae_model, encoder, str(model), str(vae), str(text_encoder))
     patchify = vae_model.config.bits * 4 == transformer.cfg.bits
     return VarPipeline(model=transformer, vae=vae_model, text_encoder=encoder, name=Path(model).name,
-                       fingerprint=file_fingerprint(weights),
+                       fingerprint=fingerprint,
                        default_schedule=scales.scale_schedule(1.0, "1M"),
                        defaults={"cfg": 3.0, "tau": 0.5, "top_k": 0, "top_p": 0.97},
-                       spatial_patchify=patchify)
+                       spatial_patchify=patchify, offload_text_encoder=offload_text_encoder)
 
 
 def check_compatible(model: Infinity, vae: BSQVAE, encoder: TextEncoder, model_name="model",

@@ -14,13 +14,16 @@ Usage::
     logits_0 = model.forward_scale(state, 0)                # scale 0 reads the start token
     logits_1 = model.forward_scale(state, 1, x_scale_1)     # (B, h*w, bits) next-scale input
 
+    model.enable_block_streaming("cuda")     # low VRAM: blocks stay in (pinned) CPU memory and
+                                             # are copied to the GPU one at a time (sampling only)
+
 Layout of the logits: `logits[b, t, 2*j + v]` is the logit that bit j of token t equals v.
 Parameter names follow the official checkpoints, except that blocks live in a flat
 `blocks.{i}` list (official files store them as `block_chunks.{c}.module.{m}`); see presets.py.
 """
 from __future__ import annotations
 
-import math
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -156,6 +159,7 @@ class Infinity(nn.Module):
         self.cfg = cfg
         dim = cfg.embed_dim
         self.gradient_checkpointing = False
+        self.stream_device: torch.device | None = None   # set by enable_block_streaming
         # Text side: null condition for CFG, RMSNorm, pooled condition, cross-attention source.
         self.cfg_uncond = nn.Parameter(torch.randn(cfg.text_maxlen, cfg.text_channels) * 0.03)
         self.text_norm = RMSNorm(cfg.text_channels, eps=1e-6)
@@ -238,11 +242,12 @@ class Infinity(nn.Module):
         for i, block in enumerate(self.blocks):
             if i == 0 or (self.cfg.lvl_embed_every_chunk and i % per_chunk == 0):
                 x = x + lvl
-            cross_kv = block.ca.project_kv(*cross_sources)
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, ada, cross_kv, rope, attn_mask, use_reentrant=False)
-            else:
-                x = block(x, ada, cross_kv, rope, attn_mask)
+            with self._on_compute_device(block):
+                cross_kv = block.ca.project_kv(*cross_sources)
+                if self.gradient_checkpointing and torch.is_grad_enabled():
+                    x = checkpoint(block, x, ada, cross_kv, rope, attn_mask, use_reentrant=False)
+                else:
+                    x = block(x, ada, cross_kv, rope, attn_mask)
         return self._logits(x, head_ada)
 
     # ---------------------------------------------------------------- incremental pass
@@ -257,7 +262,10 @@ class Infinity(nn.Module):
         dtype = self.word_embed.weight.dtype
         heads, head_dim = self.cfg.num_heads, self.cfg.head_dim
         ada, head_ada = self._adaln(cond.cond)
-        cross_kv = [blk.ca.project_kv(cond.text, cond.text_mask) for blk in self.blocks]
+        cross_kv = []
+        for blk in self.blocks:
+            with self._on_compute_device(blk.ca):   # only what the text K/V needs
+                cross_kv.append(blk.ca.project_kv(cond.text, cond.text_mask))
         self_kv = [(torch.empty(batch, heads, offsets[-1], head_dim, device=device, dtype=dtype),
                     torch.empty(batch, heads, offsets[-1], head_dim, device=device, dtype=dtype))
                    for _ in self.blocks]
@@ -282,12 +290,68 @@ class Infinity(nn.Module):
         for i, block in enumerate(self.blocks):
             if i == 0 or (self.cfg.lvl_embed_every_chunk and i % per_chunk == 0):
                 x = x + lvl
-            x = block(x, state.ada, state.cross_kv[i], rope, None, state.self_kv[i], start)
+            with self._on_compute_device(block):
+                x = block(x, state.ada, state.cross_kv[i], rope, None, state.self_kv[i], start)
         state.filled = end
         return self._logits(x, state.head_ada)
 
+    # ---------------------------------------------------------------- low-VRAM block streaming
+    @torch.no_grad()
+    def enable_block_streaming(self, compute_device, storage_device="cpu") -> "Infinity":
+        """Keep the blocks (nearly all the weights) on `storage_device` and copy each block to
+        `compute_device` only while it runs; everything else (text projections, embeddings,
+        head) and every activation and cache live on `compute_device`. On a GPU the stored
+        blocks are pinned so the copies are asynchronous. For sampling only: a forward pass with
+        gradients enabled raises. Returns self."""
+        compute, storage = torch.device(compute_device), torch.device(storage_device)
+        pin = compute.type == "cuda" and storage.type == "cpu"
+        for name, child in self.named_children():
+            child.to(storage if name == "blocks" else compute)
+        for tensor in self.parameters(recurse=False):
+            tensor.data = tensor.data.to(compute)
+        if pin:
+            for tensor in list(self.blocks.parameters()) + list(self.blocks.buffers()):
+                tensor.data = tensor.data.pin_memory()
+        self.stream_device = compute
+        return self
+
+    @torch.no_grad()
+    def disable_block_streaming(self) -> "Infinity":
+        """Move the blocks back onto the compute device (the normal, fastest mode)."""
+        if self.stream_device is not None:
+            self.blocks.to(self.stream_device)
+            self.stream_device = None
+        return self
+
+    @contextmanager
+    def _on_compute_device(self, module: nn.Module):
+        """While inside, the tensors of `module` (a block or part of one) are copies on the
+        compute device (streaming mode only). The copies are queued on the current stream
+        behind the work already there and freed on exit: the allocator reuses their memory
+        for the next block in stream order, so only one block is on the device at a time."""
+        if self.stream_device is None:
+            yield
+            return
+        if torch.is_grad_enabled():
+            raise RuntimeError("low-VRAM block streaming is for sampling only: run under "
+                               "torch.no_grad(), or load the model without low_vram to train it")
+        tensors = list(module.parameters()) + list(module.buffers())
+        stored = [t.data for t in tensors]
+        for tensor in tensors:
+            tensor.data = _copy_to_device(tensor.data, self.stream_device)
+        try:
+            yield
+        finally:
+            for tensor, data in zip(tensors, stored):
+                tensor.data = data
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _copy_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # From pinned memory the copy is asynchronous; the source stays referenced until it is done.
+    return tensor.to(device, non_blocking=True)
 
 
 @torch.no_grad()

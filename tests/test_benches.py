@@ -1,0 +1,122 @@
+"""The benchmark scripts run in quick mode and print a full table of finite, positive numbers.
+
+CI checks that they run, not how fast: timings on a shared CPU say little.
+"""
+import importlib.util
+import math
+import re
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load_bench(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def table_rows(output: str) -> list[list[str]]:
+    """Body rows of the markdown table in `output`, as lists of cell strings."""
+    lines = [line for line in output.splitlines() if line.startswith("|")]
+    assert len(lines) >= 3, output
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def number(cell: str) -> float:
+    return float(cell.replace(",", "").rstrip("%"))
+
+
+def test_sample_speed_quick(capsys):
+    rows = load_bench("sample_speed").main(["--quick"])
+    out = capsys.readouterr().out
+    assert "command: python bench/sample_speed.py --quick" in out
+    table = table_rows(out)
+    assert [r[1] for r in table] == ["ours (KV cache, batched CFG)", "reference (no cache, 2-pass CFG)"]
+    for row in table:
+        seconds, tokens_per_s, peak = number(row[3]), number(row[4]), number(row[5])
+        assert all(math.isfinite(v) and v > 0 for v in (seconds, tokens_per_s, peak)), row
+    assert number(table[1][6]) > 99.0          # the reference draws the same codes
+    assert len(rows) == 2
+
+
+def test_train_step_quick(capsys):
+    bench = load_bench("train_step")
+    rows = bench.main(["--quick"])
+    out = capsys.readouterr().out
+    assert "command: python bench/train_step.py --quick" in out
+    table = table_rows(out)
+    assert [(r[0], r[1], r[2]) for r in table] == [
+        (train, precision, "on" if ckpt else "off") for train, precision, ckpt in bench.QUICK_ROWS]
+    for row, result in zip(table, rows):
+        assert "error" not in result, result     # fp16 autocast + GradScaler run on the CPU too
+        step_s, peak = number(row[3]), number(row[4])
+        assert math.isfinite(step_s) and step_s > 0 and peak > 0, row
+        assert math.isfinite(number(row[5])), row
+
+
+def test_train_step_reports_a_row_that_cannot_run():
+    text = load_bench("train_step").format_table([
+        {"train": "lora", "precision": "fp16", "checkpointing": True, "error": "RuntimeError: no kernel"}])
+    assert "| lora | fp16 | on | - | - | - | cannot run: RuntimeError: no kernel |" in text
+
+
+def test_load_quick(capsys):
+    rows = load_bench("load").main(["--quick"])
+    out = capsys.readouterr().out
+    assert "command: python bench/load.py --quick" in out
+    table = table_rows(out)
+    assert [(r[0], r[1]) for r in table] == [("ours", ".pth"), ("naive", ".pth")]
+    for row in table:   # quick rows share this process: memory columns are rough, not checked
+        seconds, rss, anon = number(row[2]), number(row[3]), number(row[4])
+        assert math.isfinite(seconds) and seconds > 0, row
+        assert math.isfinite(rss) and math.isfinite(anon), row
+    assert re.search(r"\(9\.2 M params", out) and len(rows) == 2
+
+
+def test_our_loader_makes_no_fp32_copy(tmp_path):
+    """In a fresh process, loading into bf16 adds about the bf16 weights to anonymous memory,
+    far below the fp32 file: the file is memory-mapped and cast tensor by tensor."""
+    bench = load_bench("load")
+    cfg = bench.small_config()
+    paths = bench.write_checkpoints(cfg, tmp_path)
+    params = sum(math.prod(s) for s in bench.official_layout(cfg).values())
+    args = SimpleNamespace(preset="small", dtype="bf16", device="cpu", threads=1)
+    row = bench._run_isolated("ours", paths["pth"], args)
+    assert "error" not in row, row
+    assert 0 < row["anon_gib"] * 2**30 < params * 2 * 1.5      # bf16 = 2 bytes per parameter
+    assert paths["pth"].stat().st_size > params * 4            # the file itself is fp32
+
+
+def test_streamed_safetensors_file_is_valid(tmp_path):
+    """The bench's own safetensors writer gives a file our loader reads in the official layout."""
+    from vare_core.checkpoints import load_state_dict
+    from vare_core.models.infinity import InfinityConfig
+    from vare_core.models.presets import build_infinity
+    bench = load_bench("load")
+    cfg = InfinityConfig.tiny()
+    layout = bench.official_layout(cfg)
+    bench.write_safetensors_streaming(tmp_path / "m.safetensors", layout, seed=1)
+    weights = load_state_dict(tmp_path / "m.safetensors")
+    assert {k: tuple(v.shape) for k, v in weights.items()} == layout
+    assert any(k.startswith("block_chunks.1.module.1.") for k in weights)
+    model = build_infinity(weights, dtype=torch.bfloat16)
+    assert model.blocks[3].ffn.fc1.weight.dtype == torch.bfloat16
+    assert 0.015 < float(weights["block_chunks.0.module.0.ffn.fc1.weight"].std()) < 0.025
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
