@@ -174,7 +174,9 @@ def _check_safetensors_header(path: Path, size: int) -> None:
             header = json.loads(f.read(header_size))
             data_end = max((entry["data_offsets"][1] for key, entry in header.items()
                             if key != "__metadata__"), default=0)
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            if isinstance(data_end, bool) or not isinstance(data_end, int) or data_end < 0:
+                raise TypeError("data_offsets must be integers")
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
             raise CheckpointError(path, "safetensors header is not valid", truncated) from None
     if 8 + header_size + data_end > size:
         raise CheckpointError(path, f"tensor data needs {8 + header_size + data_end} bytes but the file "

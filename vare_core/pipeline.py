@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from . import scales
-from .checkpoints import file_fingerprint, load_state_dict
+from .checkpoints import CheckpointError, check_finite, file_fingerprint, load_state_dict
 from .models.bsq_vae import BSQVAE, build_vae
 from .models.infinity import Infinity
 from .models.presets import build_infinity, preset_name
@@ -158,14 +158,36 @@ def _pick_dtype(dtype, device: torch.device):
     return dtype
 
 
+def _check_floating(weights, path) -> None:
+    ints = [f"{k} ({v.dtype})" for k, v in weights.items() if torch.is_tensor(v) and not v.is_floating_point()]
+    if ints:
+        raise CheckpointError(path, f"weights must be floating point; {len(ints)} tensor(s) are not "
+                              f"(first: {', '.join(ints[:3])})", "Is this the right checkpoint? Use an intact copy")
+
+
+def _build_vae_file(path, dtype, device) -> BSQVAE:
+    """build_vae with the file named in its errors, after the same checks as the transformer."""
+    weights = load_state_dict(path)
+    check_finite(weights, path)
+    try:
+        return build_vae(weights, dtype=dtype, device=device)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
 def load_transformer(path, *, dtype=None, device="cpu", low_vram: bool = False) -> tuple[Infinity, str]:
     """The transformer of a checkpoint file and the fingerprint of its weights. The file is
     memory-mapped and each tensor is cast and moved on its own, so no full fp32 copy is made
     (see presets.build_infinity). low_vram: blocks stay on the CPU, streamed to `device`."""
     weights = load_state_dict(path, mmap=True)
+    check_finite(weights, path)     # NaN weights would only show up as black images
     target = torch.device(device)
-    model = build_infinity(weights, dtype=dtype, device=OFFLOAD_DEVICE if low_vram else target,
-                           source=str(path))
+    try:
+        model = build_infinity(weights, dtype=dtype, device=OFFLOAD_DEVICE if low_vram else target,
+                               source=str(path))
+    except RuntimeError:            # load_state_dict refusing e.g. integer weights
+        _check_floating(weights, path)
+        raise
     if low_vram:
         model.enable_block_streaming(target, OFFLOAD_DEVICE)
     return model, file_fingerprint(weights)
@@ -219,7 +241,7 @@ def load_pipeline(model: str | Path = EMBEDDED, vae: str | Path | None = None,
     device = _pick_device(device)
     dtype = _pick_dtype(dtype, device)
     transformer, fingerprint = load_transformer(model, dtype=dtype, device=device, low_vram=low_vram)
-    vae_model = build_vae(load_state_dict(vae), dtype=dtype, device=device)
+    vae_model = _build_vae_file(vae, dtype, device)
     encoder_device = OFFLOAD_DEVICE if offload_text_encoder else device
     if Path(text_encoder).is_dir():
         encoder = TextEncoder.from_folder(text_encoder, dtype=dtype, device=encoder_device,
