@@ -33,7 +33,6 @@ import json
 import math
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -44,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import run_row_isolated  # noqa: E402
 from vare_core.models.infinity import Infinity, InfinityConfig  # noqa: E402
 from vare_core.models.presets import from_official_keys, preset_config, to_official_keys  # noqa: E402
 from vare_core.pipeline import load_transformer  # noqa: E402
@@ -222,12 +222,7 @@ def _run_isolated(loader, path, args) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--row", loader, str(path),
                "--preset", args.preset, "--dtype", args.dtype, "--device", args.device,
                "--threads", str(args.threads)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    lines = done.stdout.strip().splitlines()
-    if done.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    error = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
-    return {"error": error[:160]}
+    return run_row_isolated(command)
 
 
 def format_table(rows: list[dict]) -> str:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import run_row_isolated  # noqa: E402
 from vare_core import scales  # noqa: E402
 from vare_core.embedded.erasure_defaults import embedded_pairs  # noqa: E402
 from vare_core.embedded.world import VOCABULARY  # noqa: E402
@@ -158,12 +158,7 @@ def _run_row_isolated(args, train, precision, checkpointing) -> dict:
                "--batch", str(args.batch), "--cache-dir", args.cache_dir, "--threads", str(args.threads)]
     if args.scales:
         command += ["--scales", str(args.scales)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    lines = done.stdout.strip().splitlines()
-    if done.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    error = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
-    return {"error": error[:160]}
+    return run_row_isolated(command)
 
 
 def format_table(rows: list[dict]) -> str:

@@ -1,0 +1,19 @@
+"""Shared by the bench scripts: run one table row in a fresh interpreter.
+
+Each row runs in its own process so that its peak memory is its own (RSS only grows) and one
+row's failure (e.g. out of memory) becomes a "cannot run" cell instead of ending the table.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+
+
+def run_row_isolated(command: list[str]) -> dict:
+    """Run `command`; its last stdout line is the row as JSON, else {"error": last stderr line}."""
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    error = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+    return {"error": error[:160]}
