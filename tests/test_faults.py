@@ -100,7 +100,8 @@ def test_erase_cli_out_of_memory_names_the_settings_that_fit(tmp_path, monkeypat
 
 
 def _erase_until_training(out, cache, extra=()):
-    """Start `erase` in a subprocess and return it once its progress bar shows training steps."""
+    """Start `erase` in a subprocess; once its progress bar shows training steps, return the
+    process and the list its stderr is being read into."""
     import os
     import subprocess
     import sys
@@ -112,15 +113,14 @@ def _erase_until_training(out, cache, extra=()):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    chunks = []
+    chunks = []   # stderr, read by a thread: the progress bar never ends a line
     reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
     reader.start()
-    proc.stderr_chunks = chunks
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         seen = "".join(chunks)
         if "erase (svare)" in seen and "3/100000" in seen.replace(" ", ""):
-            return proc, seen
+            return proc, chunks
         time.sleep(0.2)
     proc.kill()
     seen = "".join(chunks)
@@ -130,11 +130,11 @@ def _erase_until_training(out, cache, extra=()):
 @pytest.mark.slow
 def test_ctrl_c_during_training_writes_a_complete_partial_adapter(previous, tmp_path):
     import signal
-    proc, _ = _erase_until_training(previous, tmp_path / "cache")
+    proc, stderr = _erase_until_training(previous, tmp_path / "cache")
     proc.send_signal(signal.SIGINT)
     out = proc.stdout.read()
     proc.wait(timeout=120)
-    err = "".join(proc.stderr_chunks)
+    err = "".join(stderr)
     assert proc.returncode == 130, err[-2000:]
     adapter_now = load_adapter(previous)                     # complete: it loads and validates
     meta = adapter_now.metadata
@@ -147,13 +147,13 @@ def test_ctrl_c_during_training_writes_a_complete_partial_adapter(previous, tmp_
 def test_second_ctrl_c_leaves_the_previous_or_a_complete_adapter(previous, tmp_path):
     import signal
     import time
-    proc, _ = _erase_until_training(previous, tmp_path / "cache")
+    proc, stderr = _erase_until_training(previous, tmp_path / "cache")
     proc.send_signal(signal.SIGINT)
     time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     out = proc.stdout.read()
     proc.wait(timeout=120)
-    err = "".join(proc.stderr_chunks)
+    err = "".join(stderr)
     assert proc.returncode == 130, err[-2000:]
     # the second Ctrl-C lands either before the partial save (previous file kept) or during /
     # after it: the file is then the previous one or the complete partial adapter, never half

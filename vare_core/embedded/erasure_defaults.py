@@ -9,7 +9,7 @@ never saw.
 """
 from __future__ import annotations
 
-from ..erasure.pairs import PromptPair, make_pairs, retain_pairs
+from ..erasure.pairs import PromptPair, default_keep_count, make_pairs, retain_pairs
 from .world import BACKGROUNDS, COLORS, SHAPES, SYNONYMS, VOCABULARY
 
 WORLD_TEMPLATES = (
@@ -34,9 +34,6 @@ DEFAULT_STEPS = 150
 DEFAULT_TRAIN = "lora"
 DEFAULT_RANK = 8
 DEFAULT_LR = 2e-3
-# Keep-as-is pairs per shape not erased, as a fraction of the pairs per concept (50 -> 10):
-# without them the LoRA drifts on the other shapes (ACC_i 93.6% -> 97.0%, 4 training seeds).
-RETAIN_FRACTION = 0.2
 # Models that speak the shapes world's word-level vocabulary (tiny: testing.tiny_pipeline).
 SHAPES_WORLD_MODELS = ("embedded", "tiny")
 
@@ -56,8 +53,9 @@ def shape_name(word: str, role: str) -> str:
 def embedded_pairs(concepts, anchors, seed: int = 0, n_per_concept: int = 50,
                    retain_per_shape: int | None = None) -> list[PromptPair]:
     """Erasure pairs, then `retain_per_shape` keep-as-is pairs for every shape not erased
-    (anchors included; None = RETAIN_FRACTION of n_per_concept, at least 1; 0 = none, the
-    paper's setting)."""
+    (anchors included; None = pairs.default_keep_count(n_per_concept), 10 for 50; 0 = none, the
+    paper's setting). Without them the LoRA drifts on the other shapes (ACC_i 93.6% -> 97.0%
+    over 4 training seeds, README)."""
     concepts = [concepts] if isinstance(concepts, str) else list(concepts)
     anchors = [anchors] if isinstance(anchors, str) else list(anchors)
     concepts = [shape_name(c, "concept") for c in concepts]
@@ -65,7 +63,7 @@ def embedded_pairs(concepts, anchors, seed: int = 0, n_per_concept: int = 50,
     world = dict(templates=list(WORLD_TEMPLATES), vocabulary=set(VOCABULARY), slot_values=SLOT_VALUES)
     pairs = make_pairs(concepts, anchors, n_per_concept=n_per_concept, seed=seed, **world)
     if retain_per_shape is None and isinstance(n_per_concept, int):
-        retain_per_shape = max(1, round(RETAIN_FRACTION * n_per_concept))
+        retain_per_shape = default_keep_count(n_per_concept)
     if isinstance(retain_per_shape, bool) or not isinstance(retain_per_shape, int) or retain_per_shape < 0:
         raise ValueError(f"retain_per_shape must be an integer >= 0, got {retain_per_shape!r}")
     keep = [shape for shape in SHAPES if shape not in concepts]

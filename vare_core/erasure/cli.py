@@ -31,7 +31,7 @@ TRAINING_OPTIONS = ("method", "train", "rank", "steps", "lr", "batch_size", "alp
 
 
 def pairs_from_args(args, pipe):
-    from .pairs import load_pairs_file, make_pairs, retain_pairs
+    from .pairs import default_keep_count, load_pairs_file, make_pairs, retain_pairs
     if args.pairs:
         return load_pairs_file(args.pairs, default_concept=args.concept)
     if not args.concept or not args.anchor:
@@ -50,8 +50,9 @@ def pairs_from_args(args, pipe):
             concepts, anchors, seed=args.seed, n_per_concept=args.n_pairs,
             retain_per_shape=args.retain))
     pairs = _with_flag_names(lambda: make_pairs(concepts, anchors, n_per_concept=args.n_pairs, seed=args.seed))
-    if keep and args.retain != 0:
-        pairs += retain_pairs(keep, n_per_concept=args.retain or max(1, args.n_pairs // 5), seed=args.seed + 1)
+    count = default_keep_count(args.n_pairs) if args.retain is None else args.retain
+    if keep and count:
+        pairs += retain_pairs(keep, n_per_concept=count, seed=args.seed + 1)
     return pairs
 
 
@@ -71,8 +72,7 @@ def config_from_args(args):
     return _with_flag_names(lambda: EraseConfig(**given))
 
 
-FLAGS = {"preservation_weight": "--loss-weight", "n_per_concept": "--n-pairs", "lora_targets": "--lora-targets",
-         "batch_size": "--batch-size"}
+FLAGS = {"preservation_weight": "--loss-weight", "n_per_concept": "--n-pairs"}   # the rest: --name-with-dashes
 
 
 def _with_flag_names(build):

@@ -9,6 +9,8 @@ Used by the Train Erasure node and the erase CLI to turn an out-of-memory error 
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .adapters import ca_ffn_parameter_names, lora_layer_names
@@ -36,7 +38,6 @@ def estimate_training_memory(model, config) -> dict:
 
 def memory_advice(model, config, on_cuda: bool) -> str:
     """One line: what the run holds, then the changes that lower memory, cheapest first."""
-    from dataclasses import replace
     n = trainable_count(model, config)
     state = (f"{config.train} trains {n / 1e6:.1f}M weights "
              f"(~{n * OPTIMIZER_BYTES_PER_WEIGHT / 2**30:.1f} GiB of optimiser state), batch "

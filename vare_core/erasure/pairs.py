@@ -251,6 +251,14 @@ def make_pairs(concepts: list[str] | str, anchors: list[str] | str, n_per_concep
     return pairs
 
 
+KEEP_FRACTION = 0.2    # default keep pairs per kept concept, as a fraction of the erasure pairs
+
+
+def default_keep_count(n_per_concept: int) -> int:
+    """Keep pairs per kept concept when the user gives none: a fifth of the pairs per concept."""
+    return max(1, round(KEEP_FRACTION * n_per_concept))
+
+
 def retain_pairs(keep: list[str] | str, n_per_concept: int = 10, seed: int = 0,
                  templates: list[str] | None = None, vocabulary: set[str] | None = None,
                  slot_values: dict[str, list[str]] | None = None) -> list[PromptPair]:
