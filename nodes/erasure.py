@@ -180,7 +180,8 @@ class TrainErasure(io.ComfyNode):
                                        "every token; naive: plain cross-entropy on every token"),
                 io.Combo.Input("train", options=list(TRAIN_MODES), default=erasure_defaults.DEFAULT_TRAIN,
                                tooltip="ca_ffn: cross-attention + FFN weights (official, needs memory); "
-                                       "lora: low-rank factors on the same layers (small, fits 24 GB GPUs)"),
+                                       "lora: low-rank factors on the same layers (small, fits 24 GB GPUs; "
+                                       "the embedded model: cross-attention only, its tuned setting)"),
                 io.Int.Input("rank", default=erasure_defaults.DEFAULT_RANK, min=1, max=256, tooltip="LoRA rank (train = lora only)"),
                 io.Int.Input("steps", default=erasure_defaults.DEFAULT_STEPS, min=1, max=100000,
                              tooltip="training steps (the default suits the embedded model; Infinity "
@@ -189,11 +190,13 @@ class TrainErasure(io.ComfyNode):
                                tooltip="0 = the default: for the embedded model with LoRA the tuned 2e-3, "
                                        "else the official 2.34e-5 scaled to the model width (x10 for LoRA)"),
                 io.Float.Input("alpha", default=0.25, min=0.0, max=1.0, step=0.01,
-                               tooltip="a token is trained when at least this fraction of its bits is wrong"),
+                               tooltip="a token is trained when at least this fraction of its bits is wrong "
+                                       "(the paper: 0.25; tuned for the embedded model: 0.05)"),
                 io.Float.Input("gamma", default=0.693147, min=0.0, max=10.0, step=0.001, round=1e-6,
                                tooltip="a bit counts as wrong when its cross-entropy exceeds gamma (ln 2)"),
                 io.Float.Input("loss_weight", default=0.5, min=0.0, max=100.0, step=0.05,
-                               tooltip="weight of the preservation loss (svare)"),
+                               tooltip="weight of the preservation loss (svare; the paper: 0.5, tuned "
+                                       "for the embedded model: 1.0)"),
                 io.Int.Input("batch_size", default=8, min=1, max=64,
                              tooltip="pairs per step (Infinity at 1024px: 1-2 on a 24-80 GB GPU)"),
                 io.Combo.Input("precision", options=list(PRECISIONS), default="auto",
@@ -217,9 +220,10 @@ class TrainErasure(io.ComfyNode):
         if pipe.model.word_embed.weight.is_inference():
             raise ValueError("this model's weights were made under torch.inference_mode and cannot be "
                              "trained; load it with Load VAR Model (VARE), which keeps them trainable")
+        tuned = erasure_defaults.tuned_settings(pipe.name, train)
         config = EraseConfig(method=method, train=train, rank=rank, steps=steps,
-                             lr=learning_rate if learning_rate > 0 else erasure_defaults.tuned_lr(pipe.name, train),
-                             batch_size=batch_size,
+                             lr=learning_rate if learning_rate > 0 else tuned.get("lr"),
+                             lora_targets=tuned.get("lora_targets", ("ca", "ffn")), batch_size=batch_size,
                              alpha=alpha, gamma=gamma, preservation_weight=loss_weight,
                              precision=precision, gradient_checkpointing=gradient_checkpointing, seed=seed)
         concepts = sorted({p.concept for p in pairs if p.concept})

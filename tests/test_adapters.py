@@ -183,6 +183,13 @@ def test_lora_rank_checks(pipe):
         lora_layer_names(pipe.model, ("attn",))
 
 
+def test_kv_target_is_the_text_side_of_cross_attention(pipe):
+    depth = len(pipe.model.blocks)
+    assert lora_layer_names(pipe.model, ("kv",)) == [f"blocks.{i}.ca.mat_kv" for i in range(depth)]
+    both = lora_layer_names(pipe.model, ("ca", "kv"))          # "ca" already holds mat_kv: no duplicate
+    assert both == lora_layer_names(pipe.model, ("ca",)) and len(both) == len(set(both))
+
+
 @pytest.mark.parametrize("train", ["ca_ffn", "lora"])
 def test_trainable_weights_restore_the_model(pipe, train):
     snap = snapshot(pipe.model)

@@ -120,3 +120,22 @@ def test_streamed_safetensors_file_is_valid(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_erasure_seeds_runs_and_summarises(tmp_path, capsys, monkeypatch):
+    """bench/erasure_seeds.py: one JSON line per training seed, then a summary whose means are
+    the means of those lines (2 seeds, 2 steps, 5 samples: it runs, it does not measure)."""
+    import json
+    module = load_bench("erasure_seeds")
+    monkeypatch.setattr(sys, "argv", ["erasure_seeds.py", "--seeds", "0,1", "--samples", "5", "--no-original",
+                                      "--set", "steps=2", "--set", "lora_targets=ca,ffn", "--retain", "1"])
+    module.main()
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    runs, summary = lines[:-1], lines[-1]
+    assert [r["seed"] for r in runs] == [0, 1]
+    assert summary["overrides"] == {"steps": 2, "lora_targets": ["ca", "ffn"]} and summary["retain"] == 1
+    for key in ("ACC_e", "ACC_i", "color_kept", "style"):
+        values = [r[key] for r in runs]
+        assert all(0.0 <= v <= 1.0 for v in values)
+        assert summary[key]["mean"] == pytest.approx(sum(values) / 2, abs=1e-4)
+        assert summary[key]["min"] == min(values) and summary[key]["max"] == max(values)

@@ -112,7 +112,7 @@ def test_embedded_pairs_and_defaults(tiny, tmp_path, capsys):
     config = config_from_args(args)
     args.seed = config.seed                          # as cmd_erase does: pairs use the training seed
     pairs = pairs_from_args(args, tiny)
-    assert len(pairs) == 20 + 3 * 4                 # + a fifth as keep pairs for each other shape
+    assert len(pairs) == 20 + 3 * 8                 # + 2/5 as keep pairs for each other shape
     keep = pairs[20:]
     assert all(p.unsafe == p.safe and prompt_attributes(p.unsafe).get("shape") != "circle" for p in keep)
     pairs = pairs[:20]

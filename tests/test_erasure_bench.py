@@ -1,8 +1,11 @@
 """The benchmark's S-VARE row on the embedded model, at a reduced sample count.
 
 Targets (README, full benchmark): ACC_e <= 3% including unseen synonyms, ACC_i within 1 point
-of the original model, colour kept >= 90%. With 16 samples per prompt set the estimates are
-noisier, so the margins here are: ACC_e <= 8%, ACC_i >= original - 6 points, colour >= 85%.
+of the original model, colour kept >= 90%. With 16 samples per prompt set one image is 2.2
+points of ACC_e / ACC_i (45 images each) and 4.2 points of style on the other shapes (24), so
+the margins here are: ACC_e <= 7% (3 images), ACC_i >= original - 4.5 points (2 images),
+colour >= 88%, style on the other shapes >= original - 9 points (2 images). At these settings
+the run gave ACC_e 0%, ACC_i 100% (= original), colour 97.8%, style on other shapes = original.
 """
 import pytest
 
@@ -19,10 +22,11 @@ def test_svare_lora_row_meets_targets(tmp_path):
     erased, info = run_method(pipe, "svare", "lora", "circle", "square", seed=0, steps=None, out=tmp_path)
     result = score(erased, classifier, "circle", samples=16, seed=7)
     assert original["ACC_e"] >= 0.9                       # the concept was there to erase
-    assert result["ACC_e"] <= 0.08
-    assert all(v <= 0.15 for v in result["ACC_e_by_word"].values())   # synonyms never trained on
-    assert result["ACC_i"] >= original["ACC_i"] - 0.06
-    assert result["color_kept"] >= 0.85
+    assert result["ACC_e"] <= 0.07
+    assert all(v <= 0.14 for v in result["ACC_e_by_word"].values())   # synonyms never trained on (2 of 15)
+    assert result["ACC_i"] >= original["ACC_i"] - 0.045
+    assert result["color_kept"] >= 0.88
+    assert result["style_others"] >= original["style_others"] - 0.09
 
 
 def test_prompt_sets_for_several_concepts():

@@ -1,7 +1,8 @@
 """Memory estimate and out-of-memory advice: counts match the tensors the trainer really trains."""
 import torch
 
-from vare_core.embedded.erasure_defaults import DEFAULT_LR, tuned_lr
+from vare_core.embedded.erasure_defaults import (DEFAULT_ALPHA, DEFAULT_LORA_TARGETS, DEFAULT_LR,
+                                                 DEFAULT_PRESERVATION_WEIGHT, tuned_settings)
 from vare_core.erasure.adapters import TrainableWeights
 from vare_core.erasure.memory import estimate_training_memory, memory_advice, trainable_count
 from vare_core.erasure.trainer import EraseConfig
@@ -40,7 +41,9 @@ def test_advice_lists_cheaper_settings_in_order():
     assert "GPU with more memory" in done and "train = lora" not in done
 
 
-def test_tuned_lr_only_for_the_shapes_world_default():
-    assert tuned_lr("embedded", "lora") == DEFAULT_LR
-    assert tuned_lr("embedded", "ca_ffn") is None
-    assert tuned_lr("infinity_2b", "lora") is None
+def test_tuned_settings_only_for_the_shapes_world_default():
+    assert tuned_settings("embedded", "lora") == {"lr": DEFAULT_LR, "lora_targets": DEFAULT_LORA_TARGETS,
+                                                  "alpha": DEFAULT_ALPHA,
+                                                  "preservation_weight": DEFAULT_PRESERVATION_WEIGHT}
+    assert tuned_settings("embedded", "ca_ffn") == {}
+    assert tuned_settings("infinity_2b", "lora") == {}

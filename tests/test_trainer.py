@@ -173,11 +173,28 @@ def test_zero_preservation_weight_skips_safe_pass(pipe, pairs, tmp_path, monkeyp
     assert batches == [2, 4, 2]
 
 
+@pytest.mark.parametrize("keep_target", ["frozen", "teacher"])
+def test_keep_pairs_target(pipe, tmp_path, keep_target):
+    """Keep pairs (same prompt both sides) held to the frozen model's own conditional logits
+    start at L_Pre = 0 (LoRA starts as the identity); held to the CFG teacher, they start away
+    from it, i.e. the teacher target would pull the model off its own output."""
+    keep_only = embedded_pairs("circle", "square", n_per_concept=4, seed=0, retain_per_shape=2)
+    keep_only = [p for p in keep_only if p.unsafe == p.safe]
+    result = run(pipe, keep_only, tmp_path, train="lora", rank=2, steps=3, keep_target=keep_target)
+    pre = [h["pre"] for h in result.history]
+    assert result.adapter.metadata["hyperparameters"]["keep_target"] == keep_target
+    if keep_target == "frozen":
+        assert abs(pre[0]) < 1e-8
+    else:
+        assert pre[0] > 1e-4
+
+
 @pytest.mark.parametrize("kwargs, field", [
     ({"steps": 0}, "steps"), ({"lr": -1.0}, "lr"), ({"lr": float("nan")}, "lr"),
     ({"method": "esd"}, "method"), ({"train": "full"}, "train"), ({"rank": 0}, "rank"),
     ({"precision": "fp8"}, "precision"), ({"lora_targets": ("mlp",)}, "lora_targets"),
     ({"alpha": 1.5}, "alpha"), ({"betas": (0.9,)}, "betas"), ({"batch_size": 0}, "batch_size"),
+    ({"keep_target": "cfg"}, "keep_target"),
 ])
 def test_config_validation(kwargs, field):
     with pytest.raises(ValueError, match=field):

@@ -6,7 +6,7 @@ import torch
 
 from vare_core.erasure import trajectories
 from vare_core.erasure.trajectories import (TrajectorySettings, build_trajectories, default_cache_dir,
-                                            generate_trajectories)
+                                            frozen_conditional_logits, generate_trajectories)
 from vare_core.models.bsq_quant import teacher_forcing_inputs
 from vare_core.sampler import SamplingCancelled
 from vare_core.testing import tiny_pipeline
@@ -129,6 +129,23 @@ def test_inputs_and_teacher_logits_match_teacher_forcing(pipe):
     error = (trajs.teacher_logits - expected).abs().max()
     assert error < 1e-4, f"teacher logits differ from the teacher-forced CFG by {error}"
     assert expected.abs().max() > 0.5            # a real signal, not zeros
+
+
+def test_frozen_conditional_logits_are_the_cfg_branches(pipe):
+    """The keep-pair / null-condition targets are the two branches the sampler mixed: combined
+    with CFG they give back the recorded teacher logits."""
+    from vare_core.erasure.trainer import PromptBank
+    settings = TrajectorySettings(cfg=4.0, tau=0.7, logits_dtype="fp32")
+    trajs = generate_trajectories(pipe, PROMPTS, settings)
+    bank = PromptBank(pipe, PROMPTS)
+    rows = [2, 0]
+    prompts = [PROMPTS[i] for i in rows]
+    cond = frozen_conditional_logits(pipe.model, bank.condition, trajs, rows, prompts, tau=0.7, chunk=1)
+    uncond = frozen_conditional_logits(pipe.model, lambda ps: bank.condition(ps, [True] * len(ps)),
+                                       trajs, rows, prompts, tau=0.7)
+    assert cond.shape == trajs.teacher_logits[rows].shape and not torch.allclose(cond, uncond)
+    error = (4.0 * cond - 3.0 * uncond - trajs.teacher_logits[rows]).abs().max()
+    assert error < 1e-4, f"CFG of the frozen branches differs from the teacher logits by {error}"
 
 
 def test_fp16_logits_storage_round_trip(pipe, tmp_path):

@@ -45,6 +45,7 @@ from ..models.presets import to_official_keys
 FORMAT_VERSION = "vare-adapter/1"
 TRAIN_MODES = ("ca_ffn", "lora")
 LORA_TARGETS = {"ca": ("ca.mat_q", "ca.mat_kv", "ca.proj"),
+                "kv": ("ca.mat_kv",),          # only the text side of cross-attention
                 "ffn": ("ffn.fc1", "ffn.fc2"),
                 "sa": ("sa.mat_qkv", "sa.proj")}
 STRENGTH_RANGE = (-2.0, 2.0)
@@ -88,7 +89,7 @@ def lora_layer_names(model: nn.Module, targets) -> list[str]:
     unknown = [t for t in targets if t not in LORA_TARGETS]
     if unknown or not targets:
         raise ValueError(f"lora_targets {list(targets)}: choose one or more of {sorted(LORA_TARGETS)}")
-    suffixes = tuple(s for t in targets for s in LORA_TARGETS[t])
+    suffixes = tuple(dict.fromkeys(s for t in targets for s in LORA_TARGETS[t]))   # "ca" holds "kv"
     return [f"blocks.{i}.{suffix}" for i in range(len(model.blocks)) for suffix in suffixes]
 
 

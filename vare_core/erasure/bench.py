@@ -7,12 +7,15 @@ with full CA+FFN weights and with LoRA), judged by the shapes classifier:
 - ACC_e: prompts naming the erased concept (its main word AND its synonyms, which training
   never saw) still drawn as the concept. Lower is better.
 - ACC_i: prompts naming the other shapes drawn correctly. Should stay at the original's level.
-- colour kept: erased-concept prompts whose colour is still the prompted one.
-- style: striped / solid prompts over all shapes drawn with the prompted fill.
+- colour kept: erased-concept prompts whose colour is still the prompted one; colour, others:
+  the same on the other shapes' prompts.
+- style: striped / solid prompts over all shapes drawn with the prompted fill; style, others:
+  only the shapes not erased (what must not change at all).
 Plus training time, peak memory and adapter size. Writes bench.md and bench.json to --out.
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import resource
@@ -34,7 +37,7 @@ def prompt_sets(concepts, samples: int) -> dict:
     others = [(f"a {c} {s}", {"shape": s, "color": c})
               for s in SHAPES if s not in concepts for c in colors for _ in range(per)]
     per_style = max(1, samples // (len(SHAPES) * len(STYLES)))
-    styles = [(f"a {st} {c} {s}", {"style": st})
+    styles = [(f"a {st} {c} {s}", {"style": st, "shape": s})
               for s, st in itertools.product(SHAPES, STYLES) for c in colors[:2] for _ in range(per_style)]
     return {"erased": erased, "others": others, "styles": styles}
 
@@ -70,8 +73,13 @@ def score(pipe, classifier, concepts, samples: int, seed: int) -> dict:
         "ACC_i_by_shape": {s: mean([j["shape"] == s for j, e in others if e["shape"] == s])
                            for s in SHAPES if s not in concepts},
         "color_kept": mean([j["color"] == e["color"] for j, e in erased]),
+        "color_others": mean([j["color"] == e["color"] for j, e in others]),
         "style": mean([j["style"] == e["style"] for j, e in styles]),
+        "style_others": mean([j["style"] == e["style"] for j, e in styles if e["shape"] not in concepts]),
         "erased_drawn_as": {s: mean([j["shape"] == s for j, _ in erased]) for s in SHAPES},
+        # which other-shape prompts failed, and as what: {"triangle -> square": 3}
+        "ACC_i_misses": dict(collections.Counter(f"{e['shape']} -> {j['shape']}" for j, e in others
+                                                 if j["shape"] != e["shape"])),
     }
     if len(concepts) > 1:
         result["ACC_e_by_concept"] = {c: mean([hit for hit, (_, e) in zip(kept, erased) if e["shape"] == c])
@@ -88,10 +96,7 @@ def run_method(pipe, method: str, train: str, concepts: list, anchors: list, see
     from ..embedded.erasure_defaults import embedded_erase_config, embedded_pairs
     from .adapters import apply_adapter, save_adapter
     from .trainer import train_erasure
-    overrides = {"method": method, "train": train}
-    if train == "ca_ffn":
-        overrides.update(lr=None)       # the trainer's width-scaled default for full weights
-    config = embedded_erase_config(steps=steps, **overrides)
+    config = embedded_erase_config(steps=steps, method=method, train=train)
     pairs = embedded_pairs(concepts, anchors, seed=seed, retain_per_shape=retain)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -110,11 +115,13 @@ def run_method(pipe, method: str, train: str, concepts: list, anchors: list, see
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| method | trains | ACC_e % (lower) | ACC_i % | colour kept % | style % | train s | peak MiB | adapter KiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | trains | ACC_e % (lower) | ACC_i % | colour kept % | colour, others % | style % "
+             "| style, others % | train s | peak MiB | adapter KiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['train']} | {100 * r['ACC_e']:.1f} | {100 * r['ACC_i']:.1f} | "
-                     f"{100 * r['color_kept']:.1f} | {100 * r['style']:.1f} | {r.get('train_seconds', '-')} | "
+                     f"{100 * r['color_kept']:.1f} | {100 * r['color_others']:.1f} | {100 * r['style']:.1f} | "
+                     f"{100 * r['style_others']:.1f} | {r.get('train_seconds', '-')} | "
                      f"{r.get('peak_MiB', '-')} | {r.get('adapter_KiB', '-')} |")
     return "\n".join(lines)
 

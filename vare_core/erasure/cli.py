@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..embedded.erasure_defaults import SHAPES_WORLD_MODELS
 TRAINING_OPTIONS = ("method", "train", "rank", "steps", "lr", "batch_size", "alpha", "gamma",
-                    "preservation_weight", "precision", "seed")
+                    "preservation_weight", "keep_target", "precision", "seed")
 
 
 def pairs_from_args(args, pipe):
@@ -66,8 +66,6 @@ def config_from_args(args):
     given["gradient_checkpointing"] = args.grad_checkpointing
     if args.model in SHAPES_WORLD_MODELS:
         from ..embedded import erasure_defaults
-        if given.get("train", erasure_defaults.DEFAULT_TRAIN) != erasure_defaults.DEFAULT_TRAIN:
-            given.setdefault("lr", None)     # the tuned lr belongs to the default train mode
         return _with_flag_names(lambda: erasure_defaults.embedded_erase_config(**given))
     return _with_flag_names(lambda: EraseConfig(**given))
 
@@ -204,13 +202,14 @@ def register(subparsers) -> None:
     g.add_argument("--n-pairs", type=int, default=50, help="generated pairs per concept")
     g.add_argument("--keep", help="concepts to keep as they are (comma list): adds keep-as-is pairs "
                                   "(embedded model: every shape not erased, always)")
-    g.add_argument("--retain", type=int, help="keep-as-is pairs per kept concept (default: a fifth of --n-pairs; 0 = none)")
+    g.add_argument("--retain", type=int, help="keep-as-is pairs per kept concept (default: 2/5 of --n-pairs; 0 = none)")
     g = p.add_argument_group("training")
     g.add_argument("--method", choices=["svare", "vare", "naive"], help="default svare")
     g.add_argument("--train", choices=["ca_ffn", "lora"],
                    help="default ca_ffn (official); the embedded model's tuned default otherwise")
     g.add_argument("--rank", type=int, help="LoRA rank (default 4)")
-    g.add_argument("--lora-targets", help="comma list of ca, ffn, sa (default ca,ffn)")
+    g.add_argument("--lora-targets", help="comma list of ca, kv (cross-attention K/V only), ffn, sa "
+                                          "(default ca,ffn; embedded: ca)")
     g.add_argument("--steps", type=int, help="default 500 (official); embedded: its tuned default")
     g.add_argument("--lr", type=float, help="default: the official 2.34e-5 scaled to the model width")
     g.add_argument("--batch-size", type=int, help="pairs per step (default 2)")
@@ -218,6 +217,9 @@ def register(subparsers) -> None:
     g.add_argument("--gamma", type=float, help="bit CE threshold (default ln 2)")
     g.add_argument("--loss-weight", type=float, dest="preservation_weight",
                    help="weight of the preservation loss L_Pre (default 0.5)")
+    g.add_argument("--keep-target", choices=["frozen", "teacher"],
+                   help="what keep pairs are held to in L_Pre: frozen = the model's own conditional "
+                        "logits (default), teacher = the CFG teacher like the safe prompts")
     g.add_argument("--precision", choices=["auto", "fp16", "bf16", "fp32"], help="default auto")
     g.add_argument("--grad-checkpointing", action="store_true")
     g.add_argument("--seed", type=int, help="training and pair seed (default 42)")
@@ -238,5 +240,5 @@ def register(subparsers) -> None:
     p.add_argument("--train", default="ca_ffn,lora", help="comma list of what trains: ca_ffn, lora")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the model's default)")
     p.add_argument("--retain", type=int, default=None,
-                   help="keep-as-is pairs per shape not erased (default 10 = a fifth of the 50 pairs; 0 = the paper's pairs only)")
+                   help="keep-as-is pairs per shape not erased (default 20 = 2/5 of the 50 pairs; 0 = the paper's pairs only)")
     p.set_defaults(func=cmd_bench)

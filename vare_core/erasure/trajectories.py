@@ -30,6 +30,7 @@ samples of the same model; only bit-exact reproduction differs across devices).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -283,3 +284,30 @@ def build_trajectories(pipe, safe_prompts: Sequence[str], settings: TrajectorySe
     except OSError as err:  # a read-only cache folder must not stop training
         log.warning("could not cache trajectories in %s: %s", folder, err)
     return trajs
+
+
+@torch.no_grad()
+def frozen_conditional_logits(model, condition, trajs: TrajectorySet, indices: Sequence[int],
+                              prompts: Sequence[str], tau: float = 1.0, chunk: int = 8,
+                              autocast=None) -> torch.Tensor:
+    """(len(indices), L, 2d) fp32: the frozen model's own CONDITIONAL logits (no CFG) for
+    prompts[i] teacher-forced on trajectory indices[i], divided by tau.
+
+    Targets for keep pairs: "draw this prompt exactly as before" means both CFG branches stay
+    as they were, so the conditional branch is held to its own old output, not to the
+    CFG-combined teacher (which would sharpen it). `condition(prompts)` -> model Condition."""
+    out = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(indices), chunk):
+            rows = list(indices[start:start + chunk])
+            batch = trajs.batch(rows)
+            with (autocast() if autocast is not None else contextlib.nullcontext()):
+                logits = model(condition(list(prompts[start:start + chunk])), batch["x_wo_prefix"], trajs.schedule)
+            out.append(logits.float() / tau)
+    finally:
+        model.train(was_training)
+    if not out:
+        return torch.zeros(0)
+    return torch.cat(out)
