@@ -38,7 +38,7 @@ def test_erase_writes_adapter(tiny, tmp_path, capsys):
     assert meta["concepts"] == ["circle"] and meta["anchors"] == ["square"]
     assert meta["steps_done"] == 3 and meta["method"] == "svare"
     assert meta["train"] == erasure_defaults.DEFAULT_TRAIN
-    assert meta["base_fingerprint"] == tiny.fingerprint and meta["n_pairs"] == 4 + 3   # + one keep pair per other shape
+    assert meta["base_fingerprint"] == tiny.fingerprint and meta["n_pairs"] == 4 + 3 * 2   # + 2/5 of 4 keep pairs per other shape
     assert "saved" in capsys.readouterr().out
 
 

@@ -219,7 +219,7 @@ def test_conditioning_of_another_model_is_refused(model):
 
 def test_prompt_pairs(model):
     pairs, text = erasure.PromptPairs.execute(model, "circle", "square", 5, 0, "a red disc | a red box")
-    assert len(pairs) == 5 + 3 + 1 and len(text.splitlines()) == 9     # + 1 keep pair per other shape
+    assert len(pairs) == 5 + 3 * 2 + 1 and len(text.splitlines()) == 12     # + 2 keep pairs per other shape
     assert all("circle" in p.unsafe and "square" in p.safe for p in pairs[:5])
     assert all(p.unsafe == p.safe and "circle" not in p.unsafe for p in pairs[5:8])
     assert pairs[-1].unsafe == "a red disc" and pairs[-1].concept == "circle"
