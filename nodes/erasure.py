@@ -162,6 +162,9 @@ class _Reporter:
         self.points = []
 
 
+LORA_TARGET_CHOICES = ("auto", "ca", "ca,ffn", "kv", "ca,ffn,sa")
+
+
 class TrainErasure(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -205,6 +208,11 @@ class TrainErasure(io.ComfyNode):
                                  tooltip="recompute activations in the backward pass: much less memory, ~30% slower"),
                 io.Int.Input("seed", default=42, min=0, max=2**31 - 1, control_after_generate=True,
                              tooltip="order of the pairs and LoRA initialisation"),
+                io.Combo.Input("lora_targets", options=list(LORA_TARGET_CHOICES), default="auto", optional=True,
+                               tooltip="layers that get LoRA factors (train = lora). auto: the model's tuned "
+                                       "choice (embedded: ca; others: ca,ffn). ca: cross-attention only, "
+                                       "the most surgical, erases the word; ca,ffn: also the FFN, erases the "
+                                       "picture and resists rewording; kv: cross-attention K/V only"),
             ],
             outputs=[VareAdapter.Output(display_name="adapter"),
                      VareLossHistory.Output(display_name="loss_history")],
@@ -213,7 +221,7 @@ class TrainErasure(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, pairs, method, train, rank, steps, learning_rate, alpha, gamma,
-                loss_weight, batch_size, precision, gradient_checkpointing, seed):
+                loss_weight, batch_size, precision, gradient_checkpointing, seed, lora_targets="auto"):
         pipe, node = model, node_id(cls)
         if not (math.isfinite(learning_rate) and learning_rate >= 0):
             raise ValueError(f"learning_rate must be a finite number >= 0 (0 = the default), got {learning_rate}")
@@ -223,7 +231,8 @@ class TrainErasure(io.ComfyNode):
         tuned = erasure_defaults.tuned_settings(pipe.name, train)
         config = EraseConfig(method=method, train=train, rank=rank, steps=steps,
                              lr=learning_rate if learning_rate > 0 else tuned.get("lr"),
-                             lora_targets=tuned.get("lora_targets", ("ca", "ffn")), batch_size=batch_size,
+                             lora_targets=tuned.get("lora_targets", ("ca", "ffn")) if lora_targets == "auto"
+                             else tuple(lora_targets.split(",")), batch_size=batch_size,
                              alpha=alpha, gamma=gamma, preservation_weight=loss_weight,
                              precision=precision, gradient_checkpointing=gradient_checkpointing, seed=seed)
         concepts = sorted({p.concept for p in pairs if p.concept})

@@ -241,6 +241,17 @@ def test_training_returns_adapter_history_progress_and_chart_events(model, pairs
     json.dumps([d for _, d in events["events"]], allow_nan=False)     # valid JSON for the browser
 
 
+@pytest.mark.parametrize("choice, layers", [("auto", {"ca"}), ("ca,ffn", {"ca", "ffn"}), ("kv", {"ca"})])
+def test_lora_targets_choice(model, pairs, choice, layers):
+    """auto = the model's tuned layers (embedded: cross-attention only); the others as named."""
+    adapter, _ = train(model, pairs, steps=1, lora_targets=choice)
+    trained = {name.split(".")[2] for name in adapter.tensors}
+    assert trained == layers
+    assert adapter.metadata["lora_targets"] == (["ca"] if choice == "auto" else choice.split(","))
+    if choice == "kv":
+        assert all(".ca.mat_kv." in name for name in adapter.tensors)
+
+
 def test_cancel_saves_the_partial_adapter_and_ends_interrupted(model, pairs, events, monkeypatch, folders):
     steps_seen = []
     original = erasure._Reporter.__call__
