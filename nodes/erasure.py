@@ -225,6 +225,9 @@ class TrainErasure(io.ComfyNode):
         pipe, node = model, node_id(cls)
         if not (math.isfinite(learning_rate) and learning_rate >= 0):
             raise ValueError(f"learning_rate must be a finite number >= 0 (0 = the default), got {learning_rate}")
+        if pipe.low_vram:
+            raise ValueError("this model was loaded with low_vram on, which streams the blocks for "
+                             "sampling only: load it with low_vram off (Load VAR Model) to train")
         if pipe.model.word_embed.weight.is_inference():
             raise ValueError("this model's weights were made under torch.inference_mode and cannot be "
                              "trained; load it with Load VAR Model (VARE), which keeps them trainable")

@@ -123,6 +123,22 @@ def test_load_embedded_under_inference_mode_keeps_weights_trainable():
     assert not any(p.is_inference() for p in pipe.model.parameters())
 
 
+def test_load_with_memory_options_samples_the_same_and_refuses_training(model, pairs):
+    """offload_text_encoder / low_vram (CPU -> CPU here) change where weights wait, not the
+    images; a streamed model is refused by Train Erasure before any work, with the fix."""
+    light, info = run(loaders.LoadModel, transformer="embedded", vae="embedded", text_encoder="embedded",
+                      dtype="auto", offload_text_encoder=True, low_vram=True)
+    assert light.low_vram and light.offload_text_encoder and "low_vram" in info and "text encoder" in info
+    assert not model.low_vram and "low_vram" not in loaders.model_info(model)
+    assert torch.equal(sample(light, encode(light)), sample(model, encode(model)))
+    with pytest.raises(ValueError, match="low_vram off .*Load VAR Model"):
+        train(light, pairs, steps=1)
+    trained, _ = train(model, pairs, steps=1)
+    erased = run(adapters.ApplyAdapter, model=light, adapter=trained, strength=1.0)[0]
+    reference = run(adapters.ApplyAdapter, model=model, adapter=trained, strength=1.0)[0]
+    assert torch.equal(sample(erased, encode(erased)), sample(reference, encode(reference)))
+
+
 def test_load_from_model_folders(folders):
     """A transformer / VAE / T5 folder in ComfyUI's folder layout loads through the node."""
     from safetensors.torch import save_file
