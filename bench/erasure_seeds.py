@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2,3", help="training seeds (comma list)")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--score-seed", type=int, default=0)
-    parser.add_argument("--retain", type=int, default=None, help="keep pairs per other shape (default: 10)")
+    parser.add_argument("--retain", type=int, default=None, help="keep pairs per other shape (default: 20)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="EraseConfig override (repeatable)")
     parser.add_argument("--no-original", action="store_true", help="skip scoring the original model")
@@ -78,7 +78,7 @@ def main() -> None:
                 "ACC_e", "ACC_i", "color_kept", "color_others", "style", "style_others", "ACC_i_misses", "ACC_e_by_word")}}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    summary = {"overrides": {k: v for k, v in overrides.items()}, "retain": args.retain}
+    summary = {"overrides": overrides, "retain": args.retain}
     for key in ("ACC_e", "ACC_i", "color_kept", "color_others", "style", "style_others"):
         values = [r[key] for r in rows]
         summary[key] = {"mean": round(statistics.mean(values), 4), "min": min(values), "max": max(values)}

@@ -234,7 +234,7 @@ class TrainErasure(io.ComfyNode):
         tuned = erasure_defaults.tuned_settings(pipe.name, train)
         config = EraseConfig(method=method, train=train, rank=rank, steps=steps,
                              lr=learning_rate if learning_rate > 0 else tuned.get("lr"),
-                             lora_targets=tuned.get("lora_targets", ("ca", "ffn")) if lora_targets == "auto"
+                             lora_targets=tuned.get("lora_targets", EraseConfig.lora_targets) if lora_targets == "auto"
                              else tuple(lora_targets.split(",")), batch_size=batch_size,
                              alpha=alpha, gamma=gamma, preservation_weight=loss_weight,
                              precision=precision, gradient_checkpointing=gradient_checkpointing, seed=seed)

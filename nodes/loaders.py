@@ -74,8 +74,8 @@ def model_info(pipe) -> str:
         h, w = h * factor, w * factor
     dtype = str(pipe.model.word_embed.weight.dtype).replace("torch.", "")
     memory = "".join(note for on, note in ((pipe.low_vram, ", blocks streamed from CPU memory (low_vram)"),
-                                           (getattr(pipe, "offload_text_encoder", False),
-                                            ", text encoder waits in CPU memory")) if on)
+                                           (pipe.offload_text_encoder, ", text encoder waits in CPU memory"))
+                     if on)
     return (f"{pipe.name}: preset {pipe.preset}, {params / 1e6:.1f}M transformer parameters, "
             f"{dtype} on {pipe.device}, default image {h}x{w}{memory}")
 

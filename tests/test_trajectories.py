@@ -141,8 +141,11 @@ def test_frozen_conditional_logits_are_the_cfg_branches(pipe):
     rows = [2, 0]
     prompts = [PROMPTS[i] for i in rows]
     cond = frozen_conditional_logits(pipe.model, bank.condition, trajs, rows, prompts, tau=0.7, chunk=1)
-    uncond = frozen_conditional_logits(pipe.model, lambda ps: bank.condition(ps, [True] * len(ps)),
-                                       trajs, rows, prompts, tau=0.7)
+    def null_condition(texts):                  # the null condition CFG pairs with these prompts
+        states, lens = pipe.encode_prompts(texts)
+        return pipe.model.encode_condition(pipe.model.null_text(lens, states.shape[1]), lens)
+
+    uncond = frozen_conditional_logits(pipe.model, null_condition, trajs, rows, prompts, tau=0.7)
     assert cond.shape == trajs.teacher_logits[rows].shape and not torch.allclose(cond, uncond)
     error = (4.0 * cond - 3.0 * uncond - trajs.teacher_logits[rows]).abs().max()
     assert error < 1e-4, f"CFG of the frozen branches differs from the teacher logits by {error}"

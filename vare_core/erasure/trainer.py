@@ -173,17 +173,15 @@ class PromptBank:
                     self.states[prompt] = row[:n].clone()
 
     @torch.no_grad()
-    def condition(self, prompts, drop=None):
-        """drop: one bool per prompt, True for the null condition CFG pairs with that prompt."""
+    def condition(self, prompts):
         rows = [self.states[p] for p in prompts]
         lens = torch.tensor([len(r) for r in rows], device=rows[0].device)
         padded = rows[0].new_zeros(len(rows), int(lens.max()), rows[0].shape[-1])
         for i, row in enumerate(rows):
             padded[i, :len(row)] = row
         model = self.pipe.model
-        drops = torch.tensor([False] * len(rows) if drop is None else list(drop), dtype=torch.bool,
-                             device=padded.device)
-        return model.encode_condition(padded.to(model.word_embed.weight.dtype), lens, drop=drops)
+        no_drop = torch.zeros(len(rows), dtype=torch.bool, device=padded.device)
+        return model.encode_condition(padded.to(model.word_embed.weight.dtype), lens, drop=no_drop)
 
 
 # ----------------------------------------------------------------------------- loop
@@ -270,12 +268,13 @@ def train_erasure(pipe, pairs, config: EraseConfig | None = None, callback=None,
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None \
         else contextlib.nullcontext
     keep_rows = [i for i, p in enumerate(pairs) if p.unsafe == p.safe] if needs_safe else []
-    keep_index = {}
-    if keep_rows and config.keep_target == "frozen":   # before any weight is trained
+    if keep_rows and config.keep_target == "frozen":
+        # Once, before any weight is trained: the keep rows' L_Pre targets become the frozen
+        # conditional logits (this in-memory set only; the cache file keeps the CFG teacher).
         keep_logits = frozen_conditional_logits(model, bank.condition, trajs, keep_rows,
                                                 [pairs[i].safe for i in keep_rows], config.trajectory.tau,
                                                 autocast=autocast)
-        keep_index = {row: n for n, row in enumerate(keep_rows)}
+        trajs.teacher_logits[keep_rows] = keep_logits.to(trajs.teacher_logits)
 
     generator = torch.Generator().manual_seed(config.seed)
     history: list[dict] = []
@@ -310,14 +309,8 @@ def train_erasure(pipe, pairs, config: EraseConfig | None = None, callback=None,
                 unsafe_logits = logits[:len(local)]
                 safe_logits = logits[len(local):] if needs_safe else None
                 erase_rows = torch.tensor([p.unsafe != p.safe for p in chosen])   # False: keep pairs
-                teacher = batch["teacher_logits"]
-                if keep_index and not bool(erase_rows.all()):
-                    teacher = teacher.clone()
-                    for r, i in enumerate(local):
-                        if i in keep_index:
-                            teacher[r] = keep_logits[keep_index[i]]
                 loss, stats = losses.erasure_objective(
-                    config.method, unsafe_logits, safe_logits, teacher,
+                    config.method, unsafe_logits, safe_logits, batch["teacher_logits"],
                     batch["bit_labels"], loss_config, erase_rows=erase_rows)
                 weight = distributed.loss_weight(len(local), len(indices), context)
                 scaler.scale(loss if weight == 1 else loss * weight).backward()

@@ -308,6 +308,4 @@ def frozen_conditional_logits(model, condition, trajs: TrajectorySet, indices: S
             out.append(logits.float() / tau)
     finally:
         model.train(was_training)
-    if not out:
-        return torch.zeros(0)
     return torch.cat(out)
