@@ -1,17 +1,19 @@
-"""How much of an erasure result is the method and how much is the training seed.
+"""How an erasure setting fares over (concept, anchor) pairs, training seeds and guidance scales.
 
-    python bench/erasure_seeds.py --seeds 0,1,2,3 --samples 64
-    python bench/erasure_seeds.py --seeds 0,1 --set lora_targets=ca --set steps=200 --retain 10
+    python bench/erasure_seeds.py --pairs all --seeds 0,1 --cfgs 1,2,4,6 --samples 64
+    python bench/erasure_seeds.py --pairs circle:square,square:triangle --seeds 0,1 --set steps=200
 
 Trains the S-VARE adapter (embedded defaults, optionally overridden with --set key=value, keys of
-EraseConfig) once per training seed, scores each with the same prompts and sampling seed as
-`python -m vare_core bench-erasure`, and prints one JSON line per seed plus the mean and range.
-The seed-to-seed spread (2-3 points of ACC_i at 64 samples) is larger than the 1-point target,
-so a setting is compared by its mean over seeds, never by one run.
+EraseConfig) once per pair and training seed, scores it with embedded/fidelity.py at every cfg
+(the original model at the same prompts, seed and cfg is the reference), and prints one JSON
+line per (pair, seed, cfg), then markdown tables: the mean over pairs and seeds per cfg, and per
+pair at each cfg. `--pairs all` is every ordered pair of the four shapes (12). A setting is
+compared by its mean over pairs and seeds, never by one run.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -24,10 +26,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vare_core.embedded.classifier import load_classifier  # noqa: E402
 from vare_core.embedded.erasure_defaults import embedded_erase_config, embedded_pairs, shape_name  # noqa: E402
+from vare_core.embedded.world import SHAPES  # noqa: E402
 from vare_core.erasure.adapters import apply_adapter  # noqa: E402
 from vare_core.erasure.bench import score  # noqa: E402
 from vare_core.erasure.trainer import train_erasure  # noqa: E402
+from vare_core.erasure.trajectories import TrajectorySettings  # noqa: E402
 from vare_core.pipeline import load_pipeline  # noqa: E402
+
+KEYS = ("ACC_e", "ACC_e_synonym", "ACC_e_context", "ACC_i", "erased_color", "erased_background",
+        "erased_style", "erased_intact", "others_color", "others_background", "others_style",
+        "others_intact", "same_picture", "erased_clean", "others_clean", "others_difference",
+        "open_erased_centre_spread", "open_others_centre_spread", "open_erased_top_background",
+        "open_others_top_background")
+TABLE_KEYS = KEYS[:13]
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -36,6 +47,8 @@ def parse_override(text: str) -> tuple[str, object]:
         raise SystemExit(f"--set {text!r}: expected key=value, e.g. --set steps=200")
     if key == "lora_targets":  # comma list
         return key, tuple(value.split(","))
+    if value.lower() in ("true", "false"):
+        return key, value.lower() == "true"
     for cast in (int, float):
         try:
             return key, cast(value)
@@ -44,45 +57,92 @@ def parse_override(text: str) -> tuple[str, object]:
     return key, value
 
 
-def main() -> None:
+def parse_pairs(text: str) -> list[tuple[list[str], list[str]]]:
+    """'all' or 'circle:square,square:triangle' (several concepts: 'circle+triangle:square')."""
+    if text == "all":
+        return [([c], [a]) for c, a in itertools.permutations(SHAPES, 2)]
+    pairs = []
+    for item in text.split(","):
+        concept, _, anchor = item.partition(":")
+        if not anchor:
+            raise SystemExit(f"--pairs {item!r}: expected concept:anchor, e.g. circle:square")
+        pairs.append(([shape_name(c, "--pairs concept") for c in concept.split("+")],
+                      [shape_name(a, "--pairs anchor") for a in anchor.split("+")]))
+    return pairs
+
+
+def pair_name(concepts, anchors) -> str:
+    return f"{'+'.join(concepts)} -> {'+'.join(anchors)}"
+
+
+def markdown(rows: list[dict], label: str) -> str:
+    head = f"| {label} | " + " | ".join(TABLE_KEYS) + " |"
+    lines = [head, "|" + "---|" * (len(TABLE_KEYS) + 1)]
+    for row in rows:
+        lines.append(f"| {row['label']} | " + " | ".join(
+            f"{100 * row[k]:.1f}" if isinstance(row.get(k), float) else "-" for k in TABLE_KEYS) + " |")
+    return "\n".join(lines)
+
+
+def mean_rows(rows: list[dict]) -> dict:
+    return {k: statistics.mean(r[k] for r in rows) for k in KEYS if all(k in r for r in rows)}
+
+
+def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--concept", default="circle")
-    parser.add_argument("--anchor", default="square")
-    parser.add_argument("--seeds", default="0,1,2,3", help="training seeds (comma list)")
-    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--pairs", default="circle:square", help="'all' or concept:anchor comma list")
+    parser.add_argument("--seeds", default="0,1", help="training seeds (comma list)")
+    parser.add_argument("--cfgs", default="4", help="guidance scales (comma list)")
+    parser.add_argument("--samples", type=int, default=64, help="images per prompt set")
     parser.add_argument("--score-seed", type=int, default=0)
     parser.add_argument("--retain", type=int, default=None, help="keep pairs per other shape (default: 20)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="EraseConfig override (repeatable)")
-    parser.add_argument("--no-original", action="store_true", help="skip scoring the original model")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(2)
     overrides = dict(parse_override(text) for text in args.set)
-    concepts = [shape_name(c, "--concept") for c in args.concept.split(",")]
-    anchors = [shape_name(a, "--anchor") for a in args.anchor.split(",")]
+    trajectory = {k.split(".", 1)[1]: overrides.pop(k) for k in list(overrides) if k.startswith("trajectory.")}
+    if trajectory:   # --set trajectory.cfg=2: fields of TrajectorySettings
+        overrides["trajectory"] = TrajectorySettings(**trajectory)
+    cfgs = [float(c) for c in args.cfgs.split(",")]
     pipe, classifier = load_pipeline("embedded", device="cpu"), load_classifier()
-    if not args.no_original:
-        original = score(pipe, classifier, concepts, args.samples, args.score_seed)
-        print(json.dumps({"row": "original", "ACC_i": original["ACC_i"], "style": original["style"], "style_others": original["style_others"]}), flush=True)
-    pairs = embedded_pairs(concepts, anchors, seed=0, retain_per_shape=args.retain)
-    rows = []
+    rows, originals = [], {}
     with tempfile.TemporaryDirectory() as cache:
-        for seed in [int(s) for s in args.seeds.split(",")]:
-            config = embedded_erase_config(**{"seed": seed, **overrides})
-            start = time.time()
-            result = train_erasure(pipe, pairs, config, cache_dir=Path(cache))
-            seconds = time.time() - start
-            erased = apply_adapter(pipe, result.adapter, 1.0)
-            row = score(erased, classifier, concepts, args.samples, args.score_seed)
-            row = {"seed": seed, "train_s": round(seconds, 1), **{k: row[k] for k in (
-                "ACC_e", "ACC_i", "color_kept", "color_others", "style", "style_others", "ACC_i_misses", "ACC_e_by_word")}}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    summary = {"overrides": overrides, "retain": args.retain}
-    for key in ("ACC_e", "ACC_i", "color_kept", "color_others", "style", "style_others"):
-        values = [r[key] for r in rows]
-        summary[key] = {"mean": round(statistics.mean(values), 4), "min": min(values), "max": max(values)}
-    print(json.dumps(summary), flush=True)
+        for concepts, anchors in parse_pairs(args.pairs):
+            name = pair_name(concepts, anchors)
+            for cfg in cfgs:   # the original's run at these prompts: the reference
+                key = (tuple(concepts), cfg)
+                if key not in originals:
+                    original = score(pipe, classifier, concepts, args.samples, args.score_seed, cfg)
+                    originals[key] = original.pop("run")
+                    rows.append({"pair": name, "seed": "original", "cfg": cfg, **{k: original[k] for k in KEYS}})
+                    print(json.dumps(rows[-1]), flush=True)
+            pairs = embedded_pairs(concepts, anchors, seed=0, retain_per_shape=args.retain)
+            for seed in [int(s) for s in args.seeds.split(",")]:
+                config = embedded_erase_config(**{"seed": seed, **overrides})
+                start = time.time()
+                result = train_erasure(pipe, pairs, config, cache_dir=Path(cache))
+                seconds = time.time() - start
+                erased = apply_adapter(pipe, result.adapter, 1.0)
+                for cfg in cfgs:
+                    scores = score(erased, classifier, concepts, args.samples, args.score_seed, cfg,
+                                   originals[(tuple(concepts), cfg)])
+                    rows.append({"pair": name, "seed": seed, "cfg": cfg, "train_s": round(seconds, 1),
+                                 **{k: scores[k] for k in KEYS}})
+                    print(json.dumps(rows[-1]), flush=True)
+    trained = [r for r in rows if r["seed"] != "original"]
+    per_cfg = [{"label": f"cfg {cfg:g}, original", **mean_rows([r for r in rows if r["cfg"] == cfg and r["seed"] == "original"])}
+               for cfg in cfgs]
+    per_cfg += [{"label": f"cfg {cfg:g}, erased", **mean_rows([r for r in trained if r["cfg"] == cfg])} for cfg in cfgs]
+    print(f"\nsettings: {json.dumps(overrides, default=str)}; mean over pairs and seeds\n")
+    print(markdown(per_cfg, "cfg"))
+    for cfg in cfgs:
+        per_pair = [{"label": pair, **mean_rows([r for r in trained if r["pair"] == pair and r["cfg"] == cfg])}
+                    for pair in dict.fromkeys(r["pair"] for r in trained)]
+        print(f"\ncfg {cfg:g}, per pair (mean over seeds)\n")
+        print(markdown(per_pair, "pair"))
+    print(f"\ntraining seconds: mean {statistics.mean(r['train_s'] for r in trained):.1f}")
+    return rows
 
 
 if __name__ == "__main__":

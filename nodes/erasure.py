@@ -213,6 +213,11 @@ class TrainErasure(io.ComfyNode):
                                        "choice (embedded: ca; others: ca,ffn). ca: cross-attention only, "
                                        "the most surgical, erases the word; ca,ffn: also the FFN, erases the "
                                        "picture and resists rewording; kv: cross-attention K/V only"),
+                io.Combo.Input("formulation", options=["auto", "consistent", "paper"], default="auto", optional=True,
+                               tooltip="how training meets classifier-free guidance. auto = consistent: the "
+                                       "prompt's own branch is trained toward the frozen model's conditional "
+                                       "output and the null branch is held, so images stay clean at every cfg. "
+                                       "paper: the S-VARE paper's objective (CFG-guided targets)"),
             ],
             outputs=[VareAdapter.Output(display_name="adapter"),
                      VareLossHistory.Output(display_name="loss_history")],
@@ -221,7 +226,8 @@ class TrainErasure(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, pairs, method, train, rank, steps, learning_rate, alpha, gamma,
-                loss_weight, batch_size, precision, gradient_checkpointing, seed, lora_targets="auto"):
+                loss_weight, batch_size, precision, gradient_checkpointing, seed, lora_targets="auto",
+                formulation="auto"):
         pipe, node = model, node_id(cls)
         if not (math.isfinite(learning_rate) and learning_rate >= 0):
             raise ValueError(f"learning_rate must be a finite number >= 0 (0 = the default), got {learning_rate}")
@@ -231,8 +237,9 @@ class TrainErasure(io.ComfyNode):
         if pipe.model.word_embed.weight.is_inference():
             raise ValueError("this model's weights were made under torch.inference_mode and cannot be "
                              "trained; load it with Load VAR Model (VARE), which keeps them trainable")
-        tuned = erasure_defaults.tuned_settings(pipe.name, train)
-        config = EraseConfig(method=method, train=train, rank=rank, steps=steps,
+        tuned = erasure_defaults.tuned_settings(pipe.name, train, formulation)
+        shaping = {k: tuned[k] for k in ("targets", "erase_target", "null_weight", "scale_weights")}
+        config = EraseConfig(**shaping, method=method, train=train, rank=rank, steps=steps,
                              lr=learning_rate if learning_rate > 0 else tuned.get("lr"),
                              lora_targets=tuned.get("lora_targets", EraseConfig.lora_targets) if lora_targets == "auto"
                              else tuple(lora_targets.split(",")), batch_size=batch_size,

@@ -1,6 +1,7 @@
 """Loss Plot, Erasure Check and Before/After Grid: what a user looks at after training.
 
-Erasure Check judges images with the embedded shapes classifier (vare_core.embedded.classifier),
+Erasure Check judges images with the embedded shapes classifier (vare_core.embedded.classifier)
+and the geometric judge (vare_core.embedded.judge: no learned weights, flags broken pictures),
 so it scores the embedded model's images; its concepts are the shapes-world words (a shape or
 a colour, synonyms allowed: disc = circle).
 """
@@ -65,19 +66,28 @@ def _classifier():
 def judge(images, concept: str, expect: str):
     """-> (labels per image, number showing the concept, report text, annotated PIL images)."""
     from vare_core.embedded.classifier import classify
+    from vare_core.embedded.fidelity import is_intact
+    from vare_core.embedded.judge import judge_images
     attribute, value = concept_attribute(concept)
     results = classify(_classifier(), images)
-    shown = [r[attribute] == value for r in results]
+    geometric = judge_images(images)
+    # shown when the classifier OR the geometric judge sees it (the classifier alone calls a
+    # frame-filling blotch "a square"); a picture the judge finds broken is marked as such
+    shown = [r[attribute] == value or g[attribute] == value for r, g in zip(results, geometric)]
+    intact = [is_intact(g) for g in geometric]
     count = sum(shown)
     pils = drawing.to_pils(images)
-    cells = [drawing.label_image(p, f"{r['color']} {r['shape']} {r['confidence'][attribute]:.0%}",
-                                 good=(has == (expect == "present")))
-             for p, r, has in zip(pils, results, shown)]
+    cells = [drawing.label_image(p, f"{r['color']} {r['shape']} {r['confidence'][attribute]:.0%}"
+                                 + ("" if ok else " broken"),
+                                 good=(has == (expect == "present")) and ok)
+             for p, r, has, ok in zip(pils, results, shown, intact)]
     n = len(results)
     goal = n - count if expect == "absent" else count
     report = (f"{value} ({attribute}) in {count} of {n} images ({count / n:.0%}); expected {expect}: "
-              f"{goal} of {n} as expected ({goal / n:.0%}). Seen: "
-              + ", ".join(f"{r['color']} {r['shape']}" for r in results))
+              f"{goal} of {n} as expected ({goal / n:.0%}); intact pictures {sum(intact)} of {n} "
+              "(flat background, one clean shape, no blotches). Seen: "
+              + ", ".join(f"{r['color']} {r['shape']}" + ("" if ok else " (broken)")
+                          for r, ok in zip(results, intact)))
     return results, count, report, cells
 
 

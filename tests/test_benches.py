@@ -122,20 +122,23 @@ if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
 
 
-def test_erasure_seeds_runs_and_summarises(tmp_path, capsys, monkeypatch):
-    """bench/erasure_seeds.py: one JSON line per training seed, then a summary whose means are
-    the means of those lines (2 seeds, 2 steps, 5 samples: it runs, it does not measure)."""
+def test_erasure_seeds_runs_and_summarises(capsys):
+    """bench/erasure_seeds.py: one JSON line per (pair, seed, cfg) after the original's, then
+    markdown tables whose cells are the means of those lines (2 seeds, 2 steps, 4 samples: it
+    runs, it does not measure)."""
     import json
     module = load_bench("erasure_seeds")
-    monkeypatch.setattr(sys, "argv", ["erasure_seeds.py", "--seeds", "0,1", "--samples", "5", "--no-original",
-                                      "--set", "steps=2", "--set", "lora_targets=ca,ffn", "--retain", "1"])
-    module.main()
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    runs, summary = lines[:-1], lines[-1]
-    assert [r["seed"] for r in runs] == [0, 1]
-    assert summary["overrides"] == {"steps": 2, "lora_targets": ["ca", "ffn"]} and summary["retain"] == 1
-    for key in ("ACC_e", "ACC_i", "color_kept", "style"):
-        values = [r[key] for r in runs]
-        assert all(0.0 <= v <= 1.0 for v in values)
-        assert summary[key]["mean"] == pytest.approx(sum(values) / 2, abs=1e-4)
-        assert summary[key]["min"] == min(values) and summary[key]["max"] == max(values)
+    rows = module.main(["--pairs", "circle:square", "--seeds", "0,1", "--cfgs", "4", "--samples", "4",
+                        "--set", "steps=2", "--set", "lora_targets=ca,ffn", "--retain", "1"])
+    out = capsys.readouterr().out
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert lines == json.loads(json.dumps(rows))
+    assert [r["seed"] for r in lines] == ["original", 0, 1]
+    assert lines[0]["same_picture"] == 1.0 and lines[0]["others_difference"] == 0.0
+    trained = lines[1:]
+    for key in module.KEYS:
+        assert all(0.0 <= r[key] <= 1.0 for r in lines), key
+    mean_acc_i = sum(r["ACC_i"] for r in trained) / 2
+    erased_row = next(line for line in out.splitlines() if line.startswith("| cfg 4, erased"))
+    assert f"| {100 * mean_acc_i:.1f} |" in erased_row
+    assert '"lora_targets": ["ca", "ffn"]' in out and "circle -> square" in out

@@ -123,9 +123,18 @@ def test_embedded_pairs_and_defaults(tiny, tmp_path, capsys):
         assert "circle" in pair.unsafe and "disc" not in pair.unsafe   # main word only
     assert (config.train, config.rank, config.lr, config.steps) == (
         erasure_defaults.DEFAULT_TRAIN, erasure_defaults.DEFAULT_RANK, erasure_defaults.DEFAULT_LR,
-        erasure_defaults.DEFAULT_STEPS)
+        erasure_defaults.EMBEDDED_CONSISTENT["steps"])
+    assert (config.targets, config.erase_target, config.null_weight) == ("conditional", "soft", 1.0)
+    args.formulation = "paper"                       # the paper's objective, the old tuning
+    paper = config_from_args(args)
+    assert (paper.targets, paper.erase_target, paper.steps, paper.alpha) == (
+        "cfg", "hard", erasure_defaults.DEFAULT_STEPS, erasure_defaults.DEFAULT_ALPHA)
+    args.formulation = None
     other = "ca_ffn" if erasure_defaults.DEFAULT_TRAIN == "lora" else "lora"
     args.train = other
     assert config_from_args(args).lr is None          # tuned lr is for the default train mode
     args.model, args.train, args.seed = "infinity_2b_reg.pth", None, None
-    assert config_from_args(args) == EraseConfig(gradient_checkpointing=False)
+    assert config_from_args(args) == EraseConfig(gradient_checkpointing=False,
+                                                 **erasure_defaults.FORMULATIONS["consistent"])
+    args.formulation = "paper"
+    assert config_from_args(args) == EraseConfig(gradient_checkpointing=False)   # the paper's defaults

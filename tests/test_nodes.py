@@ -353,6 +353,20 @@ def test_erasure_check_scores_rendered_shapes():
     assert rate == 0.5 and "circle (shape) in 2 of 4 images" in report
     assert annotated.shape[0] == 1 and annotated.shape[-1] == 3 and annotated.shape[2] >= 2 * 160
     assert "knows the embedded shapes world" in evaluation.ErasureCheck.validate_inputs("dog")
+    assert "intact pictures 4 of 4" in report
+
+
+def test_erasure_check_marks_broken_pictures():
+    """A frame-filling red patch: the classifier calls it a square; the check calls it broken."""
+    import numpy as np
+    from vare_core.embedded.world import Scene, render
+    clean = render(Scene("square", "red", "white", "solid", 40, 32, 32))
+    blotch = clean.copy()
+    blotch[:, :] = (220, 30, 30)
+    blotch[10:30, 5:25] = (30, 170, 50)
+    images = torch.from_numpy(np.stack([clean, blotch])).float() / 255
+    report = run(evaluation.ErasureCheck, images=images, concept="square", expect="present", columns=2)[1]
+    assert "intact pictures 1 of 2" in report and "(broken)" in report
 
 
 def test_compare_grid(model):

@@ -41,6 +41,22 @@ def image_grid(columns: list[list[np.ndarray]], row_labels: list[str], column_la
     return grid
 
 
+def thumbnail(before: list[np.ndarray], after: list[np.ndarray], titles: list[str],
+              cell: int = 118, label_width: int = 50) -> Image.Image:
+    """The workflow template's picture: one column per prompt, before on top, after below."""
+    header = 24
+    picture = Image.new("RGB", (label_width + cell * len(titles), header + 2 * cell), "white")
+    draw = ImageDraw.Draw(picture)
+    for c, (title, top, bottom) in enumerate(zip(titles, before, after)):
+        draw.text((label_width + c * cell + 4, 6), title, fill="black")
+        for r, image in enumerate((top, bottom)):
+            tile = Image.fromarray(image).resize((cell, cell), Image.NEAREST)
+            picture.paste(tile, (label_width + c * cell, header + r * cell))
+    for r, label in enumerate(("before", "after")):
+        draw.text((4, header + r * cell + cell // 2 - 6), label, fill="black")
+    return picture
+
+
 def to_uint8(images) -> list[np.ndarray]:
     return [(img.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8) for img in images]
 
@@ -72,6 +88,13 @@ def run_demo(out: Path, seed: int = 0, steps: int | None = None) -> str:
     grid = image_grid([to_uint8(before), to_uint8(after)], labels, ["before", f"after erasing '{CONCEPT}'"])
     grid_path = out / "demo_grid.png"
     grid.save(grid_path)
+    # workflows/vare_embedded_erase_before_after.jpg is this picture (its prompts are these)
+    shown = [i for i, p in enumerate(DEMO_PROMPTS) if "triangle" not in p]
+    titles = [" ".join(w for w in DEMO_PROMPTS[i].split()[1:] if w not in ("striped",)).split(" on ")[0]
+              for i in shown]
+    before_u8, after_u8 = to_uint8(before), to_uint8(after)
+    thumbnail([before_u8[i] for i in shown], [after_u8[i] for i in shown], titles).save(
+        out / "thumbnail.jpg", quality=90)
 
     lines = [f"# VARE demo (embedded model, seed {seed})", "",
              f"Erased '{CONCEPT}' (anchor '{ANCHOR}') with S-VARE, {config.train} adapter, "

@@ -28,8 +28,9 @@ WORLD_TEMPLATES = (
 )
 SLOT_VALUES = {"color": list(COLORS), "background": list(BACKGROUNDS), "style": ["striped", "solid"]}
 
-# Measured with `python -m vare_core bench-erasure` (see README): enough to erase on CPU in
-# well under the 3-minute budget while keeping the other shapes.
+# LoRA settings shared by both formulations; DEFAULT_STEPS / DEFAULT_ALPHA /
+# DEFAULT_PRESERVATION_WEIGHT are the paper formulation's tuning on this model (the consistent
+# formulation overrides them with EMBEDDED_CONSISTENT below).
 DEFAULT_STEPS = 150
 DEFAULT_TRAIN = "lora"
 DEFAULT_RANK = 8
@@ -42,6 +43,22 @@ DEFAULT_LR = 2e-3
 DEFAULT_LORA_TARGETS = ("ca",)
 DEFAULT_ALPHA = 0.05
 DEFAULT_PRESERVATION_WEIGHT = 1.0
+# How the erasure meets classifier-free guidance (README "Guidance-consistent targets").
+# paper: the S-VARE paper's objective (CFG-combined teacher for L_Pre, bits sampled at cfg 4 for
+# L_FCE), golden-tested. consistent: the conditional branch is trained toward the frozen model's
+# own CONDITIONAL logits of the safe prompt (soft targets on the selected tokens), and the null
+# branch is held to its frozen self, so the sampler's guidance meets the same branches it always
+# met: erased prompts keep colour, background and a clean picture at every cfg.
+FORMULATIONS = {
+    "paper": {"targets": "cfg", "erase_target": "hard", "null_weight": 0.0, "scale_weights": "tokens"},
+    "consistent": {"targets": "conditional", "erase_target": "soft", "null_weight": 1.0,
+                   "scale_weights": "tokens"},
+}
+DEFAULT_FORMULATION = "consistent"
+# The embedded model's tuning on top of "consistent" (bench/erasure_seeds.py; README): every
+# token trained (alpha 0), every scale weighted the same (the 1-, 4- and 16-token scales set the
+# layout), and 600 steps (still well inside the 3-minute budget).
+EMBEDDED_CONSISTENT = {"alpha": 0.0, "scale_weights": "balanced", "steps": 600, "preservation_weight": 2.0}
 # Models that speak the shapes world's word-level vocabulary (tiny: testing.tiny_pipeline).
 SHAPES_WORLD_MODELS = ("embedded", "tiny")
 
@@ -79,22 +96,39 @@ def embedded_pairs(concepts, anchors, seed: int = 0, n_per_concept: int = 50,
     return pairs
 
 
-def embedded_erase_config(steps: int | None = None, **overrides):
+def embedded_erase_config(steps: int | None = None, formulation: str = "auto", **overrides):
     """EraseConfig with this model's defaults; the tuned LoRA settings apply to train="lora"
     only (full CA+FFN weights keep the paper's alpha / L_Pre weight and the width-scaled lr)."""
     from ..erasure.trainer import EraseConfig
     train = overrides.get("train", DEFAULT_TRAIN)
-    settings = dict(method="svare", train=train, rank=DEFAULT_RANK,
-                    steps=DEFAULT_STEPS if steps is None else steps, batch_size=8, precision="fp32",
-                    **tuned_settings(SHAPES_WORLD_MODELS[0], train))
+    settings = dict(method="svare", train=train, rank=DEFAULT_RANK, steps=DEFAULT_STEPS, batch_size=8,
+                    precision="fp32")
+    settings.update(tuned_settings(SHAPES_WORLD_MODELS[0], train, formulation))
+    if steps is not None:
+        settings["steps"] = steps
     settings.update(overrides)
     return EraseConfig(**settings)
 
 
-def tuned_settings(model_name: str, train: str) -> dict:
-    """EraseConfig settings measured for this model and training mode ({} when none were:
-    the trainer's defaults, e.g. its width-scaled lr, apply)."""
+def formulation_settings(model_name: str, formulation: str = "auto") -> dict:
+    """EraseConfig settings of a formulation ("auto": the model's default, "consistent" for
+    every model; Infinity keeps the paper's alpha / steps, the embedded model its tuning)."""
+    formulation = DEFAULT_FORMULATION if formulation == "auto" else formulation
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"formulation {formulation!r}: choose auto, {', '.join(FORMULATIONS)}")
+    settings = dict(FORMULATIONS[formulation])
+    if formulation == "consistent" and model_name in SHAPES_WORLD_MODELS:
+        settings.update(EMBEDDED_CONSISTENT)
+    return settings
+
+
+def tuned_settings(model_name: str, train: str, formulation: str = "auto") -> dict:
+    """EraseConfig settings measured for this model and training mode: the formulation's, plus
+    the embedded model's LoRA tuning (the trainer's defaults, e.g. its width-scaled lr, apply
+    to the rest)."""
+    settings = formulation_settings(model_name, formulation)
     if model_name in SHAPES_WORLD_MODELS and train == DEFAULT_TRAIN:
-        return {"lr": DEFAULT_LR, "lora_targets": DEFAULT_LORA_TARGETS, "alpha": DEFAULT_ALPHA,
-                "preservation_weight": DEFAULT_PRESERVATION_WEIGHT}
-    return {}
+        tuned = {"lr": DEFAULT_LR, "lora_targets": DEFAULT_LORA_TARGETS, "alpha": DEFAULT_ALPHA,
+                 "preservation_weight": DEFAULT_PRESERVATION_WEIGHT}
+        settings = {**tuned, **settings}
+    return settings

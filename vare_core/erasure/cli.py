@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..embedded.erasure_defaults import SHAPES_WORLD_MODELS
 TRAINING_OPTIONS = ("method", "train", "rank", "steps", "lr", "batch_size", "alpha", "gamma",
-                    "preservation_weight", "keep_target", "precision", "seed")
+                    "preservation_weight", "keep_target", "targets", "erase_target", "precision", "seed")
 
 
 def pairs_from_args(args, pipe):
@@ -64,10 +64,12 @@ def config_from_args(args):
     if args.lora_targets is not None:
         given["lora_targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
     given["gradient_checkpointing"] = args.grad_checkpointing
+    from ..embedded import erasure_defaults
+    formulation = getattr(args, "formulation", None) or "auto"
     if args.model in SHAPES_WORLD_MODELS:
-        from ..embedded import erasure_defaults
-        return _with_flag_names(lambda: erasure_defaults.embedded_erase_config(**given))
-    return _with_flag_names(lambda: EraseConfig(**given))
+        return _with_flag_names(lambda: erasure_defaults.embedded_erase_config(formulation=formulation, **given))
+    settings = {**erasure_defaults.formulation_settings("infinity", formulation), **given}
+    return _with_flag_names(lambda: EraseConfig(**settings))
 
 
 FLAGS = {"preservation_weight": "--loss-weight", "n_per_concept": "--n-pairs"}   # the rest: --name-with-dashes
@@ -220,6 +222,18 @@ def register(subparsers) -> None:
     g.add_argument("--keep-target", choices=["frozen", "teacher"],
                    help="what keep pairs are held to in L_Pre: frozen = the model's own conditional "
                         "logits (default), teacher = the CFG teacher like the safe prompts")
+    g.add_argument("--formulation", choices=["auto", "consistent", "paper"],
+                   help="consistent (auto, every model): guidance-consistent targets, the null branch held; "
+                        "paper: the S-VARE paper's objective as published. --targets / --erase-target "
+                        "override single parts")
+    g.add_argument("--targets", choices=["cfg", "conditional", "guided"],
+                   help="what the prompts' logits are trained toward: cfg = the CFG-combined teacher "
+                        "(the paper), conditional = the frozen model's conditional logits of the safe "
+                        "prompt (guidance-consistent; embedded default), guided = the student's CFG "
+                        "output with the frozen null branch against the paper's targets")
+    g.add_argument("--erase-target", choices=["hard", "soft"],
+                   help="L_FCE on selected tokens: hard = the sampled bits (paper), soft = the target "
+                        "logits' distribution (embedded default)")
     g.add_argument("--precision", choices=["auto", "fp16", "bf16", "fp32"], help="default auto")
     g.add_argument("--grad-checkpointing", action="store_true")
     g.add_argument("--seed", type=int, help="training and pair seed (default 42)")
@@ -237,7 +251,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="out/bench-erasure")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default="svare,vare,naive", help="comma list")
-    p.add_argument("--train", default="ca_ffn,lora", help="comma list of what trains: ca_ffn, lora")
+    p.add_argument("--train", default="lora", help="comma list of what trains: ca_ffn, lora")
+    p.add_argument("--cfg", default="4", help="guidance scales to sample at (comma list, e.g. 1,2,4,6)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the model's default)")
     p.add_argument("--retain", type=int, default=None,
                    help="keep-as-is pairs per shape not erased (default 20 = 2/5 of the 50 pairs; 0 = the paper's pairs only)")

@@ -46,6 +46,7 @@ from torch import Tensor
 
 LN2 = math.log(2)
 METHODS = ("svare", "vare", "naive")
+ERASE_TARGETS = ("hard", "soft")
 
 
 @dataclass
@@ -53,8 +54,12 @@ class LossConfig:
     gamma: float = LN2                # a bit is wrong when its CE > gamma (ln 2: p(label) < 0.5)
     alpha: float = 0.25              # a token is selected when >= alpha of its bits are wrong
     preservation_weight: float = 0.5  # official reg_lambda
+    erase_target: str = "hard"       # L_FCE on selected tokens: hard (CE to the sampled bits,
+                                     # official) | soft (CE to the target logits' distribution)
 
     def __post_init__(self):
+        if self.erase_target not in ERASE_TARGETS:
+            raise ValueError(f"erase_target must be one of {ERASE_TARGETS}, got {self.erase_target!r}")
         _check_gamma(self.gamma)
         _check_alpha(self.alpha)
         _check_real(self.preservation_weight, "preservation_weight")
@@ -225,6 +230,23 @@ def filtered_ce_loss(student_logits: Tensor, bit_labels: Tensor, gamma: float = 
     return loss, _selection_stats(bit_ce, selected, wrong, token_mask)
 
 
+def soft_filtered_ce_loss(student_logits: Tensor, target_logits: Tensor, bit_labels: Tensor,
+                          gamma: float = LN2, alpha: float = 0.25,
+                          token_mask: Tensor | None = None) -> tuple[Tensor, dict]:
+    """L_FCE with soft targets: the tokens are selected exactly as in filtered_ce_loss (bits
+    judged against the sampled labels), but a selected token is trained toward the target's
+    bit distribution (mean over bits of -sum_v p_target(v) log p_student(v)) instead of the
+    one sampled value. Same gradient as KL(target || student); teacher detached."""
+    gamma, alpha = _check_gamma(gamma), _check_alpha(alpha)
+    _check_same_shape(student_logits, target_logits, "student_logits", "target_logits")
+    bit_ce = bit_cross_entropy(student_logits, bit_labels)
+    wrong = bit_error_mask(bit_ce, gamma)
+    selected = wrong.mean(dim=-1) >= alpha
+    soft_ce = -(bit_probs(target_logits.detach()) * bit_log_probs(student_logits)).sum(-1).mean(-1)
+    loss = _token_average(soft_ce * selected.float(), token_mask)
+    return loss, _selection_stats(bit_ce, selected, wrong, token_mask)
+
+
 def preservation_loss(student_logits: Tensor, teacher_logits: Tensor,
                       token_mask: Tensor | None = None) -> Tensor:
     """L_Pre without its weight: mean_b [ sum_t token_kl[b,t] / L ] (official convention)."""
@@ -246,16 +268,26 @@ def vare_loss(student_logits: Tensor, teacher_logits: Tensor,
 
 
 def _filtered_ce_on_rows(logits: Tensor, bit_labels: Tensor, config: LossConfig,
-                         token_mask: Tensor | None, erase_rows: Tensor | None) -> tuple[Tensor, dict]:
+                         token_mask: Tensor | None, erase_rows: Tensor | None,
+                         target_logits: Tensor | None = None) -> tuple[Tensor, dict]:
     """L_FCE over the rows to erase, as a mean over ALL rows (keep rows contribute 0)."""
+    def selected_ce(rows_logits, rows_labels, rows_target, mask):
+        if config.erase_target == "soft":
+            return soft_filtered_ce_loss(rows_logits, rows_target, rows_labels, config.gamma,
+                                         config.alpha, mask)
+        return filtered_ce_loss(rows_logits, rows_labels, config.gamma, config.alpha, mask)
+
+    if config.erase_target == "soft" and target_logits is None:
+        raise ValueError("erase_target 'soft' needs the target logits (got None)")
     if erase_rows is None or bool(erase_rows.all()):
-        return filtered_ce_loss(logits, bit_labels, config.gamma, config.alpha, token_mask)
+        return selected_ce(logits, bit_labels, target_logits, token_mask)
     rows = erase_rows.to(logits.device)
     if not bool(rows.any()):
         zero = logits.float().sum() * 0.0          # keeps the graph: a keep-only batch has no FCE
         return zero, {"selected_fraction": 0.0, "selected_tokens": 0, "bit_error_rate": 0.0, "mean_bit_ce": 0.0}
     mask = token_mask[rows] if token_mask is not None else None
-    fce, stats = filtered_ce_loss(logits[rows], bit_labels[rows.to(bit_labels.device)], config.gamma, config.alpha, mask)
+    target = target_logits[rows.to(target_logits.device)] if target_logits is not None else None
+    fce, stats = selected_ce(logits[rows], bit_labels[rows.to(bit_labels.device)], target, mask)
     share = int(rows.sum()) / len(rows)
     # rates over all rows' tokens (keep rows: none selected), so they average exactly over processes
     stats = {k: (v if k == "selected_tokens" else v * share) for k, v in stats.items()}
@@ -287,6 +319,8 @@ def erasure_objective(method: str, student_unsafe_logits: Tensor,
              "naive": ("bit_labels",)}[method]
     if method == "svare" and config.preservation_weight > 0:
         needs = needs + ("student_safe_logits", "teacher_logits")
+    if method == "svare" and config.erase_target == "soft":
+        needs = needs + ("teacher_logits",)
     given = {"bit_labels": bit_labels, "teacher_logits": teacher_logits,
              "student_safe_logits": student_safe_logits}
     for name in needs:
@@ -295,7 +329,8 @@ def erasure_objective(method: str, student_unsafe_logits: Tensor,
 
     stats: dict = {}
     if method == "svare":
-        fce, stats = _filtered_ce_on_rows(student_unsafe_logits, bit_labels, config, token_mask, erase_rows)
+        fce, stats = _filtered_ce_on_rows(student_unsafe_logits, bit_labels, config, token_mask, erase_rows,
+                                          teacher_logits)
         loss = fce
         stats["fce"] = float(fce.detach())
         if config.preservation_weight > 0:

@@ -20,11 +20,23 @@ What happens:
    preservation weight > 0); loss = losses.erasure_objective: L_FCE + w * L_Pre for svare (the
    paper's single objective; the official code's variant with two optimiser steps per iteration,
    L_FCE then w * L_Pre, is not used), MSE to the teacher for vare, plain CE for naive.
-   Keep pairs (unsafe == safe, pairs.retain_pairs) take part in L_Pre only, held to the frozen
-   model's own CONDITIONAL logits on their trajectory (keep_target="frozen", computed once before
-   training): the sampler mixes that branch with CFG, so leaving it as it was leaves the image as
-   it was. The CFG teacher that safe prompts follow (keep_target="teacher") sharpens the branch
-   instead; on the embedded model that cost 2.4 points of ACC_i and 6 of style (README).
+   Keep pairs (unsafe == safe, pairs.retain_pairs) take part in L_Pre only.
+   What the logits are trained toward (`targets`):
+   - "cfg" (the paper): L_FCE on the bits sampled with guidance, L_Pre toward the CFG-combined
+     teacher. The sampler then applies CFG to a conditional branch that was already taught a
+     guided distribution: guidance twice, blotchy frame-filling pictures at cfg >= 2 (README).
+     Keep pairs are held to the frozen model's own conditional logits (keep_target="frozen").
+   - "conditional" (guidance-consistent): every row's target is the frozen model's CONDITIONAL
+     logits of the safe prompt on the trajectory (computed once before training); with
+     erase_target="soft" the selected tokens of the unsafe prompt are trained toward that
+     distribution instead of the sampled bits. A fit conditional branch then meets the sampler's
+     guidance exactly as the safe prompt's own branch does, at any cfg.
+   - "guided": the student's CFG mix with the frozen null branch, cfg * student(c) + (1 - cfg) *
+     null, is what meets the paper's targets (measured, not the default: README).
+   null_weight > 0 adds the null condition as rows held to its frozen output (an adapter on
+   cross-attention moves the unconditional branch too, which shifts every prompt's picture at
+   cfg > 1); scale_weights="balanced" weights every scale the same (the 1-, 4-, 16-token scales
+   set the layout but are a few % of the tokens).
 5. AdamW (betas 0.9/0.97, weight decay on matrices only), gradient clipping, constant lr.
    Precision: fp16 = autocast + GradScaler (overflowing steps are skipped and counted), bf16 =
    autocast, fp32 = plain; a step whose gradients are not finite is always skipped, so weights
@@ -55,11 +67,14 @@ from .adapters import (FORMAT_VERSION, TRAIN_MODES, Adapter, LORA_TARGETS, Train
                        check_lora_rank, shared_copy)
 from .losses import LN2, METHODS, LossConfig
 from .pairs import PromptPair
-from .trajectories import TrajectorySettings, build_trajectories, frozen_conditional_logits
+from .targets import prepare_targets
+from .trajectories import TrajectorySettings, build_trajectories
 from ..sampler import SamplingCancelled
 
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 KEEP_TARGETS = ("frozen", "teacher")
+TARGETS = ("cfg", "conditional", "guided")
+SCALE_WEIGHTS = ("tokens", "balanced")
 OFFICIAL_LR, OFFICIAL_WIDTH = 2.34e-5, 2048   # S-VARE code's effective lr on Infinity-2B
 
 
@@ -76,8 +91,16 @@ class EraseConfig:
     alpha: float = 0.25                       # token selected when >= alpha of its bits are wrong
     gamma: float = LN2                        # a bit is wrong when its CE > gamma
     preservation_weight: float = 0.5          # w of L_Pre (svare)
+    null_weight: float = 0.0                  # svare: weight of holding the null (unconditional)
+                                              # branch to its frozen self on the trajectories
     keep_target: str = "frozen"               # keep pairs' L_Pre target: frozen (own conditional
                                               # logits) | teacher (CFG-combined, like safe prompts)
+    targets: str = "cfg"                      # cfg (paper: CFG-combined teacher) | conditional (the
+                                              # frozen conditional logits of the safe prompt) | guided
+                                              # (student's CFG output with the frozen null branch)
+    erase_target: str = "hard"                # L_FCE on selected tokens: hard (sampled bits) | soft
+    scale_weights: str = "tokens"             # tokens: every token counts the same (paper) |
+                                              # balanced: every scale counts the same
     precision: str = "auto"                   # half model: its dtype; fp32 model: fp16 on CUDA, else fp32
     gradient_checkpointing: bool = False
     seed: int = 42
@@ -94,7 +117,8 @@ class EraseConfig:
             return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
         for name, allowed in (("method", METHODS), ("train", TRAIN_MODES), ("precision", PRECISIONS),
-                              ("keep_target", KEEP_TARGETS)):
+                              ("keep_target", KEEP_TARGETS), ("targets", TARGETS),
+                              ("scale_weights", SCALE_WEIGHTS)):
             if getattr(self, name) not in allowed:
                 fail(name, f"one of {allowed}", getattr(self, name))
         for name, low in (("steps", 1), ("batch_size", 1), ("rank", 1), ("seed", 0)):
@@ -103,7 +127,7 @@ class EraseConfig:
                 fail(name, f"an integer >= {low}", value)
         if self.lr is not None and not (real("lr", self.lr) and self.lr > 0):
             fail("lr", "a finite number > 0 (or None for the default)", self.lr)
-        for name in ("grad_clip", "weight_decay", "preservation_weight"):
+        for name in ("grad_clip", "weight_decay", "preservation_weight", "null_weight"):
             value = getattr(self, name)
             if not (real(name, value) and value >= 0):
                 fail(name, "a finite number >= 0", value)
@@ -120,7 +144,8 @@ class EraseConfig:
         self.loss_config()   # alpha / gamma checks live with the losses
 
     def loss_config(self) -> LossConfig:
-        return LossConfig(gamma=self.gamma, alpha=self.alpha, preservation_weight=self.preservation_weight)
+        return LossConfig(gamma=self.gamma, alpha=self.alpha, preservation_weight=self.preservation_weight,
+                          erase_target=self.erase_target)
 
 
 @dataclass
@@ -173,15 +198,21 @@ class PromptBank:
                     self.states[prompt] = row[:n].clone()
 
     @torch.no_grad()
-    def condition(self, prompts):
+    def condition(self, prompts, null=False):
+        """Condition of a batch of prompts; null=True (or a bool per prompt) gives the sampler's
+        unconditional branch for them (the learned null condition cut to each prompt's length)."""
         rows = [self.states[p] for p in prompts]
         lens = torch.tensor([len(r) for r in rows], device=rows[0].device)
         padded = rows[0].new_zeros(len(rows), int(lens.max()), rows[0].shape[-1])
         for i, row in enumerate(rows):
             padded[i, :len(row)] = row
         model = self.pipe.model
-        no_drop = torch.zeros(len(rows), dtype=torch.bool, device=padded.device)
-        return model.encode_condition(padded.to(model.word_embed.weight.dtype), lens, drop=no_drop)
+        drop = torch.as_tensor(null if isinstance(null, (list, tuple)) else [null] * len(rows),
+                               dtype=torch.bool, device=padded.device)
+        return model.encode_condition(padded.to(model.word_embed.weight.dtype), lens, drop=drop)
+
+    def null_condition(self, prompts):
+        return self.condition(prompts, null=True)
 
 
 # ----------------------------------------------------------------------------- loop
@@ -267,15 +298,8 @@ def train_erasure(pipe, pairs, config: EraseConfig | None = None, callback=None,
 
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None \
         else contextlib.nullcontext
-    keep_rows = [i for i, p in enumerate(pairs) if p.unsafe == p.safe] if needs_safe else []
-    if keep_rows and config.keep_target == "frozen":
-        # Once, before any weight is trained: the keep rows' L_Pre targets become the frozen
-        # conditional logits (this in-memory set only; the cache file keeps the CFG teacher).
-        keep_logits = frozen_conditional_logits(model, bank.condition, trajs, keep_rows,
-                                                [pairs[i].safe for i in keep_rows], config.trajectory.tau,
-                                                autocast=autocast)
-        trajs.teacher_logits[keep_rows] = keep_logits.to(trajs.teacher_logits)
-
+    holds_null = config.method == "svare" and config.null_weight > 0
+    targets = prepare_targets(model, bank, trajs, pairs, config, autocast)
     generator = torch.Generator().manual_seed(config.seed)
     history: list[dict] = []
     skipped_steps, cancelled = 0, False
@@ -303,15 +327,27 @@ def train_erasure(pipe, pairs, config: EraseConfig | None = None, callback=None,
                 batch = trajs.batch(local)
                 chosen = [pairs[i] for i in local]
                 prompts = [p.unsafe for p in chosen] + ([p.safe for p in chosen] if needs_safe else [])
-                x = batch["x_wo_prefix"].repeat(2 if needs_safe else 1, 1, 1)
+                null = [False] * len(prompts) + [True] * (len(chosen) if holds_null else 0)
+                prompts += [p.safe for p in chosen] if holds_null else []
+                x = batch["x_wo_prefix"].repeat(len(prompts) // len(chosen), 1, 1)
                 with autocast():
-                    logits = parallel.forward(bank.condition(prompts), x, schedule)
-                unsafe_logits = logits[:len(local)]
-                safe_logits = logits[len(local):] if needs_safe else None
+                    logits = parallel.forward(bank.condition(prompts, null=null), x, schedule)
+                n = len(local)
+                unsafe_logits = logits[:n]
+                safe_logits = logits[n:2 * n] if needs_safe else None
+                unsafe_logits = targets.guide(unsafe_logits, local, "unsafe")
+                if needs_safe:
+                    safe_logits = targets.guide(safe_logits, local, "safe")
                 erase_rows = torch.tensor([p.unsafe != p.safe for p in chosen])   # False: keep pairs
+                token_mask = None if targets.token_weights is None else targets.token_weights.expand(n, -1)
                 loss, stats = losses.erasure_objective(
                     config.method, unsafe_logits, safe_logits, batch["teacher_logits"],
-                    batch["bit_labels"], loss_config, erase_rows=erase_rows)
+                    batch["bit_labels"], loss_config, erase_rows=erase_rows, token_mask=token_mask)
+                if holds_null:
+                    null_pre = losses.preservation_loss(logits[-n:], targets.null_rows[local], token_mask)
+                    loss = loss + config.null_weight * null_pre
+                    stats["null_pre"] = float(null_pre.detach())
+                    stats["loss"] = float(loss.detach())
                 weight = distributed.loss_weight(len(local), len(indices), context)
                 scaler.scale(loss if weight == 1 else loss * weight).backward()
                 scaler.unscale_(optimizer)
@@ -343,7 +379,8 @@ def train_erasure(pipe, pairs, config: EraseConfig | None = None, callback=None,
 
     hyper = {"lr": lr, "batch_size": config.batch_size, "alpha": config.alpha,
              "gamma": config.gamma, "preservation_weight": config.preservation_weight,
-             "keep_target": config.keep_target,
+             "keep_target": config.keep_target, "targets": config.targets, "null_weight": config.null_weight,
+             "erase_target": config.erase_target, "scale_weights": config.scale_weights,
              "precision": precision, "seed": config.seed, "grad_clip": config.grad_clip,
              "betas": list(config.betas), "weight_decay": config.weight_decay,
              "gradient_checkpointing": config.gradient_checkpointing,

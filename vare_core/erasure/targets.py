@@ -1,0 +1,76 @@
+"""What the erasure trains toward, prepared once before training (trainer.py, EraseConfig.targets).
+
+    targets = prepare_targets(model, bank, trajs, pairs, config, autocast)
+    trajs.teacher_logits        # now the targets each row's L_FCE (soft) / L_Pre is held to
+    targets.null_rows           # frozen null-branch logits per row (null_weight > 0), or None
+    targets.guide(logits, rows, "unsafe")   # "guided": the student's CFG mix, else unchanged
+    targets.token_weights       # (1, L) per-token weights (scale_weights="balanced"), or None
+
+Why: the sampler mixes two branches, cfg * cond + (1 - cfg) * null. The paper trains the
+conditional branch toward the CFG-combined teacher and the sampler then guides it again; the
+guidance-consistent targets ("conditional") are the frozen model's own conditional logits of
+the safe prompt, so a trained branch meets guidance as the safe prompt's branch always did.
+All targets are computed with the frozen model (a LoRA with B = 0, or before any update).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .trajectories import frozen_conditional_logits
+
+
+@dataclass
+class Targets:
+    null_rows: torch.Tensor | None        # (N, L, 2d) frozen null logits on each row's trajectory
+    guided_null: dict | None              # "guided": {"unsafe"|"safe": (N, L, 2d)} frozen null logits
+    token_weights: torch.Tensor | None    # (1, L), sums to 1
+    cfg: float
+    tau: float
+
+    def guide(self, logits: torch.Tensor, rows, side: str) -> torch.Tensor:
+        """"guided" targets: the sampler's CFG mix of the student's conditional logits with the
+        frozen null branch (both / tau); any other targets: the logits unchanged."""
+        if self.guided_null is None:
+            return logits
+        null = self.guided_null[side][rows].float()
+        return self.cfg * (logits.float() / self.tau) + (1 - self.cfg) * null
+
+
+def scale_balanced_weights(schedule) -> torch.Tensor:
+    """(1, L) token weights giving every scale the same total: the 1-, 4- and 16-token scales
+    decide the layout but are a few % of the tokens."""
+    weights = torch.cat([torch.full((h * w,), 1.0 / (len(schedule) * h * w)) for h, w in schedule])
+    return (weights / weights.sum())[None]
+
+
+@torch.no_grad()
+def prepare_targets(model, bank, trajs, pairs, config, autocast) -> Targets:
+    """Rewrite trajs.teacher_logits (in memory; the cache file keeps the CFG teacher) to the
+    targets of config.targets, and compute the frozen null logits the objective needs."""
+    settings = config.trajectory
+    rows = list(range(len(pairs)))
+    safe = [p.safe for p in pairs]
+
+    def frozen(condition, prompts, indices=rows):
+        return frozen_conditional_logits(model, condition, trajs, indices, prompts, settings.tau,
+                                         autocast=autocast).to(trajs.teacher_logits)
+
+    svare = config.method == "svare"
+    null_rows = frozen(bank.null_condition, safe) if svare and config.null_weight > 0 else None
+    guided_null = None
+    if config.targets == "conditional":
+        trajs.teacher_logits = frozen(bank.condition, safe)
+    elif config.targets == "guided":   # the null logits of each prompt's own length
+        guided_null = {side: frozen(bank.null_condition, [getattr(p, side) for p in pairs])
+                       for side in ("unsafe", "safe")}
+    else:
+        keep = [i for i, p in enumerate(pairs) if p.unsafe == p.safe]
+        if keep and svare and config.preservation_weight > 0 and config.keep_target == "frozen":
+            # keep pairs are held to their own conditional logits
+            trajs.teacher_logits[keep] = frozen(bank.condition, [safe[i] for i in keep], keep)
+    weights = scale_balanced_weights(trajs.schedule).to(trajs.teacher_logits.device) \
+        if config.scale_weights == "balanced" else None
+    return Targets(null_rows=null_rows, guided_null=guided_null, token_weights=weights,
+                   cfg=settings.cfg, tau=settings.tau)
