@@ -1,4 +1,5 @@
 """Memory estimate and out-of-memory advice: counts match the tensors the trainer really trains."""
+import pytest
 import torch
 
 from vare_core.embedded.erasure_defaults import (DEFAULT_ALPHA, DEFAULT_LORA_TARGETS, DEFAULT_LR,
@@ -42,8 +43,15 @@ def test_advice_lists_cheaper_settings_in_order():
 
 
 def test_tuned_settings_only_for_the_shapes_world_default():
+    from vare_core.embedded.erasure_defaults import EMBEDDED_CONSISTENT, FORMULATIONS
+    consistent = {**FORMULATIONS["consistent"], **EMBEDDED_CONSISTENT}
     assert tuned_settings("embedded", "lora") == {"lr": DEFAULT_LR, "lora_targets": DEFAULT_LORA_TARGETS,
-                                                  "alpha": DEFAULT_ALPHA,
-                                                  "preservation_weight": DEFAULT_PRESERVATION_WEIGHT}
-    assert tuned_settings("embedded", "ca_ffn") == {}
-    assert tuned_settings("infinity_2b", "lora") == {}
+                                                  **consistent}
+    assert tuned_settings("embedded", "lora", "paper") == {
+        "lr": DEFAULT_LR, "lora_targets": DEFAULT_LORA_TARGETS, "alpha": DEFAULT_ALPHA,
+        "preservation_weight": DEFAULT_PRESERVATION_WEIGHT, **FORMULATIONS["paper"]}
+    assert tuned_settings("embedded", "ca_ffn") == consistent          # no LoRA tuning for ca_ffn
+    assert tuned_settings("infinity_2b", "lora") == FORMULATIONS["consistent"]
+    assert tuned_settings("infinity_2b", "lora", "paper") == FORMULATIONS["paper"]
+    with pytest.raises(ValueError, match="formulation"):
+        tuned_settings("infinity_2b", "lora", "fast")

@@ -213,7 +213,7 @@ def _selection_stats(bit_ce: Tensor, selected: Tensor, wrong: Tensor,
     n_valid = valid.sum().clamp_min(1.0)
     return {
         "selected_fraction": float((selected.float() * valid).sum() / n_valid),
-        "selected_tokens": int((selected.float() * valid).sum()),
+        "selected_tokens": int((selected.float() * (valid > 0).float()).sum()),   # weights: counts
         "bit_error_rate": float((wrong.mean(dim=-1) * valid).sum() / n_valid),
         "mean_bit_ce": float((bit_ce.mean(dim=-1) * valid).sum() / n_valid),
     }
