@@ -238,7 +238,7 @@ class TrainErasure(io.ComfyNode):
             raise ValueError("this model's weights were made under torch.inference_mode and cannot be "
                              "trained; load it with Load VAR Model (VARE), which keeps them trainable")
         tuned = erasure_defaults.tuned_settings(pipe.name, train, formulation)
-        shaping = {k: tuned[k] for k in ("targets", "erase_target", "null_weight", "scale_weights")}
+        shaping = {k: tuned[k] for k in erasure_defaults.FORMULATIONS["paper"]}   # the formulation's fields
         config = EraseConfig(**shaping, method=method, train=train, rank=rank, steps=steps,
                              lr=learning_rate if learning_rate > 0 else tuned.get("lr"),
                              lora_targets=tuned.get("lora_targets", EraseConfig.lora_targets) if lora_targets == "auto"

@@ -22,6 +22,9 @@ DEMO_PROMPTS = [
     "a striped red cross on a white background",
 ]
 CONCEPT, ANCHOR = "circle", "square"
+# workflows/vare_embedded_erase_before_after.jpg: these demo prompts, titled
+THUMBNAIL = ((0, "red circle"), (1, "blue disc"), (2, "green round shape"), (3, "yellow square"),
+             (5, "red cross"))
 
 
 def image_grid(columns: list[list[np.ndarray]], row_labels: list[str], column_labels: list[str],
@@ -88,13 +91,9 @@ def run_demo(out: Path, seed: int = 0, steps: int | None = None) -> str:
     grid = image_grid([to_uint8(before), to_uint8(after)], labels, ["before", f"after erasing '{CONCEPT}'"])
     grid_path = out / "demo_grid.png"
     grid.save(grid_path)
-    # workflows/vare_embedded_erase_before_after.jpg is this picture (its prompts are these)
-    shown = [i for i, p in enumerate(DEMO_PROMPTS) if "triangle" not in p]
-    titles = [" ".join(w for w in DEMO_PROMPTS[i].split()[1:] if w not in ("striped",)).split(" on ")[0]
-              for i in shown]
     before_u8, after_u8 = to_uint8(before), to_uint8(after)
-    thumbnail([before_u8[i] for i in shown], [after_u8[i] for i in shown], titles).save(
-        out / "thumbnail.jpg", quality=90)
+    thumbnail([before_u8[i] for i, _ in THUMBNAIL], [after_u8[i] for i, _ in THUMBNAIL],
+              [title for _, title in THUMBNAIL]).save(out / "thumbnail.jpg", quality=90)
 
     lines = [f"# VARE demo (embedded model, seed {seed})", "",
              f"Erased '{CONCEPT}' (anchor '{ANCHOR}') with S-VARE, {config.train} adapter, "

@@ -24,7 +24,7 @@ at the same seed (mean absolute difference on [0, 1]; < SAME_PICTURE counts as t
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -99,6 +99,7 @@ class SampledSets:
     seed: int
     items: dict           # set name -> [(prompt, expected)]
     images: dict          # set name -> np.ndarray uint8
+    judged: dict = field(default_factory=dict)   # set name -> verdicts, filled once (judged_set)
 
 
 def _generate(pipe, prompts: list[str], seed: int, cfg) -> np.ndarray:
@@ -136,6 +137,14 @@ def _judged(images: np.ndarray, classifier) -> list[dict]:
     return geometric
 
 
+def judged_set(run: SampledSets, name: str, classifier) -> list[dict]:
+    """The verdicts on one prompt set's images, computed once per run (a reference run is
+    compared with many erased runs)."""
+    if name not in run.judged:
+        run.judged[name] = _judged(run.images[name], classifier)
+    return run.judged[name]
+
+
 def _mean(values) -> float:
     values = list(values)
     return float(np.mean(values)) if values else float("nan")
@@ -155,7 +164,7 @@ def _spread(judged: list[dict]) -> dict:
 def fidelity_scores(run: SampledSets, classifier, reference: SampledSets | None = None) -> dict:
     """Every score of one sampled run; `reference` (the original model's run with the same
     prompts, seed and cfg) adds same-seed preservation and the original's cleanliness."""
-    judged = {name: _judged(images, classifier) for name, images in run.images.items()}
+    judged = {name: judged_set(run, name, classifier) for name in run.images}
     concepts = set(run.concepts)
     scores: dict = {"cfg": run.cfg}
 
@@ -186,7 +195,7 @@ def fidelity_scores(run: SampledSets, classifier, reference: SampledSets | None 
         difference = mean_abs_difference(run.images["others"], reference.images["others"])
         scores["same_picture"] = _mean(difference < SAME_PICTURE)
         scores["others_difference"] = _mean(difference)
-        ref_judged = list(zip(_judged(reference.images["others"], classifier),
+        ref_judged = list(zip(judged_set(reference, "others", classifier),
                               [e["shape"] for _, e in reference.items["others"]]))
         # what the erased prompts' pictures are compared with: the original's own pictures of
         # each other shape (the anchor among them)

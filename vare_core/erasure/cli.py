@@ -229,11 +229,11 @@ def register(subparsers) -> None:
     g.add_argument("--targets", choices=["cfg", "conditional", "guided"],
                    help="what the prompts' logits are trained toward: cfg = the CFG-combined teacher "
                         "(the paper), conditional = the frozen model's conditional logits of the safe "
-                        "prompt (guidance-consistent; embedded default), guided = the student's CFG "
+                        "prompt (guidance-consistent; the default), guided = the student's CFG "
                         "output with the frozen null branch against the paper's targets")
     g.add_argument("--erase-target", choices=["hard", "soft"],
                    help="L_FCE on selected tokens: hard = the sampled bits (paper), soft = the target "
-                        "logits' distribution (embedded default)")
+                        "logits' distribution (the default)")
     g.add_argument("--precision", choices=["auto", "fp16", "bf16", "fp32"], help="default auto")
     g.add_argument("--grad-checkpointing", action="store_true")
     g.add_argument("--seed", type=int, help="training and pair seed (default 42)")

@@ -277,8 +277,6 @@ def _filtered_ce_on_rows(logits: Tensor, bit_labels: Tensor, config: LossConfig,
                                          config.alpha, mask)
         return filtered_ce_loss(rows_logits, rows_labels, config.gamma, config.alpha, mask)
 
-    if config.erase_target == "soft" and target_logits is None:
-        raise ValueError("erase_target 'soft' needs the target logits (got None)")
     if erase_rows is None or bool(erase_rows.all()):
         return selected_ce(logits, bit_labels, target_logits, token_mask)
     rows = erase_rows.to(logits.device)

@@ -298,8 +298,8 @@ def train_erasure(pipe, pairs, config: EraseConfig | None = None, callback=None,
 
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None \
         else contextlib.nullcontext
-    holds_null = config.method == "svare" and config.null_weight > 0
     targets = prepare_targets(model, bank, trajs, pairs, config, autocast)
+    holds_null = targets.null_rows is not None      # svare with null_weight > 0
     generator = torch.Generator().manual_seed(config.seed)
     history: list[dict] = []
     skipped_steps, cancelled = 0, False
