@@ -7,13 +7,13 @@ also found in models/loras/ when their metadata says they are VARE adapters.
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
 from pathlib import Path
 
 import torch
 
+from vare_core import paths
 from vare_core.erasure.adapters import FORMAT_VERSION, STRENGTH_RANGE, apply_adapter, load_adapter, save_adapter
 
 from . import host
@@ -26,6 +26,8 @@ _header_cache: dict[tuple[str, float], bool] = {}
 
 def is_vare_adapter(path: Path) -> bool:
     """Reads only the safetensors header: does its metadata name our adapter format?"""
+    if not paths.is_regular_file(path):      # a FIFO would block the node list forever
+        return False
     try:
         key = (str(path), path.stat().st_mtime)
     except OSError:
@@ -94,21 +96,43 @@ class ApplyAdapter(io.ComfyNode):
 
 
 def output_name(template: str, adapter) -> str:
-    concepts = "-".join(re.sub(r"\W+", "-", c).strip("-") for c in adapter.metadata.get("concepts", []))
-    name = template.replace("{concepts}", concepts or "concept").replace("{method}",
-                                                                         adapter.metadata.get("method", ""))
+    """The template with {concepts} / {method} filled from the adapter's metadata. Metadata is
+    untrusted (a shared adapter): every value is sanitised after substitution (paths.safe_part),
+    so it can add text to the name but never a folder or '..'."""
+    metadata = adapter.metadata
+    concepts = metadata.get("concepts")
+    concepts = [str(c) for c in concepts] if isinstance(concepts, list) else []
+    name = paths.fill_template(template, {"concepts": concepts or ["concept"],
+                                          "method": metadata.get("method", "adapter")})
     return name[:-len(".safetensors")] if name.endswith(".safetensors") else name
 
 
 def check_filename(filename: str) -> str | None:
+    if not isinstance(filename, str):
+        return f"filename must be text, got {filename!r}"
     stem = filename.replace("{concepts}", "x").replace("{method}", "x").strip()
-    if not stem:
-        return "filename is empty"
-    if os.path.isabs(stem) or ".." in Path(stem).parts or "\\" in stem:
-        return f"filename {filename!r}: give a name (sub/folder/name allowed), not a path outside the folder"
+    problem = paths.check_relative_name(stem, "filename")
+    if problem:
+        return problem
     if not re.fullmatch(r"[\w .\-/]+", stem):
         return f"filename {filename!r}: use letters, digits, spaces, '-', '_', '.' and '/' only"
     return None
+
+
+def target_path(folder_root: Path, name: str, overwrite: bool) -> Path:
+    """Where Save writes `name`: inside folder_root (checked after every substitution, symlinks
+    resolved); an existing file gets a numbered new name unless overwrite, and overwrite never
+    replaces something that is not a VARE adapter."""
+    path = paths.resolve_inside(folder_root, name + ".safetensors", "filename")
+    stem, counter = path.name[:-len(".safetensors")], 1
+    while (path.exists() or path.is_symlink()) and not overwrite:
+        path, counter = path.with_name(f"{stem}_{counter:03d}.safetensors"), counter + 1
+    if path.exists() or path.is_symlink():
+        paths.check_output_file(path, "filename")          # a folder, FIFO or device: refused
+        if not is_vare_adapter(path):
+            raise ValueError(f"filename: {path} exists and is not a VARE adapter; overwrite only "
+                             "replaces adapters. Choose another name.")
+    return path
 
 
 class SaveAdapter(io.ComfyNode):
@@ -142,11 +166,11 @@ class SaveAdapter(io.ComfyNode):
             raise ValueError(problem)
         if folder not in SAVE_FOLDERS:
             raise ValueError(f"folder {folder!r}: choose one of {', '.join(SAVE_FOLDERS)}")
-        stem = host.default_root(folder) / output_name(filename.strip(), adapter)
-        path, counter = stem.with_name(stem.name + ".safetensors"), 1
-        while path.exists() and not overwrite:
-            path, counter = stem.with_name(f"{stem.name}_{counter:03d}.safetensors"), counter + 1
+        root = host.default_root(folder)
+        root.mkdir(parents=True, exist_ok=True)
+        path = target_path(root, output_name(filename.strip(), adapter), overwrite)
         path.parent.mkdir(parents=True, exist_ok=True)
+        path = target_path(root, output_name(filename.strip(), adapter), overwrite)  # after mkdir
         save_adapter(adapter, path)
         host.log.info("VARE adapter saved to %s", path)
         return io.NodeOutput(str(path), ui={"text": [f"saved {path}"]})

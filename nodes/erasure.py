@@ -19,6 +19,7 @@ from datetime import datetime
 
 import torch
 
+from vare_core import paths
 from vare_core.embedded import erasure_defaults
 from vare_core.embedded.erasure_defaults import embedded_pairs
 from vare_core.erasure.adapters import TRAIN_MODES, save_adapter
@@ -113,12 +114,16 @@ def out_of_memory_message(pipe, config: EraseConfig, step: int) -> str:
 
 
 def save_partial(adapter, history: LossHistory, config: EraseConfig) -> str:
+    """The partial adapter of a cancelled run, under a generated name that always fits (long
+    inferred concept names are shortened with a hash) and stays inside models/vare/partial."""
     folder = host.default_root(host.ADAPTER_FOLDER) / "partial"
     folder.mkdir(parents=True, exist_ok=True)
-    concept = "_".join(re.sub(r"\W+", "-", c) for c in history.concepts) or "concept"
+    concept = "_".join(paths.safe_part(c, "", limit=40) for c in history.concepts).strip("_") or "concept"
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     done = adapter.metadata.get("steps_done", len(history.steps))
-    path = folder / f"erase_{concept}_{config.method}_{done}of{config.steps}_{stamp}.safetensors"
+    tail = f"_{paths.safe_part(config.method)}_{done}of{config.steps}_{stamp}"
+    name = paths.shorten(f"erase_{concept}", paths.NAME_LIMIT - len(tail)) + tail
+    path = paths.resolve_inside(folder, name + ".safetensors", "partial adapter name")
     save_adapter(adapter, path)
     path.with_suffix(".loss.json").write_text(json.dumps(history.steps, indent=0))
     return str(path)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from vare_core import paths
 from vare_core.erasure import memory
 
 log = logging.getLogger("vare")
@@ -86,8 +87,18 @@ def list_entries(names, folders_ok: str | None = None) -> list[str]:
         for root in folder_roots(name):
             if not root.is_dir():
                 continue
+            seen: set[tuple[int, int]] = set()    # real folders listed: symlink loops end here
             for directory, subdirs, files in os.walk(root, followlinks=True):
                 here = Path(directory)
+                try:
+                    real = os.stat(here)
+                except OSError:
+                    subdirs[:] = []
+                    continue
+                if (real.st_dev, real.st_ino) in seen:
+                    subdirs[:] = []
+                    continue
+                seen.add((real.st_dev, real.st_ino))
                 rel = here.relative_to(root).as_posix()
                 if here != root and folders_ok == "sharded" and any(f.endswith(".index.json") for f in files):
                     entries.append(rel + "/")
@@ -98,8 +109,9 @@ def list_entries(names, folders_ok: str | None = None) -> list[str]:
                     subdirs[:] = []
                     continue
                 subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-                for f in files:
-                    if f.lower().endswith(WEIGHT_SUFFIXES) and not _SHARD.search(f):
+                for f in files:   # regular files only: a FIFO would block whoever opens it
+                    if f.lower().endswith(WEIGHT_SUFFIXES) and not _SHARD.search(f) \
+                            and paths.is_regular_file(here / f):
                         entries.append(f if here == root else f"{rel}/{f}")
     return sorted(dict.fromkeys(entries), key=str.lower)
 

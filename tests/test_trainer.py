@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vare_core.erasure import losses, trainer
-from vare_core.erasure.adapters import apply_adapter, load_adapter, save_adapter
+from vare_core.erasure.adapters import AdapterError, apply_adapter, load_adapter, save_adapter
 from vare_core.embedded.erasure_defaults import embedded_pairs
 from vare_core.erasure.losses import filtered_ce_loss
 from vare_core.erasure.trainer import EraseConfig, TrainResult, default_lr, train_erasure
@@ -230,3 +230,22 @@ def test_single_process_needs_no_process_group(pipe, pairs, tmp_path, monkeypatc
     assert result.adapter is not None and "distributed" not in result.adapter.metadata["hyperparameters"]
     with pytest.raises(ValueError, match="torchrun"):                 # FSDP needs processes
         train_erasure(pipe, pairs, EraseConfig(steps=1), cache_dir=tmp_path, fsdp=True)
+
+
+def test_stop_before_the_first_step_gives_no_adapter(pipe, pairs, tmp_path):
+    # trajectories done, then Ctrl-C before step 1: nothing was trained, so nothing may be saved
+    # over an existing adapter (hardening 2, item 8)
+    build_trajectories(pipe, [p.safe for p in pairs], cache_dir=tmp_path)
+    result = train_erasure(pipe, pairs, EraseConfig(steps=5, lr=3e-3), cancel=lambda: True, cache_dir=tmp_path)
+    assert result.cancelled and result.adapter is None and result.history == []
+
+
+def test_diverged_training_is_never_an_adapter(pipe, pairs, tmp_path):
+    with pytest.raises(trainer.TrainingDiverged, match="inf/NaN.*nothing was saved"):
+        run(pipe, pairs, tmp_path, lr=1e308, steps=2)
+    result = run(pipe, pairs, tmp_path, steps=1)
+    name = next(iter(result.adapter.tensors))
+    result.adapter.tensors[name].view(-1)[0] = float("nan")
+    with pytest.raises(AdapterError, match="inf/NaN"):
+        save_adapter(result.adapter, tmp_path / "bad.safetensors")
+    assert not (tmp_path / "bad.safetensors").exists()

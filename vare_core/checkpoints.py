@@ -37,6 +37,8 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+from . import paths
+
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # the safetensors library refuses larger headers too
 # Tried in order until the dict holds tensors; 'vae' before 'ema' as in the official VAE loader.
@@ -64,6 +66,11 @@ def load_state_dict(path, *, map_location="cpu", mmap: bool = True,
     path = Path(path)
     if not path.exists():
         raise CheckpointError(path, "no such file or folder", "Check the path and the file name")
+    if not path.is_dir():       # a FIFO or device would block or stream forever
+        try:
+            paths.require_regular_file(path, "checkpoint")
+        except ValueError as err:
+            raise CheckpointError(path, str(err).split(f"{path} ", 1)[-1]) from None
     if path.is_dir():
         raw = _load_folder(path, map_location, mmap)
     elif path.name.endswith(".index.json"):

@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
+from .. import paths
 from ..checkpoints import save_safetensors_atomic
 from ..models.presets import to_official_keys
 
@@ -281,6 +282,11 @@ def save_adapter(adapter: Adapter, path) -> None:
     metadata = dict(adapter.metadata)
     metadata.setdefault("format", FORMAT_VERSION)
     _check_structure(adapter.tensors, metadata, f"adapter for {path}")
+    bad = [name for name, tensor in adapter.tensors.items()
+           if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise AdapterError(f"adapter for {path}: {bad[0]} holds inf/NaN (training diverged?); "
+                           "an adapter that cannot be applied is never saved")
     encoded = {key: json.dumps(value) for key, value in metadata.items()}
     save_safetensors_atomic(adapter.tensors, path, encoded)
 
@@ -290,8 +296,12 @@ def load_adapter(path) -> Adapter:
     path = Path(path)
     if path.is_dir():
         raise AdapterError(f"{path} is a folder; give the adapter's .safetensors file")
-    if not path.is_file():
+    if paths.file_kind(path) == "missing":
         raise FileNotFoundError(f"adapter file not found: {path}")
+    try:
+        paths.require_regular_file(path, "adapter")
+    except ValueError as err:
+        raise AdapterError(str(err)) from None
     with open(path, "rb") as f:
         head = f.read(9)          # safetensors: 8-byte header length, then the JSON header's '{'
     pickled = head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)

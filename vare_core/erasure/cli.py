@@ -25,7 +25,9 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+from .. import paths
 from ..embedded.erasure_defaults import SHAPES_WORLD_MODELS
+
 TRAINING_OPTIONS = ("method", "train", "rank", "steps", "lr", "batch_size", "alpha", "gamma",
                     "preservation_weight", "keep_target", "targets", "erase_target", "precision", "seed")
 
@@ -110,9 +112,9 @@ class _StopFlag:
 
 def cmd_erase(args):
     from . import distributed
-    out = Path(args.out)
-    if not out.parent.is_dir():
-        raise ValueError(f"--out {out}: the folder {out.parent} does not exist")
+    # checked before anything loads: a bad path must not cost a training run, and a device
+    # node, FIFO or folder at --out is never replaced
+    out = paths.check_output_file(Path(args.out), "--out")
     config = config_from_args(args)              # bad settings fail before the model loads
     args.seed = config.seed
     if args.fsdp and distributed.env_world_size() <= 1:
@@ -176,7 +178,8 @@ def _erase(args, config, out: Path, main: bool):
             raise KeyboardInterrupt
         return
     if result.adapter is None:
-        print("interrupted before training started; nothing saved")
+        print("interrupted before the first training step; nothing saved"
+              + (f" ({out} is unchanged)" if out.exists() else ""))
         raise KeyboardInterrupt
     save_adapter(result.adapter, out)
     meta = result.adapter.metadata

@@ -38,6 +38,8 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import paths
+
 DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}",
     "a painting of a {}",
@@ -401,8 +403,9 @@ def load_pairs_file(path, default_concept: str | None = None) -> list[PromptPair
     path = Path(path)
     if default_concept is not None and not isinstance(default_concept, str):
         raise ValueError(f"default_concept must be a string or None, got {default_concept!r}")
-    if not path.is_file():
+    if paths.file_kind(path) == "missing":
         raise FileNotFoundError(f"pairs file not found: {path}")
+    paths.require_regular_file(path, "pairs file")
     suffix = path.suffix.lower()
     if suffix not in (".txt", ".json", ".csv"):
         raise ValueError(f"pairs file {path}: unsupported extension {suffix!r}; use .txt "

@@ -253,6 +253,10 @@ def _make_optimizer(params, lr: float, config: EraseConfig) -> torch.optim.AdamW
                              lr=lr, betas=config.betas)
 
 
+class TrainingDiverged(ValueError):
+    """The trained weights are not finite: there is no usable adapter to save."""
+
+
 def train_erasure(pipe, pairs, config: EraseConfig | None = None, callback=None, cancel=None,
                   cache_dir=None, fsdp: bool = False) -> TrainResult:
     """Train an erasure adapter on `pairs` (PromptPair list); see the module docstring.
@@ -374,8 +378,14 @@ def train_erasure(pipe, pairs, config: EraseConfig | None = None, callback=None,
         model.gradient_checkpointing = saved_mode[1]
         for p, flag in requires_grad.items():
             p.requires_grad_(flag)
-    if not main:
+    if not main or not history:     # ranks > 0, or stopped before the first step: nothing to save
         return TrainResult(adapter=None, history=history, cancelled=cancelled)
+    bad = [name for name, tensor in tensors.items() if not bool(torch.isfinite(tensor).all())]
+    if bad:   # e.g. --lr 1e308: the weights overflowed; such an adapter is never handed out
+        raise TrainingDiverged(
+            f"training diverged: {len(bad)} of {len(tensors)} trained tensors hold inf/NaN after "
+            f"{len(history)} steps (lr {lr:g}); nothing was saved. Lower the learning rate "
+            "(the default is usually right) or use precision fp32.")
 
     hyper = {"lr": lr, "batch_size": config.batch_size, "alpha": config.alpha,
              "gamma": config.gamma, "preservation_weight": config.preservation_weight,

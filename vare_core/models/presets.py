@@ -56,6 +56,20 @@ def to_official_keys(state_dict: dict, blocks_per_chunk: int) -> dict:
     return out
 
 
+MAX_DEPTH = 512     # Infinity-20B has 58 blocks; a key naming block 99,999,999 is damage
+
+
+def _check_indices(found: set[int], prefix: str) -> None:
+    """Block numbers in the keys must be 0..n-1, all present: the depth comes from the tensors
+    that exist, never from one stray key."""
+    top = max(found)
+    if top >= MAX_DEPTH or len(found) != top + 1:
+        missing = sorted(set(range(min(top + 1, 10_000))) - found)[:5]
+        raise ValueError(f"the checkpoint's keys name {prefix}.{top} but hold tensors for "
+                         f"{len(found)} of them (missing e.g. {missing}); the file is damaged or "
+                         f"mixes checkpoints (at most {MAX_DEPTH} blocks are accepted)")
+
+
 def detect_infinity_config(state_dict: dict, **overrides) -> InfinityConfig:
     """Read every size from tensor shapes (official or our key names)."""
     sd = state_dict
@@ -65,12 +79,19 @@ def detect_infinity_config(state_dict: dict, **overrides) -> InfinityConfig:
         raise ValueError(f"not an Infinity transformer checkpoint: missing {missing}")
     official = any(_OFFICIAL_BLOCK.match(k) for k in sd)
     if official:
-        chunks = 1 + max(int(m.group(1)) for k in sd if (m := _OFFICIAL_BLOCK.match(k)))
+        chunk_ids = {int(m.group(1)) for k in sd if (m := _OFFICIAL_BLOCK.match(k))}
+        chunks = 1 + max(chunk_ids)
+        _check_indices(chunk_ids, "block_chunks")
+        _check_indices({int(m.group(2)) for k in sd if (m := _OFFICIAL_BLOCK.match(k))}, "block_chunks.*.module")
         per_chunk = _blocks_per_chunk(sd)
         depth = chunks * per_chunk
         first = "block_chunks.0.module.0."
     else:
-        depth = 1 + max(int(m.group(1)) for k in sd if (m := _OUR_BLOCK.match(k)))
+        block_ids = {int(m.group(1)) for k in sd if (m := _OUR_BLOCK.match(k))}
+        if not block_ids:
+            raise ValueError("not an Infinity transformer checkpoint: no transformer blocks")
+        _check_indices(block_ids, "blocks")
+        depth = 1 + max(block_ids)
         chunks, first = overrides.pop("block_chunks", 1), "blocks.0."
     embed_dim = sd["pos_start"].shape[-1]
     heads = sd[first + "sa.scale_mul_1H11"].shape[1]

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
+from .. import paths
+
 
 class T5WeightsError(ValueError):
     """A T5 checkpoint, config or folder that cannot be loaded; the message names the file and fix."""
@@ -47,6 +49,11 @@ ACTIVATIONS = {"gelu_tanh": partial(F.gelu, approximate="tanh"), "gelu": F.gelu,
                "relu": F.relu, "silu": F.silu}
 _HF_ACTIVATION = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
                   "relu": "relu", "silu": "silu", "swish": "silu"}
+
+
+# Far above every released T5 (t5-11b / flan-ul2: 24-32 layers, d_ff 65536, vocab 32k-250k).
+CONFIG_BOUNDS = {"d_model": 16384, "d_kv": 1024, "d_ff": 262144, "num_layers": 128, "num_heads": 512,
+                 "vocab_size": 1_048_576}
 
 
 @dataclass
@@ -67,8 +74,12 @@ class T5Config:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"T5Config.activation={self.activation!r}; use one of {sorted(ACTIVATIONS)}")
         for name in ("d_model", "d_kv", "d_ff", "num_layers", "num_heads", "vocab_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"T5Config.{name} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"T5Config.{name} must be a positive integer, got {value!r}")
+            if value > CONFIG_BOUNDS[name]:   # a config must not make us build a huge model
+                raise ValueError(f"T5Config.{name}={value} is beyond any T5 (at most "
+                                 f"{CONFIG_BOUNDS[name]}); the config.json is damaged or not a T5's")
 
     @classmethod
     def flan_t5_xl(cls) -> "T5Config":
@@ -362,9 +373,15 @@ def _listing(keys, limit=8) -> str:
 
 def load_t5_encoder(path, config: T5Config, dtype=torch.float32, device="cpu") -> T5Encoder:
     """A frozen, eval-mode T5Encoder with the weights at `path`, straight in `dtype` on `device`."""
+    state, origin = _read_weights(path, dtype, device)
+    # the weights' own block count is checked before the model is built (a config of 10^7
+    # layers with a 2 MB file must fail in milliseconds)
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"encoder\.block\.(\d+)\.", k))}
+    if config.num_layers > len(blocks):   # fewer: the key check below lists what is extra
+        raise T5WeightsError(f"{path}: the config says {config.num_layers} layers but the weights hold "
+                             f"{len(blocks)} encoder blocks; check that the config belongs to these weights")
     with torch.device("meta"):
         model = T5Encoder(config)
-    state, origin = _read_weights(path, dtype, device)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     missing = [k for k in expected if k not in state]
     extra = [f"{k} (in {origin[k].name})" for k in state if k not in expected]
@@ -457,8 +474,9 @@ class TextEncoder:
         config: T5Config, HF config dict or config.json path."""
         config = _as_config(config)
         if not isinstance(tokenizer, Tokenizer):
-            if not Path(tokenizer).is_file():
+            if paths.file_kind(tokenizer) == "missing":
                 raise FileNotFoundError(f"tokenizer.json not found: {tokenizer}")
+            paths.require_regular_file(Path(tokenizer), "tokenizer")
             try:
                 tokenizer = Tokenizer.from_file(str(tokenizer))
             except Exception as err:   # the tokenizers library raises a bare Exception

@@ -1,0 +1,54 @@
+"""Small inputs never imply unbounded work: sizes come from the tensors present and sane bounds
+(hardening 2, item 6)."""
+import time
+
+import pytest
+import torch
+
+from vare_core.models import presets
+from vare_core.models.t5 import T5Config
+from vare_core.testing import tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def state():
+    return {k: v.clone() for k, v in tiny_pipeline(seed=0).model.state_dict().items()}
+
+
+def test_a_stray_block_key_does_not_set_the_depth(state):
+    start = time.perf_counter()
+    damaged = {**state, "blocks.99999999.ffn.fc1.weight": torch.zeros(1)}
+    with pytest.raises(ValueError, match=r"blocks\.99999999.*damaged"):
+        presets.detect_infinity_config(damaged)
+    official = presets.to_official_keys(state, 1)
+    official["block_chunks.5000000.module.0.ffn.fc1.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="block_chunks"):
+        presets.detect_infinity_config(official)
+    assert time.perf_counter() - start < 5
+    assert presets.detect_infinity_config(state).depth == 1 + max(
+        int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+
+
+def test_a_missing_block_is_named(state):
+    dropped = {k: v for k, v in state.items() if not k.startswith("blocks.0.")}
+    with pytest.raises(ValueError, match="missing e.g. \\[0\\]"):
+        presets.detect_infinity_config(dropped)
+
+
+@pytest.mark.parametrize("field, value", [("num_layers", 10**7), ("d_model", 10**6), ("vocab_size", 10**9),
+                                          ("num_heads", 10**5), ("d_ff", True), ("d_kv", 2.5)])
+def test_t5_config_bounds(field, value):
+    sizes = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=100)
+    with pytest.raises(ValueError, match=field):
+        T5Config(**{**sizes, field: value})
+
+
+def test_t5_config_asking_more_layers_than_the_weights_hold(tmp_path):
+    from safetensors.torch import save_file
+
+    from vare_core.models.t5 import T5Encoder, T5WeightsError, load_t5_encoder
+    config = T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=100)
+    save_file(T5Encoder(config).state_dict(), str(tmp_path / "model.safetensors"))
+    big = T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=120, num_heads=4, vocab_size=100)
+    with pytest.raises(T5WeightsError, match="120 layers but the weights hold 2"):
+        load_t5_encoder(tmp_path / "model.safetensors", big)
