@@ -141,3 +141,35 @@ def test_cli_erase_twice_writes_identical_adapter_files(cli_uses, tmp_path, caps
     assert meta_a == meta_b
     tensors_c, _ = erase("c", seed="43")
     assert any(not torch.equal(tensors_a[k], tensors_c[k]) for k in tensors_a)
+
+
+def test_cli_sample_never_overwrites_and_keeps_finished_images(cli_uses, embedded, tmp_path, capsys, monkeypatch):
+    argv = ["sample", "--prompt", PROMPTS[0], "--n", "2", "--batch", "1", "--seed", "3", "--out", str(tmp_path)]
+    assert main(argv) == 0 and main(argv) == 0, capsys.readouterr().err
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [f"sample_{i:03d}.png" for i in range(4)]        # the second run added files
+    first = read_pngs(tmp_path)
+    assert np.array_equal(first[0], first[2]) and np.array_equal(first[1], first[3])
+    assert main(argv + ["--overwrite", "--seed", "4"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    assert not np.array_equal(read_pngs(tmp_path)[0], first[0])
+
+    real, calls = embedded.generate, []
+
+    def stop_at_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(embedded, "generate", stop_at_second_batch)
+    out = tmp_path / "stopped"
+    assert main(["sample", "--prompt", PROMPTS[0], "--n", "3", "--batch", "1", "--out", str(out)]) == 130
+    assert sorted(p.name for p in out.iterdir()) == ["sample_000.png"]  # finished, complete, no temp file
+    assert read_pngs(out)[0].shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize("flags, message", [(["--seed", str(2**64)], "--seed"), (["--n", "100000"], "--n 100000"),
+                                            (["--stem", "s" * 300], "--stem")])
+def test_cli_sample_refuses_unbounded_requests(flags, message, tmp_path, capsys):
+    assert main(["sample", "--prompt", "a circle", "--out", str(tmp_path)] + flags) == 2
+    assert message in capsys.readouterr().err

@@ -161,3 +161,40 @@ def test_second_ctrl_c_leaves_the_previous_or_a_complete_adapter(previous, tmp_p
     kept = torch.equal(now.tensors.get("blocks.0.ca.proj.weight", torch.zeros(1)), torch.full((4, 4), 1.0))
     assert kept or now.metadata["cancelled"] is True
     assert leftovers(previous.parent) == []
+
+
+def full_disk_the_safetensors_way(tensors, filename, metadata=None):
+    # what safetensors raises on ENOSPC: its own error type, not an OSError
+    raise safetensors.SafetensorError(
+        'Error while serializing: I/O error: No space left on device (os error 28) at path "x"')
+
+
+def test_safetensors_own_full_disk_error_is_an_os_error(previous, monkeypatch):
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk_the_safetensors_way)
+    with pytest.raises(OSError, match="No space left on device.*unchanged") as info:
+        save_adapter(adapter(2.0), previous)
+    assert info.value.errno == errno.ENOSPC
+    assert torch.equal(load_adapter(previous).tensors["blocks.0.ca.proj.weight"], torch.full((4, 4), 1.0))
+    assert leftovers(previous.parent) == []
+
+
+def test_a_full_cache_folder_does_not_stop_training(tmp_path, monkeypatch):
+    from vare_core.embedded.erasure_defaults import embedded_pairs
+    from vare_core.erasure.trainer import EraseConfig, train_erasure
+    from vare_core.testing import tiny_pipeline
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk_the_safetensors_way)
+    pairs = embedded_pairs("circle", "square", n_per_concept=2, seed=0, retain_per_shape=0)
+    result = train_erasure(tiny_pipeline(seed=0), pairs, EraseConfig(steps=1), cache_dir=tmp_path / "cache")
+    assert result.adapter is not None and len(result.history) == 1
+    assert leftovers(tmp_path / "cache") == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_files_follow_the_umask(tmp_path, umask):
+    import os
+    old = os.umask(umask)
+    try:
+        save_adapter(adapter(1.0), tmp_path / "a.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -359,9 +359,11 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path,
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(temp_name, 0o666 & ~umask)   # mkstemp makes 0600; weights are shared files
     try:
         safetensors.torch.save_file(prepared, temp_name, metadata=metadata)
+        # after the write: safetensors writes its own 0600 temp file and renames it over ours;
+        # weights are shared files, so they get the umask's usual mode
+        os.chmod(temp_name, 0o666 & ~umask)
         with open(temp_name, "r+b") as f:
             os.fsync(f.fileno())
         os.replace(temp_name, path)
@@ -370,11 +372,24 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path,
             os.unlink(temp_name)
         except FileNotFoundError:
             pass
+        if isinstance(err, safetensors.SafetensorError):   # its I/O errors (a full disk) are not OSError
+            err = _as_os_error(err)
         if isinstance(err, OSError):
             message = f"could not write {path}: {err.strerror or err}; any previous file there is unchanged"
             raise (OSError(err.errno, message) if err.errno else OSError(message)) from err
         raise
     _fsync_folder(path.parent)
+
+
+def _as_os_error(err: Exception) -> Exception:
+    """safetensors reports write failures as SafetensorError('... (os error 28) ...') or
+    '... Os { code: 28, ... }'; return the OSError they are (the error itself when not I/O)."""
+    text = str(err)
+    found = re.search(r"os error (\d+)|code: (\d+)", text)
+    if not found:
+        return err
+    number = int(found.group(1) or found.group(2))
+    return OSError(number, os.strerror(number))
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -16,19 +16,28 @@ import numpy as np
 from PIL import Image
 
 
+MAX_SEED = 2**63 - 1
+MAX_IMAGES = 10_000
+
+
 class CliError(Exception):
     """A user-facing error: printed without a traceback, exit code 2."""
 
 
-def save_images(images, out: Path, stem: str) -> list[Path]:
-    """(B, H, W, 3) floats in [0, 1] -> numbered PNGs."""
+def save_images(images, out: Path, stem: str, overwrite: bool = False) -> list[Path]:
+    """(B, H, W, 3) floats in [0, 1] -> numbered PNGs, each written atomically. Without
+    overwrite the numbers continue after the files already in `out` (nothing is replaced)."""
+    import io
+
+    from .paths import free_numbered_names, write_bytes_atomic
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, image in enumerate(images):
-        path = out / f"{stem}_{i:03d}.png"
-        Image.fromarray((image.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)).save(path)
-        paths.append(path)
-    return paths
+    names = [out / f"{stem}_{i:03d}.png" for i in range(len(images))] if overwrite \
+        else free_numbered_names(out, stem, len(images))
+    for image, path in zip(images, names):
+        buffer = io.BytesIO()
+        Image.fromarray((image.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)).save(buffer, "PNG")
+        write_bytes_atomic(path, buffer.getvalue())
+    return names
 
 
 def add_model_args(parser: argparse.ArgumentParser):
@@ -133,11 +142,23 @@ def check_sample_args(args) -> None:
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if value is not None and value < 1:
             raise CliError(f"{flag} {value}: must be a positive number of pixels")
+    if not 0 <= args.seed <= MAX_SEED - args.n:
+        raise CliError(f"--seed {args.seed}: must be between 0 and {MAX_SEED - args.n} "
+                       f"(image i uses seed + i; torch seeds are 63-bit)")
+    if args.n > MAX_IMAGES:
+        raise CliError(f"--n {args.n}: at most {MAX_IMAGES} images per run (images are written as "
+                       "they are made; run several times into the same --out for more)")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {out} is a file; give a folder for the images")
-    if not args.stem or Path(args.stem).name != args.stem:
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise CliError(f"--out {out}: {parent} is a file, not a folder; choose a folder path")
+    if not args.stem or Path(args.stem).name != args.stem or args.stem.startswith("."):
         raise CliError(f"--stem {args.stem!r}: give a file name prefix such as 'sample', not a path")
+    if len(f"{args.stem}_{args.n:03d}.png.tmp".encode()) + 16 > 255:
+        raise CliError(f"--stem: {len(args.stem)} characters is too long for a file name; "
+                       "use a shorter prefix (at most about 200 characters)")
 
 
 def cmd_sample(args):
@@ -147,17 +168,21 @@ def cmd_sample(args):
     pipe = apply_adapter_args(load_from_args(args), args.adapter)
     schedule = pipe.schedule_for(args.height, args.width)
     kwargs = sampling_kwargs(args, len(schedule))
-    images = []
-    with tqdm(total=len(schedule) * -(-args.n // args.batch), desc="sampling", unit="scale") as bar:
+    import time
+    written, batches = [], -(-args.n // args.batch)
+    started = time.perf_counter()
+    with tqdm(total=len(schedule) * batches, desc="sampling", unit="scale") as bar:
         for start in range(0, args.n, args.batch):
             count = min(args.batch, args.n - start)
             result = pipe.generate([args.prompt] * count, seed=args.seed + start,
                                    negative_prompt=negative, height=args.height, width=args.width,
                                    callback=lambda step: bar.update(1), **kwargs)
-            images.append(result.images)
-    import torch
-    paths = save_images(torch.cat(images), Path(args.out), args.stem)
-    print(f"wrote {len(paths)} images to {args.out}")
+            # written as they are made: a stop or a full disk keeps every finished image
+            written += save_images(result.images, Path(args.out), args.stem, args.overwrite)
+            if start == 0 and batches > 1:
+                seconds = (time.perf_counter() - started) * (batches - 1)
+                bar.write(f"{args.n} images in {batches} batches: about {seconds / 60:.1f} more minutes")
+    print(f"wrote {len(written)} images to {args.out} ({written[0].name} to {written[-1].name})")
 
 
 def apply_adapter_args(pipe, specs: list[str]):
@@ -190,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out")
     p.add_argument("--stem", default="sample", help="file name prefix")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace {stem}_000.png ... instead of numbering after the files already in --out")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("demo", help="the whole story on the embedded model: sample, erase, compare")

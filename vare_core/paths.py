@@ -16,6 +16,7 @@ import hashlib
 import os
 import re
 import stat
+import tempfile
 from pathlib import Path
 
 # Linux NAME_MAX is 255 bytes; generated names stay well below it so a counter or a suffix
@@ -167,3 +168,36 @@ def require_regular_file(path: Path, what: str) -> Path:
     if kind == "missing":
         raise FileNotFoundError(f"{what} {path}: no such file")
     raise ValueError(f"{what} {path} is {_KIND_TEXT[kind]}, not a regular file; give the file itself")
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Readers see the old file or the complete new one, never half (temp file + fsync +
+    rename); on failure the temp file is removed and the error names the path."""
+    path = Path(path)
+    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp_name, 0o666 & ~umask)
+        os.replace(temp_name, path)
+    except BaseException as err:
+        try:
+            os.unlink(temp_name)
+        except FileNotFoundError:
+            pass
+        if isinstance(err, OSError):
+            raise OSError(err.errno, f"could not write {path}: {err.strerror or err}") from err
+        raise
+
+
+def free_numbered_names(folder: Path, stem: str, count: int, suffix: str = ".png") -> list[Path]:
+    """`count` names {stem}_{i:03d}{suffix} in folder, numbered after any that exist already,
+    so a second run into the same folder adds files instead of replacing them."""
+    taken = re.compile(re.escape(stem) + r"_(\d+)" + re.escape(suffix) + "$")
+    used = [int(m.group(1)) for p in (folder.iterdir() if folder.is_dir() else ()) if (m := taken.match(p.name))]
+    first = max(used) + 1 if used else 0
+    return [folder / f"{stem}_{i:03d}{suffix}" for i in range(first, first + count)]

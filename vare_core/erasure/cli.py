@@ -32,6 +32,17 @@ TRAINING_OPTIONS = ("method", "train", "rank", "steps", "lr", "batch_size", "alp
                     "preservation_weight", "keep_target", "targets", "erase_target", "precision", "seed")
 
 
+def check_pair_flags(args) -> None:
+    """--n-pairs / --retain, checked before the model loads."""
+    from .pairs import MAX_PAIRS, check_pair_count
+    if args.retain is not None and args.retain < 0:
+        raise ValueError(f"--retain must be >= 0 (keep pairs per kept concept), got {args.retain}")
+    if args.retain is not None and args.retain > MAX_PAIRS:
+        raise ValueError(f"--retain {args.retain}: at most {MAX_PAIRS} keep pairs per concept")
+    if not args.pairs:
+        _with_flag_names(lambda: check_pair_count(args.n_pairs))
+
+
 def pairs_from_args(args, pipe):
     from .pairs import default_keep_count, load_pairs_file, make_pairs, retain_pairs
     if args.pairs:
@@ -40,8 +51,7 @@ def pairs_from_args(args, pipe):
         raise ValueError("give --concept and --anchor (or a --pairs file)")
     concepts = [c for c in args.concept.split(",") if c.strip()]
     anchors = [a for a in args.anchor.split(",") if a.strip()]
-    if args.retain is not None and args.retain < 0:
-        raise ValueError(f"--retain must be >= 0 (keep pairs per kept concept), got {args.retain}")
+    check_pair_flags(args)
     keep = [k.strip() for k in (args.keep or "").split(",") if k.strip()]
     if pipe.name in SHAPES_WORLD_MODELS:
         from ..embedded.erasure_defaults import embedded_pairs
@@ -116,6 +126,7 @@ def cmd_erase(args):
     # node, FIFO or folder at --out is never replaced
     out = paths.check_output_file(Path(args.out), "--out")
     config = config_from_args(args)              # bad settings fail before the model loads
+    check_pair_flags(args)
     args.seed = config.seed
     if args.fsdp and distributed.env_world_size() <= 1:
         raise ValueError("--fsdp shards training across processes: launch with "

@@ -201,6 +201,20 @@ def _check_vocabulary(name: str, what: str, vocabulary: set[str]) -> None:
                              f"model's vocabulary; {hint}")
 
 
+# Every pair's safe prompt is sampled once as a trajectory (about a second each on a GPU at
+# 1024^2, far more on a CPU): more pairs than this is a mistake, not a bigger run.
+MAX_PAIRS = 20_000
+MAX_PAIRS_FILE_BYTES = 64 * 2**20
+
+
+def check_pair_count(n_per_concept) -> None:
+    if isinstance(n_per_concept, bool) or not isinstance(n_per_concept, int) or n_per_concept <= 0:
+        raise ValueError(f"n_per_concept must be a positive integer, got {n_per_concept!r}")
+    if n_per_concept > MAX_PAIRS:
+        raise ValueError(f"n_per_concept must be at most {MAX_PAIRS} pairs, got {n_per_concept}: every "
+                         "safe prompt is sampled once before training (hours at this count); 50-500 is typical")
+
+
 def make_pairs(concepts: list[str] | str, anchors: list[str] | str, n_per_concept: int = 50,
                seed: int = 0, templates: list[str] | None = None,
                vocabulary: set[str] | None = None,
@@ -218,8 +232,7 @@ def make_pairs(concepts: list[str] | str, anchors: list[str] | str, n_per_concep
                          "one anchor for all concepts or exactly one anchor per concept")
     if len(anchor_list) == 1:
         anchor_list = anchor_list * len(concept_list)
-    if isinstance(n_per_concept, bool) or not isinstance(n_per_concept, int) or n_per_concept <= 0:
-        raise ValueError(f"n_per_concept must be a positive integer, got {n_per_concept!r}")
+    check_pair_count(n_per_concept)
     lowered = [c.lower() for c in concept_list]
     for i, concept in enumerate(concept_list):
         if lowered.index(concept.lower()) != i:
@@ -273,8 +286,7 @@ def retain_pairs(keep: list[str] | str, n_per_concept: int = 10, seed: int = 0,
     "circle" to "square" also drifts on "triangle".
     Same templates and slots as make_pairs."""
     keep_list = _normalise_names(keep, "keep")
-    if isinstance(n_per_concept, bool) or not isinstance(n_per_concept, int) or n_per_concept <= 0:
-        raise ValueError(f"n_per_concept must be a positive integer, got {n_per_concept!r}")
+    check_pair_count(n_per_concept)
     if vocabulary is not None:
         for name in keep_list:
             _check_vocabulary(name, "keep", vocabulary)
@@ -410,6 +422,10 @@ def load_pairs_file(path, default_concept: str | None = None) -> list[PromptPair
     if suffix not in (".txt", ".json", ".csv"):
         raise ValueError(f"pairs file {path}: unsupported extension {suffix!r}; use .txt "
                          "('unsafe | safe' lines), .json or .csv")
+    size = path.stat().st_size
+    if size > MAX_PAIRS_FILE_BYTES:
+        raise ValueError(f"pairs file {path} is {size / 2**20:.0f} MiB; at most "
+                         f"{MAX_PAIRS_FILE_BYTES // 2**20} MiB ({MAX_PAIRS} pairs) are read")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
@@ -437,6 +453,9 @@ def load_pairs_file(path, default_concept: str | None = None) -> list[PromptPair
         raise ValueError(f"pairs file {path}: {err}") from None
     if not pairs:
         raise ValueError(f"pairs file {path} holds no pairs")
+    if len(pairs) > MAX_PAIRS:
+        raise ValueError(f"pairs file {path} holds {len(pairs)} pairs; at most {MAX_PAIRS} (every safe "
+                         "prompt is sampled once before training): split it or sample a subset")
     if default_concept and default_concept.strip():
         for concept in _normalise_names(default_concept, "concepts"):
             if not check_concept_present(pairs, concept):

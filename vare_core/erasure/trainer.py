@@ -66,7 +66,7 @@ from . import distributed, losses
 from .adapters import (FORMAT_VERSION, TRAIN_MODES, Adapter, LORA_TARGETS, TrainableWeights,
                        check_lora_rank, shared_copy)
 from .losses import LN2, METHODS, LossConfig
-from .pairs import PromptPair
+from .pairs import MAX_PAIRS, PromptPair
 from .targets import prepare_targets
 from .trajectories import TrajectorySettings, build_trajectories
 from ..sampler import SamplingCancelled
@@ -221,6 +221,9 @@ def _check_pairs(pairs) -> list[PromptPair]:
     pairs = list(pairs)
     if not pairs:
         raise ValueError("pairs is empty; make some with pairs.make_pairs or load a pairs file")
+    if len(pairs) > 4 * MAX_PAIRS:   # several concepts' pairs plus keep pairs
+        raise ValueError(f"{len(pairs)} pairs: at most {4 * MAX_PAIRS} (every safe prompt is sampled "
+                         "once before training); use fewer pairs per concept")
     for i, pair in enumerate(pairs):
         if not isinstance(pair, PromptPair):
             raise ValueError(f"pairs[{i}] must be a PromptPair, got {type(pair).__name__}")

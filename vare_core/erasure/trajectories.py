@@ -27,6 +27,9 @@ version. A sha256 of the tensors is stored in the metadata and checked on load: 
 truncated file is reported (logging warning) and rebuilt. Files are written atomically.
 The device is not part of the key: a set sampled on a GPU is reused on the CPU (both are valid
 samples of the same model; only bit-exact reproduction differs across devices).
+The cache is bounded: after each write, the least recently used sets (a hit counts as a use)
+are deleted until the folder holds at most `$VARE_CACHE_LIMIT_GB` (default 8 GiB; 0 keeps
+only the set just written). The set just written is never deleted.
 """
 from __future__ import annotations
 
@@ -116,6 +119,51 @@ class TrajectorySet:
 
 
 # ----------------------------------------------------------------------------- cache key, files
+
+CACHE_LIMIT_ENV = "VARE_CACHE_LIMIT_GB"
+DEFAULT_CACHE_LIMIT_GB = 8.0
+
+
+def cache_limit_bytes() -> int:
+    """The cache's size bound from $VARE_CACHE_LIMIT_GB (GiB, >= 0); a bad value is a clear error."""
+    text = os.environ.get(CACHE_LIMIT_ENV, "").strip()
+    if not text:
+        return int(DEFAULT_CACHE_LIMIT_GB * 2**30)
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"${CACHE_LIMIT_ENV}={text!r}: give the trajectory cache's size limit in GiB "
+                         f"(a number >= 0, e.g. {DEFAULT_CACHE_LIMIT_GB:g})")
+    return int(value * 2**30)
+
+
+def evict(folder: Path, limit: int, keep: Path | None = None) -> list[Path]:
+    """Delete the least recently used trajectory sets until `folder` holds at most `limit`
+    bytes of them (`keep` is never deleted); returns what was deleted."""
+    entries = []
+    for path in Path(folder).glob("traj-*.safetensors"):
+        try:
+            info = path.stat()
+        except OSError:
+            continue
+        entries.append((info.st_mtime, info.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    deleted = []
+    for _, size, path in sorted(entries, key=lambda e: e[0]):
+        if total <= limit:
+            break
+        if keep is not None and path == keep:
+            continue
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        total -= size
+        deleted.append(path)
+    return deleted
+
 
 def default_cache_dir() -> Path:
     root = os.environ.get("VARE_CACHE_DIR")
@@ -271,16 +319,21 @@ def build_trajectories(pipe, safe_prompts: Sequence[str], settings: TrajectorySe
     if path.is_file():
         try:
             trajs = load_trajectories(path, key)
+            with contextlib.suppress(OSError):
+                os.utime(path)              # a hit is a use: least-recently-used eviction
             if callback is not None:
                 callback(len(prompts), len(prompts))
             return trajs
         except CacheEntryError as err:
             log.warning("trajectory cache entry is unusable, rebuilding it: %s", err)
+    limit = cache_limit_bytes()        # a bad setting fails before the (long) sampling
     trajs = generate_trajectories(pipe, prompts, settings, schedule, callback, cancel)
     trajs.key = key
     try:
         folder.mkdir(parents=True, exist_ok=True)
         save_trajectories(trajs, path, settings)
+        for old in evict(folder, limit, keep=path):
+            log.info("trajectory cache over %.1f GiB: removed %s", limit / 2**30, old.name)
     except OSError as err:  # a read-only cache folder must not stop training
         log.warning("could not cache trajectories in %s: %s", folder, err)
     return trajs
