@@ -55,8 +55,9 @@ def plot_losses(steps: list[dict], title: str, width: int = 768, height: int = 3
     draw.text((left, 10), title, fill="black", font=font(16))
     series = {}
     for key, color in CURVES:
-        points = [(s["step"], s[key]) for s in steps if key in s and s[key] is not None
-                  and math.isfinite(s[key]) and not s.get("skipped")]
+        # |loss| beyond 1e30 is divergence, not a curve: plotting it overflows the axis maths
+        points = [(s["step"], s[key]) for s in steps if key in s and isinstance(s[key], (int, float))
+                  and math.isfinite(s[key]) and abs(s[key]) < 1e30 and not s.get("skipped")]
         if points:
             series[key] = (points, color)
     if not series:

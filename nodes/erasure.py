@@ -11,10 +11,12 @@ normally instead would make ComfyUI cache it as if training had finished.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
 import time
+from dataclasses import replace
 from datetime import datetime
 
 import torch
@@ -27,12 +29,14 @@ from vare_core.erasure.losses import METHODS
 from vare_core.erasure.memory import memory_advice
 from vare_core.erasure.pairs import make_pairs, pairs_to_text, parse_pairs_text
 from vare_core.erasure.trainer import PRECISIONS, EraseConfig, train_erasure
+from vare_core.erasure_profile import erasure_profile
 from vare_core.models import rope
 
 from . import host
 from .compat import CATEGORY, VareAdapter, VareLossHistory, VareModel, VarePairs, io, node_id
 from .types import LossHistory
 
+AUTO = "auto"
 EVENT = "vare.train"
 EVENT_INTERVAL_S = 0.2                          # at most ~5 chart updates a second
 
@@ -107,9 +111,33 @@ class PromptPairs(io.ComfyNode):
 
 # ----------------------------------------------------------------------------- training
 
+def training_config(pipe, *, method, train, rank, steps, learning_rate, alpha, gamma, loss_weight,
+                    batch_size, precision, gradient_checkpointing, seed, lora_targets, formulation,
+                    passes) -> EraseConfig:
+    """The node's widgets on top of the model's erasure profile (the same defaults as `erase`):
+    'auto', 0 and -1 leave a setting to the profile."""
+    given = {"method": method, "seed": seed}
+    for name, value, unset in (("train", train, AUTO), ("rank", rank, 0), ("steps", steps, 0),
+                               ("precision", precision, AUTO),
+                               ("lr", learning_rate, 0), ("gamma", gamma, 0), ("batch_size", batch_size, 0),
+                               ("passes", passes, AUTO)):
+        if value != unset:
+            given[name] = value
+    for name, value in (("alpha", alpha), ("preservation_weight", loss_weight)):
+        if value >= 0:                 # -1: the profile's
+            given[name] = value
+    if lora_targets != AUTO:
+        given["lora_targets"] = tuple(lora_targets.split(","))
+    config = erasure_profile(pipe).config(formulation, **given)
+    if gradient_checkpointing and not config.gradient_checkpointing:
+        config = replace(config, gradient_checkpointing=True)
+    return config
+
+
 def out_of_memory_message(pipe, config: EraseConfig, step: int) -> str:
     where = "while sampling the trajectories" if step == 0 else f"at step {step}"
-    return (f"out of GPU memory {where} ({host.memory_summary(pipe.device)}); "
+    kind = "GPU" if pipe.device.type == "cuda" else str(pipe.device.type).upper()
+    return (f"out of {kind} memory {where} ({host.memory_summary(pipe.device)}); "
             + memory_advice(pipe.model, config, on_cuda=pipe.device.type == "cuda"))
 
 
@@ -186,31 +214,32 @@ class TrainErasure(io.ComfyNode):
                 io.Combo.Input("method", options=list(METHODS), default="svare",
                                tooltip="svare: the paper's method; vare: match the anchor's logits on "
                                        "every token; naive: plain cross-entropy on every token"),
-                io.Combo.Input("train", options=list(TRAIN_MODES), default=erasure_defaults.DEFAULT_TRAIN,
-                               tooltip="ca_ffn: cross-attention + FFN weights (official, needs memory); "
-                                       "lora: low-rank factors on the same layers (small, fits 24 GB GPUs; "
-                                       "the embedded model: cross-attention only, its tuned setting)"),
-                io.Int.Input("rank", default=erasure_defaults.DEFAULT_RANK, min=1, max=256, tooltip="LoRA rank (train = lora only)"),
-                io.Int.Input("steps", default=erasure_defaults.DEFAULT_STEPS, min=1, max=100000,
-                             tooltip="training steps (the default suits the embedded model; Infinity "
-                                     "erasures take ~500-1000)"),
+                io.Combo.Input("train", options=[AUTO] + list(TRAIN_MODES), default=AUTO,
+                               tooltip="auto: the model's profile (LoRA; Infinity: on cross-attention + "
+                                       "FFN, fits a 12 GB card at 1024px; embedded: cross-attention). "
+                                       "ca_ffn: the official full fine-tune of those weights (30 GB+); "
+                                       "lora: low-rank factors"),
+                io.Int.Input("rank", default=0, min=0, max=256, tooltip="LoRA rank (train = lora); 0 = the profile's (8)"),
+                io.Int.Input("steps", default=0, min=0, max=100000,
+                             tooltip="training steps; 0 = the profile's (embedded 600, Infinity 500)"),
                 io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=1e-6, round=1e-8,
                                tooltip="0 = the default: for the embedded model with LoRA the tuned 2e-3, "
                                        "else the official 2.34e-5 scaled to the model width (x10 for LoRA)"),
-                io.Float.Input("alpha", default=0.25, min=0.0, max=1.0, step=0.01,
-                               tooltip="a token is trained when at least this fraction of its bits is wrong "
-                                       "(the paper: 0.25; tuned for the embedded model: 0.05)"),
-                io.Float.Input("gamma", default=0.693147, min=0.0, max=10.0, step=0.001, round=1e-6,
-                               tooltip="a bit counts as wrong when its cross-entropy exceeds gamma (ln 2)"),
-                io.Float.Input("loss_weight", default=0.5, min=0.0, max=100.0, step=0.05,
-                               tooltip="weight of the preservation loss (svare; the paper: 0.5, tuned "
-                                       "for the embedded model: 1.0)"),
-                io.Int.Input("batch_size", default=8, min=1, max=64,
-                             tooltip="pairs per step (Infinity at 1024px: 1-2 on a 24-80 GB GPU)"),
+                io.Float.Input("alpha", default=-1.0, min=-1.0, max=1.0, step=0.01,
+                               tooltip="a token is trained when at least this fraction of its bits is wrong; "
+                                       "-1 = the profile's (Infinity: the paper's 0.25; embedded: 0)"),
+                io.Float.Input("gamma", default=0.0, min=0.0, max=10.0, step=0.001, round=1e-6,
+                               tooltip="a bit counts as wrong when its cross-entropy exceeds gamma; 0 = ln 2"),
+                io.Float.Input("loss_weight", default=-1.0, min=-1.0, max=100.0, step=0.05,
+                               tooltip="weight of the preservation loss (svare); -1 = the profile's "
+                                       "(Infinity: the paper's 0.5; embedded: 2.0)"),
+                io.Int.Input("batch_size", default=0, min=0, max=64,
+                             tooltip="pairs per step; 0 = the profile's (Infinity 1, embedded 8)"),
                 io.Combo.Input("precision", options=list(PRECISIONS), default="auto",
                                tooltip="auto: fp16 with loss scaling on a GPU, fp32 on CPU"),
                 io.Boolean.Input("gradient_checkpointing", default=False,
-                                 tooltip="recompute activations in the backward pass: much less memory, ~30% slower"),
+                                 tooltip="recompute activations in the backward pass: much less memory, "
+                                         "~30% slower (always on for Infinity models: their profile)"),
                 io.Int.Input("seed", default=42, min=0, max=2**31 - 1, control_after_generate=True,
                              tooltip="order of the pairs and LoRA initialisation"),
                 io.Combo.Input("lora_targets", options=list(LORA_TARGET_CHOICES), default="auto", optional=True,
@@ -223,6 +252,10 @@ class TrainErasure(io.ComfyNode):
                                        "prompt's own branch is trained toward the frozen model's conditional "
                                        "output and the null branch is held, so images stay clean at every cfg. "
                                        "paper: the S-VARE paper's objective (CFG-guided targets)"),
+                io.Combo.Input("passes", options=[AUTO, "joint", "split"], default=AUTO, optional=True,
+                               tooltip="split: one row group (erased, safe, null prompts) per backward pass: "
+                                       "a third of the activations, the same gradients, ~25% slower. "
+                                       "auto: the profile's (Infinity split, embedded joint)"),
             ],
             outputs=[VareAdapter.Output(display_name="adapter"),
                      VareLossHistory.Output(display_name="loss_history")],
@@ -232,7 +265,7 @@ class TrainErasure(io.ComfyNode):
     @classmethod
     def execute(cls, model, pairs, method, train, rank, steps, learning_rate, alpha, gamma,
                 loss_weight, batch_size, precision, gradient_checkpointing, seed, lora_targets="auto",
-                formulation="auto"):
+                formulation="auto", passes="auto"):
         pipe, node = model, node_id(cls)
         if not (math.isfinite(learning_rate) and learning_rate >= 0):
             raise ValueError(f"learning_rate must be a finite number >= 0 (0 = the default), got {learning_rate}")
@@ -242,14 +275,11 @@ class TrainErasure(io.ComfyNode):
         if pipe.model.word_embed.weight.is_inference():
             raise ValueError("this model's weights were made under torch.inference_mode and cannot be "
                              "trained; load it with Load VAR Model (VARE), which keeps them trainable")
-        tuned = erasure_defaults.tuned_settings(pipe.name, train, formulation)
-        shaping = {k: tuned[k] for k in erasure_defaults.FORMULATIONS["paper"]}   # the formulation's fields
-        config = EraseConfig(**shaping, method=method, train=train, rank=rank, steps=steps,
-                             lr=learning_rate if learning_rate > 0 else tuned.get("lr"),
-                             lora_targets=tuned.get("lora_targets", EraseConfig.lora_targets) if lora_targets == "auto"
-                             else tuple(lora_targets.split(",")), batch_size=batch_size,
-                             alpha=alpha, gamma=gamma, preservation_weight=loss_weight,
-                             precision=precision, gradient_checkpointing=gradient_checkpointing, seed=seed)
+        config = training_config(pipe, method=method, train=train, rank=rank, steps=steps,
+                                 learning_rate=learning_rate, alpha=alpha, gamma=gamma,
+                                 loss_weight=loss_weight, batch_size=batch_size, precision=precision,
+                                 gradient_checkpointing=gradient_checkpointing, seed=seed,
+                                 lora_targets=lora_targets, formulation=formulation, passes=passes)
         concepts = sorted({p.concept for p in pairs if p.concept})
         reporter = _Reporter(node, steps, method)
         reporter.send("start", concepts=concepts)
@@ -258,7 +288,10 @@ class TrainErasure(io.ComfyNode):
         # RoPE tables cached while sampling in inference mode cannot enter autograd: drop them.
         rope._rope_cpu.cache_clear()
         try:
-            with torch.inference_mode(False), torch.enable_grad():
+            # the profile's memory plan: Infinity's T5 waits in CPU memory while it trains
+            parked = pipe.text_encoder_offloaded() if erasure_profile(pipe).offload_text_encoder \
+                else contextlib.nullcontext()
+            with torch.inference_mode(False), torch.enable_grad(), parked:
                 result = train_erasure(pipe, pairs, config, callback=reporter, cancel=host.interrupted)
         except Exception as err:
             if not host.is_out_of_memory(err):

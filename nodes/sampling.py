@@ -48,6 +48,10 @@ def check_per_scale(text: str, name: str, positive: bool = False) -> str | None:
         return f"{err}, or 'auto' for the model's default"
     if positive and any(v <= 0 for v in values):
         return f"{name} must be > 0 on every scale, got {text!r}"
+    try:
+        scales.check_setting_range(values, name)
+    except ValueError as err:
+        return str(err)
     return None
 
 

@@ -19,7 +19,7 @@ from vare_core.testing import tiny_pipeline
 def tiny(monkeypatch):
     torch.set_num_threads(1)
     pipe = tiny_pipeline(seed=0)
-    monkeypatch.setattr(main_cli, "load_from_args", lambda args: pipe)
+    monkeypatch.setattr(main_cli, "load_from_args", lambda args, **kwargs: pipe)
     return pipe
 
 
@@ -134,7 +134,9 @@ def test_embedded_pairs_and_defaults(tiny, tmp_path, capsys):
     args.train = other
     assert config_from_args(args).lr is None          # tuned lr is for the default train mode
     args.model, args.train, args.seed = "infinity_2b_reg.pth", None, None
-    assert config_from_args(args) == EraseConfig(gradient_checkpointing=False,
-                                                 **erasure_defaults.FORMULATIONS["consistent"])
+    from vare_core.erasure.trajectories import TrajectorySettings
+    from vare_core.erasure_profile import INFINITY_SETTINGS, INFINITY_TRAJECTORY_BATCH
+    lean = dict(INFINITY_SETTINGS, trajectory=TrajectorySettings(batch_size=INFINITY_TRAJECTORY_BATCH))
+    assert config_from_args(args) == EraseConfig(**lean, **erasure_defaults.FORMULATIONS["consistent"])
     args.formulation = "paper"
-    assert config_from_args(args) == EraseConfig(gradient_checkpointing=False)   # the paper's defaults
+    assert config_from_args(args) == EraseConfig(**lean)   # the paper's objective, the profile's memory settings

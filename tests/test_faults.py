@@ -198,3 +198,17 @@ def test_files_follow_the_umask(tmp_path, umask):
     finally:
         os.umask(old)
     assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_stop_before_the_first_step_leaves_the_adapter_at_out(previous, monkeypatch, capsys):
+    import hashlib
+
+    from vare_core import cli
+    from vare_core.erasure import trainer
+    before = hashlib.sha256(previous.read_bytes()).hexdigest()
+    monkeypatch.setattr(trainer, "train_erasure",
+                        lambda *a, **k: trainer.TrainResult(adapter=None, history=[], cancelled=True))
+    code = cli.main(["erase", "--model", "embedded", "--concept", "circle", "--anchor", "square",
+                     "--out", str(previous)])
+    assert code == 130 and "nothing saved" in capsys.readouterr().out
+    assert hashlib.sha256(previous.read_bytes()).hexdigest() == before

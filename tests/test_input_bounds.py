@@ -106,3 +106,76 @@ def test_trajectory_cache_is_bounded_lru(tmp_path, monkeypatch):
     monkeypatch.setenv("VARE_CACHE_LIMIT_GB", "lots")
     with pytest.raises(ValueError, match="VARE_CACHE_LIMIT_GB"):
         trajectories.build_trajectories(pipe, ["a green cross"], settings, cache_dir=folder / "t")
+
+
+# ----------------------------------------------------------------------------- clear messages (item 14)
+
+@pytest.mark.parametrize("flags, message", [
+    (["--cfg", "1e308"], "--cfg 1e+308 is outside [-100, 100]"),
+    (["--tau", "1e-320"], "--tau 9.99989e-321 is outside [0.001, 100]"),
+    (["--seed", str(2**64)], "--seed"),
+])
+def test_sample_settings_out_of_range_are_messages(flags, message, tmp_path, capsys):
+    from vare_core import cli
+    assert cli.main(["sample", "--prompt", "a circle", "--n", "1", "--out", str(tmp_path)] + flags) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_erase_seed_past_64_bits_names_the_flag(tmp_path, capsys):
+    from vare_core import cli
+    code = cli.main(["erase", "--concept", "circle", "--anchor", "square", "--seed", str(2**64),
+                     "--out", str(tmp_path / "a.safetensors")])
+    assert code == 2 and "--seed must be an integer >= 0 and <" in capsys.readouterr().err
+
+
+def test_sampler_node_and_sampler_refuse_extreme_values():
+    from nodes import sampling
+    assert "outside" in sampling.Sampler.validate_inputs("1e308", "auto", "model default")
+    assert "outside" in sampling.Sampler.validate_inputs("auto", "1e-320", "model default")
+    pipe = tiny_pipeline(seed=0)
+    with pytest.raises(ValueError, match="cfg 1e\\+308 is outside"):
+        pipe.generate(["a red circle"], cfg=1e308)
+
+
+def test_lora_scale_beyond_bounds_is_refused(tmp_path):
+    from vare_core.erasure.adapters import AdapterError, apply_adapter
+    from vare_core.erasure.trainer import EraseConfig, train_erasure
+    from vare_core.embedded.erasure_defaults import embedded_pairs
+    pipe = tiny_pipeline(seed=0)
+    pairs = embedded_pairs("circle", "square", n_per_concept=2, seed=0, retain_per_shape=0)
+    adapter = train_erasure(pipe, pairs, EraseConfig(steps=1, train="lora", rank=2),
+                            cache_dir=tmp_path).adapter
+    adapter.metadata["lora_scale"] = 1e308
+    with pytest.raises(AdapterError, match="lora_scale 1e\\+308 is beyond"):
+        apply_adapter(pipe, adapter)
+
+
+def test_cpu_out_of_memory_is_recognised_and_reported(tmp_path, capsys, monkeypatch):
+    from vare_core import cli
+    from vare_core.erasure.memory import is_out_of_memory
+    error = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                         "you tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")
+    assert is_out_of_memory(error) and not is_out_of_memory(RuntimeError("shape mismatch"))
+
+    def refuse(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(cli, "cmd_sample", refuse)
+    parser_main = cli.main(["sample", "--prompt", "a circle", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert parser_main == 2 and "out of memory" in err and "--batch" in err and "Traceback" not in err
+
+
+def test_loss_plot_with_huge_values_draws():
+    from nodes.drawing import plot_losses
+    steps = [{"step": 1, "loss": 1e308}, {"step": 2, "loss": -1e308}, {"step": 3, "loss": 0.5}, {"step": 4, "loss": 0.4}]
+    assert plot_losses(steps, "diverged").size == (768, 384)
+
+
+def test_model_flags_that_are_fifos_are_named(tmp_path, capsys):
+    import os
+
+    from vare_core import cli
+    os.mkfifo(tmp_path / "model.pth")
+    code = cli.main(["sample", "--model", str(tmp_path / "model.pth"), "--vae", str(tmp_path / "model.pth"),
+                     "--prompt", "a", "--out", str(tmp_path / "o")])
+    assert code == 2 and "--model" in capsys.readouterr().err

@@ -71,7 +71,7 @@ def test_metadata_never_leaves_the_folder(world, field, value, template):
 
 
 @pytest.mark.parametrize("filename", ["/tmp/owned", "../checkpoints/x", "a/../../x", ".", "./", "sub/..",
-                                      "", "   ", "~/x", "..\\x", "x/" * 12 + "y", "é" * 200, ".hidden"])
+                                      "", "   ", "~/x", "..\\x", "x/" * 12 + "y", "a/" * 1100 + "b", "é" * 200, ".hidden"])
 def test_bad_filenames_are_refused_with_a_message(world, filename):
     message = adapter_nodes.SaveAdapter.validate_inputs(filename)
     assert isinstance(message, str) and "filename" in message
@@ -200,3 +200,16 @@ def test_model_listing_skips_fifos_and_ends_on_symlink_loops(world):
     assert len([e for e in entries if e.endswith("real.safetensors")]) == 1, entries
     choices = finishes(adapter_nodes.adapter_choices, loras / "trap.safetensors")
     assert [c for c in choices if c.endswith("real.safetensors")] and "trap.safetensors" not in choices
+
+
+def test_partial_adapter_of_a_long_concept_name_is_saved(world):
+    from nodes import erasure as erasure_nodes
+    from nodes.types import LossHistory
+    from vare_core.erasure.trainer import EraseConfig
+    history = LossHistory(steps=[{"step": 1, "loss": 0.5}], method="svare",
+                          concepts=["a very long inferred concept " * 30, "../../etc/x"])
+    path = Path(erasure_nodes.save_partial(adapter(steps_done=1), history, EraseConfig(steps=10)))
+    assert path.parent == (world / "models" / "vare" / "partial").resolve()
+    assert len(path.name.encode()) <= paths.NAME_LIMIT + len(".safetensors") and path.is_file()
+    assert path.with_suffix(".loss.json").is_file()
+    assert load_adapter(path).metadata["steps_done"] == 1

@@ -96,20 +96,27 @@ def check_model_args(args) -> None:
                        "brings its own VAE and text encoder (leave them out, or pass --model FILE)")
     files = [("--model", args.model), ("--vae", args.vae), ("--text-encoder", args.text_encoder),
              ("--tokenizer", args.tokenizer)]
+    from .paths import file_kind
     for flag, value in files:
-        if value and value != EMBEDDED and not Path(value).exists():
+        if not value or value == EMBEDDED:
+            continue
+        kind = file_kind(Path(value))
+        if kind == "missing":
             raise CliError(f"{flag} {value}: no such file or folder")
+        if kind not in ("file", "folder"):   # a FIFO would block the load forever
+            raise CliError(f"{flag} {value}: is a {kind}, not a weight file or folder; give the file itself")
 
 
-def load_from_args(args):
-    from .pipeline import load_pipeline
+def load_from_args(args, offload_text_encoder: bool = False):
+    from .pipeline import EMBEDDED, load_pipeline
     check_model_args(args)
+    extra = {"offload_text_encoder": True} if offload_text_encoder and args.model != EMBEDDED else {}
     return load_pipeline(args.model, args.vae, args.text_encoder, device=args.device,
-                         dtype=args.dtype, tokenizer=args.tokenizer)
+                         dtype=args.dtype, tokenizer=args.tokenizer, **extra)
 
 
 def sampling_kwargs(args, n_scales: int) -> dict:
-    from .scales import parse_per_scale
+    from .scales import check_setting_range, parse_per_scale
     kwargs = {}
     if args.cfg is not None:
         kwargs["cfg"] = parse_per_scale(args.cfg, n_scales, "--cfg")
@@ -118,6 +125,9 @@ def sampling_kwargs(args, n_scales: int) -> dict:
         if any(t <= 0 for t in kwargs["tau"]):
             raise CliError(f"--tau {args.tau}: the temperature must be > 0 on every scale "
                            "(lower = more deterministic, e.g. 0.5)")
+    for flag in ("cfg", "tau"):
+        if flag in kwargs:
+            check_setting_range(kwargs[flag], "--" + flag)
     if args.top_k is not None:
         if not 0 <= args.top_k <= 2:
             raise CliError(f"--top-k {args.top_k}: must be 0 (off), 1 (greedy) or 2; "
@@ -227,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .erasure import cli as erasure_cli
     erasure_cli.register(sub)
+    from .erasure import plan_cli
+    plan_cli.register(sub)
     return parser
 
 
@@ -242,4 +254,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as err:      # torch's allocators say "out of memory" as RuntimeError
+        from .erasure.memory import is_out_of_memory
+        if not is_out_of_memory(err):
+            raise
+        print(f"error: out of memory ({str(err).splitlines()[0][:160]}); use a smaller --batch, "
+              "--height/--width or --dtype fp16/bf16, or free memory and retry", file=sys.stderr)
+        return 2
     return 0

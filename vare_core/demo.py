@@ -69,7 +69,7 @@ def run_demo(out: Path, seed: int = 0, steps: int | None = None) -> str:
     from .erasure.adapters import apply_adapter, save_adapter
     from .erasure.pairs import make_pairs
     from .erasure.trainer import EraseConfig, train_erasure
-    from .embedded.erasure_defaults import embedded_erase_config, embedded_pairs
+    from .erasure_profile import erasure_profile
     from .pipeline import load_pipeline
 
     start = time.time()
@@ -78,8 +78,9 @@ def run_demo(out: Path, seed: int = 0, steps: int | None = None) -> str:
     classifier = load_classifier()
     before = pipe.generate(DEMO_PROMPTS, seed=seed).images
 
-    config = embedded_erase_config(steps=steps)
-    pairs = embedded_pairs([CONCEPT], [ANCHOR], seed=seed)
+    profile = erasure_profile(pipe)
+    config = profile.config(**({"steps": steps} if steps is not None else {}))
+    pairs = profile.pairs([CONCEPT], [ANCHOR], seed=seed)
     result = train_erasure(pipe, pairs, config)
     adapter_path = out / f"erase_{CONCEPT}.safetensors"
     save_adapter(result.adapter, adapter_path)

@@ -88,6 +88,21 @@ class VarPipeline:
         return states.to(self.device), lens.to(self.device)
 
     @contextmanager
+    def text_encoder_offloaded(self):
+        """Within: the text encoder waits in CPU memory between encodes (as with
+        offload_text_encoder), e.g. while an erasure trains; afterwards it is back as loaded."""
+        if self.offload_text_encoder or self.device.type == "cpu":
+            yield
+            return
+        self.offload_text_encoder = True
+        self.text_encoder.to(OFFLOAD_DEVICE)
+        try:
+            yield
+        finally:
+            self.offload_text_encoder = False
+            self.text_encoder.to(self.device)
+
+    @contextmanager
     def _text_encoder_on_device(self):
         """With offload_text_encoder the encoder is moved to the compute device for one call
         and back to the CPU afterwards, so its memory is free while the transformer samples."""

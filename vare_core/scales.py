@@ -282,6 +282,21 @@ def per_scale_values(value, name: str, n_scales: int | None = None) -> list[floa
     return values
 
 
+# Far beyond any useful setting, near enough that the sampler's arithmetic stays finite:
+# cfg 1e308 made inf logits, tau 1e-320 divided them by a denormal.
+SETTING_RANGES = {"cfg": (-100.0, 100.0), "tau": (1e-3, 100.0)}
+
+
+def check_setting_range(values: list[float], name: str) -> None:
+    """ValueError naming `name` (cfg / tau, any '--' or prefix) when a value is out of range."""
+    kind = "tau" if "tau" in name else "cfg"
+    low, high = SETTING_RANGES[kind]
+    bad = [v for v in values if not low <= v <= high]
+    if bad:
+        typical = "3-6" if kind == "cfg" else "0.5-1"
+        raise ValueError(f"{name} {bad[0]:g} is outside [{low:g}, {high:g}]; typical values are {typical}")
+
+
 def parse_per_scale(value, n_scales: int, name: str) -> list[float]:
     """Expand a per-scale setting (cfg, tau) to one float per scale (see per_scale_values).
 

@@ -44,6 +44,7 @@ from ..checkpoints import save_safetensors_atomic
 from ..models.presets import to_official_keys
 
 FORMAT_VERSION = "vare-adapter/1"
+MAX_LORA_SCALE = 1e4
 TRAIN_MODES = ("ca_ffn", "lora")
 LORA_TARGETS = {"ca": ("ca.mat_q", "ca.mat_kv", "ca.proj"),
                 "kv": ("ca.mat_kv",),          # only the text side of cross-attention
@@ -274,6 +275,9 @@ def _check_structure(tensors: dict, metadata: dict, where: str) -> None:
     scale = metadata.get("lora_scale", 1.0)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise AdapterError(f"{where}: metadata lora_scale must be a finite number, got {scale!r}")
+    if abs(scale) > MAX_LORA_SCALE:   # 1e308 * a LoRA product is inf weights
+        raise AdapterError(f"{where}: metadata lora_scale {scale:g} is beyond +-{MAX_LORA_SCALE:g}; "
+                           "the adapter is damaged (ours are written with 1.0)")
 
 
 def save_adapter(adapter: Adapter, path) -> None:

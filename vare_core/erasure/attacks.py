@@ -90,7 +90,8 @@ def format_table(concept: str, original: dict, erased: dict) -> str:
 def run_attacks(concept="circle", anchor="square", samples=40, seed=0, adapter=None,
                 out="out/attacks", log=print) -> dict:
     from ..embedded.classifier import load_classifier
-    from ..embedded.erasure_defaults import embedded_erase_config, embedded_pairs, shape_name
+    from ..embedded.erasure_defaults import shape_name
+    from ..erasure_profile import erasure_profile
     from ..pipeline import load_pipeline
     from .adapters import apply_adapter, load_adapter, parse_adapter_spec
     from .trainer import train_erasure
@@ -102,8 +103,9 @@ def run_attacks(concept="circle", anchor="square", samples=40, seed=0, adapter=N
     original = family_scores(pipe, classifier, concept, samples, seed)
     if adapter is None:
         start = time.time()
-        result = train_erasure(pipe, embedded_pairs([concept], [shape_name(anchor, "--anchor")]),
-                               embedded_erase_config(), cache_dir=out / "cache")
+        profile = erasure_profile(pipe)
+        result = train_erasure(pipe, profile.pairs([concept], [shape_name(anchor, "--anchor")]),
+                               profile.config(), cache_dir=out / "cache")
         log(f"trained S-VARE adapter for {concept!r} in {time.time() - start:.0f} s")
         erased_pipe = apply_adapter(pipe, result.adapter, 1.0)
     else:

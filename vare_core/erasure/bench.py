@@ -43,11 +43,12 @@ def peak_rss_mib() -> float:
 
 def run_method(pipe, method: str, train: str, concepts: list, anchors: list, seed: int, steps: int | None,
                out: Path, retain: int | None = None):
-    from ..embedded.erasure_defaults import embedded_erase_config, embedded_pairs
+    from ..erasure_profile import erasure_profile
     from .adapters import apply_adapter, save_adapter
     from .trainer import train_erasure
-    config = embedded_erase_config(steps=steps, method=method, train=train)
-    pairs = embedded_pairs(concepts, anchors, seed=seed, retain_per_shape=retain)
+    profile = erasure_profile(pipe)
+    config = profile.config(method=method, train=train, **({"steps": steps} if steps else {}))
+    pairs = profile.pairs(concepts, anchors, seed=seed, retain=retain)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.time()

@@ -22,6 +22,7 @@ split over the processes; rank 0 samples the trajectories, prints, and writes th
 """
 from __future__ import annotations
 
+import argparse
 import signal
 from pathlib import Path
 
@@ -29,7 +30,8 @@ from .. import paths
 from ..embedded.erasure_defaults import SHAPES_WORLD_MODELS
 
 TRAINING_OPTIONS = ("method", "train", "rank", "steps", "lr", "batch_size", "alpha", "gamma",
-                    "preservation_weight", "keep_target", "targets", "erase_target", "precision", "seed")
+                    "preservation_weight", "keep_target", "targets", "erase_target", "precision", "seed",
+                    "passes")
 
 
 def check_pair_flags(args) -> None:
@@ -69,19 +71,21 @@ def pairs_from_args(args, pipe):
 
 
 def config_from_args(args):
-    """EraseConfig from the options given; the rest from the embedded model's tuned defaults
-    (--model embedded) or EraseConfig's defaults."""
-    from .trainer import EraseConfig
+    """EraseConfig from the options given; the rest from the model's erasure profile
+    (erasure_profile.py: the same defaults as the Train Erasure node)."""
+    from ..erasure_profile import erasure_profile
+    from .trajectories import TrajectorySettings
     given = {name: getattr(args, name) for name in TRAINING_OPTIONS if getattr(args, name) is not None}
     if args.lora_targets is not None:
         given["lora_targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-    given["gradient_checkpointing"] = args.grad_checkpointing
-    from ..embedded import erasure_defaults
+    if args.grad_checkpointing is not None:
+        given["gradient_checkpointing"] = args.grad_checkpointing
+    if args.trajectory_batch is not None:
+        if args.trajectory_batch < 1:
+            raise ValueError(f"--trajectory-batch must be an integer >= 1, got {args.trajectory_batch}")
+        given["trajectory"] = TrajectorySettings(batch_size=args.trajectory_batch)
     formulation = getattr(args, "formulation", None) or "auto"
-    if args.model in SHAPES_WORLD_MODELS:
-        return _with_flag_names(lambda: erasure_defaults.embedded_erase_config(formulation=formulation, **given))
-    settings = {**erasure_defaults.formulation_settings("infinity", formulation), **given}
-    return _with_flag_names(lambda: EraseConfig(**settings))
+    return _with_flag_names(lambda: erasure_profile(args.model).config(formulation, **given))
 
 
 FLAGS = {"preservation_weight": "--loss-weight", "n_per_concept": "--n-pairs"}   # the rest: --name-with-dashes
@@ -147,7 +151,9 @@ def _erase(args, config, out: Path, main: bool):
     from . import memory
     from .adapters import save_adapter
     from .trainer import train_erasure
-    pipe = main_cli.load_from_args(args)
+    from ..erasure_profile import erasure_profile
+    # the profile's memory plan: Infinity keeps its T5 in CPU memory between encodes
+    pipe = main_cli.load_from_args(args, offload_text_encoder=erasure_profile(args.model).offload_text_encoder)
     pairs = pairs_from_args(args, pipe)
     if main:
         print(f"{len(pairs)} pairs, e.g. {pairs[0].unsafe!r} -> {pairs[0].safe!r}")
@@ -219,16 +225,38 @@ def register(subparsers) -> None:
     g.add_argument("--keep", help="concepts to keep as they are (comma list): adds keep-as-is pairs "
                                   "(embedded model: every shape not erased, always)")
     g.add_argument("--retain", type=int, help="keep-as-is pairs per kept concept (default: 2/5 of --n-pairs; 0 = none)")
+    add_training_args(p)
+    p.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
+    p.set_defaults(func=cmd_erase)
+
+    p = subparsers.add_parser("bench-erasure", help="compare erasure methods on the embedded model")
+    p.add_argument("--concept", default="circle")
+    p.add_argument("--anchor", default="square")
+    p.add_argument("--samples", type=int, default=64, help="images per prompt set")
+    p.add_argument("--out", default="out/bench-erasure")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", default="svare,vare,naive", help="comma list")
+    p.add_argument("--train", default="lora", help="comma list of what trains: ca_ffn, lora")
+    p.add_argument("--cfg", default="4", help="guidance scales to sample at (comma list, e.g. 1,2,4,6)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the model's default)")
+    p.add_argument("--retain", type=int, default=None,
+                   help="keep-as-is pairs per shape not erased (default 20 = 2/5 of the 50 pairs; 0 = the paper's pairs only)")
+    p.set_defaults(func=cmd_bench)
+
+
+def add_training_args(p) -> None:
+    """The training options of `erase` (and `plan`, which plans exactly these)."""
     g = p.add_argument_group("training")
     g.add_argument("--method", choices=["svare", "vare", "naive"], help="default svare")
     g.add_argument("--train", choices=["ca_ffn", "lora"],
-                   help="default ca_ffn (official); the embedded model's tuned default otherwise")
-    g.add_argument("--rank", type=int, help="LoRA rank (default 4)")
+                   help="default lora (Infinity: ca + FFN factors, the profile that fits 12 GB; "
+                        "embedded: its tuned cross-attention LoRA); ca_ffn = the official full fine-tune")
+    g.add_argument("--rank", type=int, help="LoRA rank (default 8)")
     g.add_argument("--lora-targets", help="comma list of ca, kv (cross-attention K/V only), ffn, sa "
                                           "(default ca,ffn; embedded: ca)")
     g.add_argument("--steps", type=int, help="default 500 (official); embedded: its tuned default")
     g.add_argument("--lr", type=float, help="default: the official 2.34e-5 scaled to the model width")
-    g.add_argument("--batch-size", type=int, help="pairs per step (default 2)")
+    g.add_argument("--batch-size", type=int, help="pairs per step (default: 1 for Infinity, 8 for embedded)")
     g.add_argument("--alpha", type=float, help="fraction of wrong bits that selects a token (0.25)")
     g.add_argument("--gamma", type=float, help="bit CE threshold (default ln 2)")
     g.add_argument("--loss-weight", type=float, dest="preservation_weight",
@@ -249,25 +277,17 @@ def register(subparsers) -> None:
                    help="L_FCE on selected tokens: hard = the sampled bits (paper), soft = the target "
                         "logits' distribution (the default)")
     g.add_argument("--precision", choices=["auto", "fp16", "bf16", "fp32"], help="default auto")
-    g.add_argument("--grad-checkpointing", action="store_true")
+    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations in backward (default: on for Infinity, off for embedded)")
+    g.add_argument("--passes", choices=["joint", "split"],
+                   help="split: one row group (unsafe, safe, null) per backward, a third of the "
+                        "activations, same gradients (default: split for Infinity, joint for embedded)")
+    g.add_argument("--trajectory-batch", type=int,
+                   help="safe prompts sampled together for the trajectories and the targets "
+                        "(default: 1 for Infinity, 8 for embedded)")
     g.add_argument("--seed", type=int, help="training and pair seed (default 42)")
     g.add_argument("--cache-dir", default=None, help="trajectory cache (default $VARE_CACHE_DIR or ~/.cache/vare)")
     g.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the trained tensors, gradients and optimizer state "
                         "over the processes (FSDP) instead of replicating them (DDP)")
-    p.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
-    p.set_defaults(func=cmd_erase)
 
-    p = subparsers.add_parser("bench-erasure", help="compare erasure methods on the embedded model")
-    p.add_argument("--concept", default="circle")
-    p.add_argument("--anchor", default="square")
-    p.add_argument("--samples", type=int, default=64, help="images per prompt set")
-    p.add_argument("--out", default="out/bench-erasure")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--methods", default="svare,vare,naive", help="comma list")
-    p.add_argument("--train", default="lora", help="comma list of what trains: ca_ffn, lora")
-    p.add_argument("--cfg", default="4", help="guidance scales to sample at (comma list, e.g. 1,2,4,6)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the model's default)")
-    p.add_argument("--retain", type=int, default=None,
-                   help="keep-as-is pairs per shape not erased (default 20 = 2/5 of the 50 pairs; 0 = the paper's pairs only)")
-    p.set_defaults(func=cmd_bench)

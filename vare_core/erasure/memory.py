@@ -60,4 +60,7 @@ def is_out_of_memory(err: BaseException) -> bool:
     """CUDA's own error, or a RuntimeError of another backend (MPS, XPU) saying so."""
     if isinstance(err, torch.cuda.OutOfMemoryError):
         return True
-    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+    if isinstance(err, MemoryError):
+        return True
+    text = str(err).lower()   # the CPU allocator says "DefaultCPUAllocator: can't allocate memory"
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)

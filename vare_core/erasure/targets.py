@@ -54,8 +54,9 @@ def prepare_targets(model, bank, trajs, pairs, config, autocast) -> Targets:
     safe = [p.safe for p in pairs]
 
     def frozen(condition, prompts, indices=rows):
+        # as many pairs through the frozen model at once as trajectories were sampled at once
         return frozen_conditional_logits(model, condition, trajs, indices, prompts, settings.tau,
-                                         autocast=autocast).to(trajs.teacher_logits)
+                                         chunk=settings.batch_size, autocast=autocast).to(trajs.teacher_logits)
 
     svare = config.method == "svare"
     null_rows = frozen(bank.null_condition, safe) if svare and config.null_weight > 0 else None

@@ -69,12 +69,14 @@ from .losses import LN2, METHODS, LossConfig
 from .pairs import MAX_PAIRS, PromptPair
 from .targets import prepare_targets
 from .trajectories import TrajectorySettings, build_trajectories
+from ..models.infinity import Condition
 from ..sampler import SamplingCancelled
 
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 KEEP_TARGETS = ("frozen", "teacher")
 TARGETS = ("cfg", "conditional", "guided")
 SCALE_WEIGHTS = ("tokens", "balanced")
+PASSES = ("joint", "split")
 OFFICIAL_LR, OFFICIAL_WIDTH = 2.34e-5, 2048   # S-VARE code's effective lr on Infinity-2B
 
 
@@ -103,6 +105,9 @@ class EraseConfig:
                                               # balanced: every scale counts the same
     precision: str = "auto"                   # half model: its dtype; fp32 model: fp16 on CUDA, else fp32
     gradient_checkpointing: bool = False
+    passes: str = "joint"                     # joint: every row in one forward/backward | split:
+                                              # one row group (unsafe, safe, null) at a time, the
+                                              # same gradients with a third of the activations
     seed: int = 42
     grad_clip: float = 5.0                    # 0 disables clipping
     betas: tuple = (0.9, 0.97)
@@ -118,13 +123,15 @@ class EraseConfig:
 
         for name, allowed in (("method", METHODS), ("train", TRAIN_MODES), ("precision", PRECISIONS),
                               ("keep_target", KEEP_TARGETS), ("targets", TARGETS),
-                              ("scale_weights", SCALE_WEIGHTS)):
+                              ("scale_weights", SCALE_WEIGHTS), ("passes", PASSES)):
             if getattr(self, name) not in allowed:
                 fail(name, f"one of {allowed}", getattr(self, name))
         for name, low in (("steps", 1), ("batch_size", 1), ("rank", 1), ("seed", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 fail(name, f"an integer >= {low}", value)
+        if self.seed >= 2**63 - 2:          # torch generators take 64-bit signed seeds (+1 for pairs)
+            fail("seed", f"an integer >= 0 and < {2**63 - 2}", self.seed)
         if self.lr is not None and not (real("lr", self.lr) and self.lr > 0):
             fail("lr", "a finite number > 0 (or None for the default)", self.lr)
         for name in ("grad_clip", "weight_decay", "preservation_weight", "null_weight"):
@@ -256,6 +263,30 @@ def _make_optimizer(params, lr: float, config: EraseConfig) -> torch.optim.AdamW
                              lr=lr, betas=config.betas)
 
 
+def _scaled(loss_and_stats, scaler, weight):
+    loss, stats = loss_and_stats
+    return scaler.scale(loss if weight == 1 else loss * weight), stats
+
+
+def _split_backward(parallel, condition, x, schedule, n: int, autocast, scaled_objective) -> dict:
+    """passes="split": the same gradients as one joint pass, holding one row group's
+    activations at a time. The logits of every row come first without a graph, the objective's
+    gradient with respect to them is taken on those, then each group of n rows (unsafe, safe,
+    null) runs forward again with a graph and backward with its slice of that gradient."""
+    with torch.no_grad(), autocast():
+        logits = parallel.forward(condition, x, schedule)
+    leaf = logits.detach().requires_grad_(True)
+    loss, stats = scaled_objective(leaf)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    for start in range(0, logits.shape[0], n):
+        rows = slice(start, start + n)
+        part = Condition(cond=condition.cond[rows], text=condition.text[rows], text_mask=condition.text_mask[rows])
+        with autocast():
+            group_logits = parallel.forward(part, x[rows], schedule)
+        group_logits.backward(grad[rows])
+    return stats
+
+
 class TrainingDiverged(ValueError):
     """The trained weights are not finite: there is no usable adapter to save."""
 
@@ -310,6 +341,7 @@ def train_erasure(pipe, pairs, config: EraseConfig | None = None, callback=None,
     generator = torch.Generator().manual_seed(config.seed)
     history: list[dict] = []
     skipped_steps, cancelled = 0, False
+    split_passes = config.passes == "split" and context is None   # DDP syncs once per backward
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     saved_mode = (model.training, model.gradient_checkpointing)
     start_time = time.perf_counter()
@@ -337,26 +369,33 @@ def train_erasure(pipe, pairs, config: EraseConfig | None = None, callback=None,
                 null = [False] * len(prompts) + [True] * (len(chosen) if holds_null else 0)
                 prompts += [p.safe for p in chosen] if holds_null else []
                 x = batch["x_wo_prefix"].repeat(len(prompts) // len(chosen), 1, 1)
-                with autocast():
-                    logits = parallel.forward(bank.condition(prompts, null=null), x, schedule)
                 n = len(local)
-                unsafe_logits = logits[:n]
-                safe_logits = logits[n:2 * n] if needs_safe else None
-                unsafe_logits = targets.guide(unsafe_logits, local, "unsafe")
-                if needs_safe:
-                    safe_logits = targets.guide(safe_logits, local, "safe")
-                erase_rows = torch.tensor([p.unsafe != p.safe for p in chosen])   # False: keep pairs
-                token_mask = None if targets.token_weights is None else targets.token_weights.expand(n, -1)
-                loss, stats = losses.erasure_objective(
-                    config.method, unsafe_logits, safe_logits, batch["teacher_logits"],
-                    batch["bit_labels"], loss_config, erase_rows=erase_rows, token_mask=token_mask)
-                if holds_null:
-                    null_pre = losses.preservation_loss(logits[-n:], targets.null_rows[local], token_mask)
-                    loss = loss + config.null_weight * null_pre
-                    stats["null_pre"] = float(null_pre.detach())
-                    stats["loss"] = float(loss.detach())
+
+                def objective(logits):
+                    unsafe_logits = targets.guide(logits[:n], local, "unsafe")
+                    safe_logits = targets.guide(logits[n:2 * n], local, "safe") if needs_safe else None
+                    erase_rows = torch.tensor([p.unsafe != p.safe for p in chosen])   # False: keep pairs
+                    token_mask = None if targets.token_weights is None else targets.token_weights.expand(n, -1)
+                    loss, stats = losses.erasure_objective(
+                        config.method, unsafe_logits, safe_logits, batch["teacher_logits"],
+                        batch["bit_labels"], loss_config, erase_rows=erase_rows, token_mask=token_mask)
+                    if holds_null:
+                        null_pre = losses.preservation_loss(logits[-n:], targets.null_rows[local], token_mask)
+                        loss = loss + config.null_weight * null_pre
+                        stats["null_pre"] = float(null_pre.detach())
+                        stats["loss"] = float(loss.detach())
+                    return loss, stats
+
                 weight = distributed.loss_weight(len(local), len(indices), context)
-                scaler.scale(loss if weight == 1 else loss * weight).backward()
+                condition = bank.condition(prompts, null=null)
+                if split_passes:
+                    stats = _split_backward(parallel, condition, x, schedule, n, autocast,
+                                            lambda logits: _scaled(objective(logits), scaler, weight))
+                else:
+                    with autocast():
+                        logits = parallel.forward(condition, x, schedule)
+                    loss, stats = objective(logits)
+                    scaler.scale(loss if weight == 1 else loss * weight).backward()
                 scaler.unscale_(optimizer)
                 grad_norm = parallel.clip_grad_norm(config.grad_clip or math.inf)
                 finite = bool(torch.isfinite(grad_norm))
@@ -396,7 +435,7 @@ def train_erasure(pipe, pairs, config: EraseConfig | None = None, callback=None,
              "erase_target": config.erase_target, "scale_weights": config.scale_weights,
              "precision": precision, "seed": config.seed, "grad_clip": config.grad_clip,
              "betas": list(config.betas), "weight_decay": config.weight_decay,
-             "gradient_checkpointing": config.gradient_checkpointing,
+             "gradient_checkpointing": config.gradient_checkpointing, "passes": config.passes,
              "trajectory": asdict(config.trajectory)}
     if context is not None:
         hyper["distributed"] = {"world_size": context.world_size, "strategy": "fsdp" if fsdp else "ddp"}

@@ -212,7 +212,8 @@ class Infinity(nn.Module):
 
     def _logits(self, x, head_ada):
         # The head runs in fp32 whatever the compute dtype: bit probabilities near 0/1 matter.
-        with torch.autocast(x.device.type, enabled=False):
+        # ("meta" has no autocast: the memory plan runs this code on meta tensors)
+        with torch.autocast("cpu" if x.device.type == "meta" else x.device.type, enabled=False):
             h = self.head_nm(x.float(), head_ada.float())
             return F.linear(h, self.head.weight.float(), self.head.bias.float())
 
@@ -230,8 +231,8 @@ class Infinity(nn.Module):
         batch = x_wo_prefix.shape[0]
         sos = (cond.cond.unsqueeze(1) + self.pos_start).expand(batch, counts[0], -1)
         x = torch.cat([sos, self.word_embed(x_wo_prefix.to(self.word_embed.weight.dtype))], dim=1)
-        scale_ids = torch.repeat_interleave(torch.arange(len(counts), device=device),
-                                            torch.tensor(counts, device=device))
+        scale_ids = torch.repeat_interleave(torch.arange(len(counts), device=device),   # output_size:
+                                            torch.tensor(counts, device=device), output_size=total)  # meta can run it
         lvl = self.lvl_embed(scale_ids).unsqueeze(0)
         # Block-causal: a token sees its own scale and every coarser one.
         attn_mask = scale_ids[:, None] >= scale_ids[None, :]

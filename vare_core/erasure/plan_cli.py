@@ -1,0 +1,81 @@
+"""`python -m vare_core plan`: the memory plan of a run, without weight files.
+
+    python -m vare_core plan --model infinity_2b --height 1024 --width 1024            # erase defaults
+    python -m vare_core plan --model infinity_2b --height 1024 --width 1024 --train ca_ffn
+    python -m vare_core plan --model infinity_8b --height 1024 --width 1024 --sample --low-vram
+
+With no training flags it plans exactly what `erase` and the Train Erasure node would run (the
+model's erasure profile); every `erase` training flag is accepted and planned.
+"""
+from __future__ import annotations
+
+from .plan import GiB, plan_memory
+
+PRESET_MODELS = ("infinity_2b", "infinity_8b")
+
+
+def register(subparsers) -> None:
+    from .cli import add_training_args
+    p = subparsers.add_parser("plan", help="memory plan of sampling or erasure training (no weights needed)")
+    p.add_argument("--model", default="infinity_2b", choices=PRESET_MODELS + ("embedded",),
+                   help="an Infinity preset (built on the meta device) or the embedded model")
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="compute dtype (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="where the run happens")
+    p.add_argument("--sample", action="store_true", help="plan sampling instead of training")
+    p.add_argument("--batch", type=int, default=1, help="images sampled together (--sample)")
+    p.add_argument("--low-vram", action="store_true",
+                   help="sampling with the blocks streamed from CPU memory (Load VAR Model: low_vram)")
+    p.add_argument("--offload-text-encoder", action=__import__("argparse").BooleanOptionalAction, default=None,
+                   help="the T5 stays in CPU memory between encodes (default: on for erasure on Infinity)")
+    p.add_argument("--n-pairs", type=int, default=50, help="pairs per concept (their targets)")
+    p.add_argument("--concepts", type=int, default=1, help="concepts erased together")
+    add_training_args(p)
+    p.set_defaults(func=cmd_plan)
+
+
+def model_sizes(name: str, height: int, width: int):
+    """(InfinityConfig, schedule, VAEConfig | None, T5Config | None) of a preset or the embedded model."""
+    from .. import scales
+    from ..models.bsq_vae import VAEConfig
+    from ..models.presets import preset_config
+    if name == "embedded":
+        from ..pipeline import load_pipeline
+        pipe = load_pipeline("embedded", device="cpu")
+        return pipe.model.cfg, pipe.schedule_for(height, width), pipe.vae.config, pipe.text_encoder.model.config
+    cfg = preset_config(name)
+    schedule, _, _ = scales.schedule_for_image(height, width)
+    patchify = cfg.bits > 32                       # Infinity-8B: 14-bit VAE cells, 2x2 per token
+    vae = VAEConfig(bits=cfg.bits // 4, patch_size=8) if patchify else VAEConfig(bits=cfg.bits)
+    return cfg, schedule, vae, None
+
+
+def cmd_plan(args) -> None:
+    from ..erasure_profile import erasure_profile
+    from .cli import config_from_args
+    if args.model == "embedded" and args.device == "cuda":
+        args.device = "cpu"                        # the embedded model is a CPU model
+    dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    for flag, value in (("--batch", args.batch), ("--n-pairs", args.n_pairs), ("--concepts", args.concepts)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    cfg, schedule, vae, t5 = model_sizes(args.model, args.height, args.width)
+    profile = erasure_profile(args.model)
+    erase = None if args.sample else config_from_args(args)
+    offload = args.offload_text_encoder
+    if offload is None:
+        offload = profile.offload_text_encoder and not args.sample
+    plan = plan_memory(cfg, schedule, dtype=dtype, device=args.device, erase=erase,
+                       sample_batch=args.batch, t5_config=t5, vae_config=vae, low_vram=args.low_vram,
+                       offload_text_encoder=offload, n_pairs=args.n_pairs * args.concepts)
+    tokens = sum(h * w for h, w in schedule)
+    what = f"sampling {args.batch} image(s)" if erase is None else (
+        f"erasure: {erase.train}" + (f" rank {erase.rank} on {','.join(erase.lora_targets)}" if erase.train == "lora" else "")
+        + f", batch {erase.batch_size}, {erase.passes} passes, checkpointing {'on' if erase.gradient_checkpointing else 'off'}"
+        + f", trajectories {erase.trajectory.batch_size} at a time")
+    print(f"{args.model} at {args.height}x{args.width} ({len(schedule)} scales, {tokens} tokens), {dtype} on {args.device}; {what}")
+    print(plan.table())
+    if plan.peak > 0 and args.device == "cuda":
+        print(f"(fits a {next((g for g in (8, 12, 16, 24, 40, 48, 80, 141) if g * GiB >= plan.peak), 'larger')} GB card)")
