@@ -2,20 +2,22 @@
 
     python bench/memory_check.py                 # every case, then `max error: X%`
     python bench/memory_check.py --cases 0,3     # some cases
+    python bench/memory_check.py --quick         # two small erasure cases (CI)
 
 Every case runs in a fresh process (random weights, small Infinity configs, several resolutions
 and settings): sampling, or a whole erasure run (trajectories, targets, training steps). The
-process's peak resident memory above its memory before the model was built is the measured
-peak; the plan's peak for the same settings is printed beside it. glibc is told to serve every
+process's peak anonymous resident memory above its memory before the model was built is the
+measured peak (polled from a thread; file-backed pages such as code do not count); the plan's peak for
+the same settings is printed beside it. glibc is told to serve every
 allocation above 64 KiB from mmap (MALLOC_MMAP_THRESHOLD_), so freed tensors leave the
-process at once and the resident peak is the tensors' peak, not the allocator's hoard.
+process at once and the resident peak is the tensors' peak, not the allocator's hoard; and
+transparent huge pages are off for the run (they made the peak depend on the machine's state).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -45,13 +47,45 @@ CASES = [
 PAIRS = 4
 
 
-def current_rss() -> int:
+def disable_huge_pages() -> None:
+    """Transparent huge pages make the resident size depend on what else the machine did
+    (an allocation may or may not be backed by 2 MiB pages): off for this process (Linux)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(41, 1, 0, 0, 0)       # PR_SET_THP_DISABLE
+    except (OSError, AttributeError):
+        pass
+
+
+def anonymous_rss() -> int:
+    """Resident memory not backed by files (tensors live there; code pages do not count:
+    how many of those a fault maps depends on the page cache, i.e. on what ran before)."""
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        fields = f.read().split()
+    return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024      # Linux: KiB
+class PeakWatcher:
+    """Polls anonymous_rss() from a thread (torch releases the GIL in its kernels): the peak."""
+
+    def __init__(self, interval_s: float = 2e-4):
+        import threading
+        self.peak, self.interval_s, self.stop = anonymous_rss(), interval_s, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self.stop.is_set():
+            self.peak = max(self.peak, anonymous_rss())
+            self.stop.wait(self.interval_s)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, anonymous_rss())
 
 
 def build(case):
@@ -100,21 +134,22 @@ def warm_up():
 def measure(case) -> int:
     """In this process: the case's peak resident bytes above the memory before building."""
     warm_up()
-    baseline = current_rss()
-    pipe, torch = build(case)
-    torch.manual_seed(0)
-    if case["phase"] == "sample":
-        pipe.generate(["a red circle"] * case["batch"], seed=0, cfg=4.0)
-    else:
-        from vare_core.embedded.erasure_defaults import embedded_pairs
-        from vare_core.erasure.trainer import EraseConfig, train_erasure
-        pairs = embedded_pairs("circle", "square", n_per_concept=PAIRS, seed=0, retain_per_shape=0)
-        config = EraseConfig(steps=2, batch_size=case["batch"], train=case["train"], rank=8,
-                             gradient_checkpointing=case["ckpt"], precision="fp32",
-                             **plan_formulation())
-        with tempfile.TemporaryDirectory() as cache:
-            train_erasure(pipe, pairs, config, cache_dir=Path(cache))
-    return peak_rss() - baseline
+    baseline = anonymous_rss()
+    with PeakWatcher() as watcher:
+        pipe, torch = build(case)
+        torch.manual_seed(0)
+        if case["phase"] == "sample":
+            pipe.generate(["a red circle"] * case["batch"], seed=0, cfg=4.0)
+        else:
+            from vare_core.embedded.erasure_defaults import embedded_pairs
+            from vare_core.erasure.trainer import EraseConfig, train_erasure
+            pairs = embedded_pairs("circle", "square", n_per_concept=PAIRS, seed=0, retain_per_shape=0)
+            config = EraseConfig(steps=2, batch_size=case["batch"], train=case["train"], rank=8,
+                                 gradient_checkpointing=case["ckpt"], precision="fp32",
+                                 **plan_formulation())
+            with tempfile.TemporaryDirectory() as cache:
+                train_erasure(pipe, pairs, config, cache_dir=Path(cache))
+    return watcher.peak - baseline
 
 
 def plan_formulation() -> dict:
@@ -145,14 +180,17 @@ def planned(case):
 def main(argv=None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=None, help="comma list of case numbers (default: all)")
+    parser.add_argument("--quick", action="store_true", help="cases 3 and 4 only (CI)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
+        disable_huge_pages()
         import torch
         torch.set_num_threads(2)
         print(json.dumps({"measured": measure(json.loads(args.child))}))
         return 0.0
-    chosen = range(len(CASES)) if args.cases is None else [int(c) for c in args.cases.split(",")]
+    chosen = [3, 4] if args.quick else range(len(CASES)) if args.cases is None else \
+        [int(c) for c in args.cases.split(",")]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"}
     errors = []
     print("| case | phase | model | tokens | settings | planned GiB | measured GiB | error |")

@@ -142,3 +142,12 @@ def test_erasure_seeds_runs_and_summarises(capsys):
     erased_row = next(line for line in out.splitlines() if line.startswith("| cfg 4, erased"))
     assert f"| {100 * mean_acc_i:.1f} |" in erased_row
     assert '"lora_targets": ["ca", "ffn"]' in out and "circle -> square" in out
+
+
+def test_memory_check_quick(capsys):
+    # the plan against two real CPU runs (fresh processes); the full run is in the README
+    worst = load_bench("memory_check").main(["--quick"])
+    out = capsys.readouterr().out
+    rows = table_rows(out)
+    assert len(rows) == 2 and all(number(row[5]) > 0 and number(row[6]) > 0 for row in rows)
+    assert "max error:" in out and worst <= 0.20

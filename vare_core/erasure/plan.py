@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_leaves
 GiB = 2**30
 CUDA_RESERVE = int(0.75 * GiB)      # context + allocator slack; measured on recent drivers: 0.5-1 GiB
 # CPU: memory the runtime holds beside the tensors (autograd engine, oneDNN/GEMM packing
-# buffers, thread-local scratch): 20-85 MiB in bench/memory_check.py's runs, above the
+# buffers, thread-local scratch): tens of MiB in bench/memory_check.py's runs, above the
 # tensors that LiveBytes counts exactly (checked against real CPU tensors there).
 CPU_RESERVE = 64 * 2**20
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
