@@ -107,3 +107,15 @@ def test_plan_command_needs_no_weights_and_uses_the_erase_defaults(capsys):
                      "--train", "ca_ffn"]) == 0
     ca_ffn = capsys.readouterr().out
     assert "erasure: ca_ffn" in ca_ffn and "trained weights (ca_ffn)" in ca_ffn
+
+
+def test_streamed_blocks_leave_the_no_grad_phases():
+    def plan(stream):
+        erase = EraseConfig(train="lora", rank=4, batch_size=1, stream_blocks=stream)
+        return P.plan_memory(replace(CFG, depth=6), SCHEDULE, dtype="fp32", device="cuda", t5_config=T5,
+                             vae_config=VAE, erase=erase, text_tokens=4, n_pairs=3)
+    off, on = plan("off"), plan("on")
+    blocks = [P.param_bytes(block) for block in P._meta(lambda: Infinity(replace(CFG, depth=6))).blocks]
+    for phase in ("trajectories", "targets"):
+        assert off.phase_total(phase) - on.phase_total(phase) == sum(blocks) - max(blocks)
+    assert off.phase_total("training step") == on.phase_total("training step")

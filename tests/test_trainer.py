@@ -264,3 +264,16 @@ def test_split_passes_give_the_joint_gradients(pipe, pairs, tmp_path, method, fo
         assert torch.allclose(tensor, split.adapter.tensors[name], atol=1e-5, rtol=1e-4), name
     assert any(t.abs().max() > 0 for n, t in split.adapter.tensors.items() if n.endswith("lora_B"))
     assert joint.history[-1]["loss"] == pytest.approx(split.history[-1]["loss"], rel=1e-4)
+
+
+def test_streaming_the_blocks_for_trajectories_changes_nothing(pipe, pairs, tmp_path):
+    # stream_blocks="on": trajectories and targets run with the blocks copied in one at a time
+    # (on CPU the copies are CPU to CPU); the adapter is the same and the blocks come back
+    plain = run(pipe, pairs, tmp_path / "a", train="lora", rank=2, steps=2)
+    streamed = run(pipe, pairs, tmp_path / "b", train="lora", rank=2, steps=2, stream_blocks="on")
+    for name, tensor in plain.adapter.tensors.items():
+        assert torch.equal(tensor, streamed.adapter.tensors[name]), name
+    assert pipe.model.stream_device is None
+    assert streamed.adapter.metadata["hyperparameters"]["stream_blocks"] == "on"
+    with pytest.raises(ValueError, match="stream_blocks"):
+        EraseConfig(stream_blocks="sometimes")

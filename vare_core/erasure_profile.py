@@ -9,8 +9,9 @@ way wherever it is started.
 Embedded (and tiny) models: the shapes world's tuned settings (embedded/erasure_defaults.py).
 Infinity: what fits a 12 GB card at 1024^2 by the memory plan (README "Memory plan"): LoRA on
 cross-attention + FFN, gradient checkpointing, one pair per step in split passes (one row
-group's activations at a time), trajectories one prompt at a time, the text encoder off the GPU
-between uses. The official full fine-tune is one switch away: train="ca_ffn".
+group's activations at a time), trajectories one prompt at a time (with the blocks streamed
+from CPU memory when the card cannot hold the KV cache beside them: Infinity-8B), the text
+encoder off the GPU between uses. The official full fine-tune is one switch away: train="ca_ffn".
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from .erasure.trajectories import TrajectorySettings
 
 # Infinity: chosen with `python -m vare_core plan --model infinity_2b --height 1024 --width 1024`
 INFINITY_SETTINGS = {"train": "lora", "rank": 8, "lora_targets": ("ca", "ffn"), "batch_size": 1,
-                     "gradient_checkpointing": True, "passes": "split"}
+                     "gradient_checkpointing": True, "passes": "split", "stream_blocks": "auto"}
 INFINITY_TRAJECTORY_BATCH = 1
 
 

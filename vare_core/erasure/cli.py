@@ -31,7 +31,7 @@ from ..embedded.erasure_defaults import SHAPES_WORLD_MODELS
 
 TRAINING_OPTIONS = ("method", "train", "rank", "steps", "lr", "batch_size", "alpha", "gamma",
                     "preservation_weight", "keep_target", "targets", "erase_target", "precision", "seed",
-                    "passes")
+                    "passes", "stream_blocks")
 
 
 def check_pair_flags(args) -> None:
@@ -282,6 +282,9 @@ def add_training_args(p) -> None:
     g.add_argument("--passes", choices=["joint", "split"],
                    help="split: one row group (unsafe, safe, null) per backward, a third of the "
                         "activations, same gradients (default: split for Infinity, joint for embedded)")
+    g.add_argument("--stream-blocks", choices=["off", "on", "auto"],
+                   help="sample the trajectories and targets with the blocks in CPU memory, one on the "
+                        "GPU at a time (auto: when the KV cache would not fit; default auto for Infinity)")
     g.add_argument("--trajectory-batch", type=int,
                    help="safe prompts sampled together for the trajectories and the targets "
                         "(default: 1 for Infinity, 8 for embedded)")

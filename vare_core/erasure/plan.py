@@ -21,6 +21,7 @@ bench/memory_check.py compares the plan with real runs on CPU.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import weakref
 from dataclasses import dataclass, field, replace
@@ -41,10 +42,11 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class LiveBytes(TorchDispatchMode):
-    """Counts the bytes of live tensor storages and their peak while active (works on meta)."""
+    """Counts the bytes of live meta-tensor storages (the planned device) and their peak."""
 
     def __init__(self):
         super().__init__()
+        gc.collect()         # tensors of earlier work in reference cycles must not die inside
         self.storages: dict[int, list] = {}
         self.now = self.peak = 0
 
@@ -60,6 +62,8 @@ class LiveBytes(TorchDispatchMode):
                 del self.storages[key]
 
     def track(self, tensor: torch.Tensor) -> None:
+        if tensor.device.type != "meta":   # host-side helpers (e.g. the RoPE table cache)
+            return
         storage = tensor.untyped_storage()
         key = storage._cdata
         entry = self.storages.get(key)
@@ -295,17 +299,18 @@ def plan_memory(model_cfg, schedule, *, dtype: str = "bf16", device: str = "cuda
         return plan
     traj_batch = erase.trajectory.batch_size
     total = sum(h * w for h, w in schedule)
-    per_pair = total * model_cfg.bits * (1 + 4) + (total - 1) * model_cfg.bits * 4 + total * 2 * model_cfg.bits * 4
-    host = {"trajectory set (host memory)": n_pairs * per_pair} if not gpu else {}
+    logit_bytes = 4 if dtype == "fp32" else 2     # trajectories: fp16 teacher logits for half models
+    # bit labels (uint8) + next-scale inputs (fp32) + teacher logits, per pair
+    per_pair = total * model_cfg.bits + (total - 1) * model_cfg.bits * 4 + total * 2 * model_cfg.bits * logit_bytes
+    host = {"trajectory set": n_pairs * per_pair}      # trainer: trajs.to(device)
     plan.phases["trajectories"] = {
         f"sampling {traj_batch} trajectories at a time (KV cache, activations, kept logits)":
             sampling_peak(model, vae, schedule, min(traj_batch, n_pairs), text_tokens, torch_dtype,
                           cfg=erase.trajectory.cfg, decode=False, record=True, patchify=patchify), **host}
     targets_chunk = erase.trajectory.batch_size      # targets.prepare_targets
     holds_null_rows = erase.method == "svare" and erase.null_weight > 0
-    targets = n_pairs * total * 2 * model_cfg.bits * 4 * (1 + holds_null_rows) if erase.targets != "cfg" else 0
-    if not gpu:
-        host["frozen-model targets (host memory)"] = targets
+    targets = n_pairs * total * 2 * model_cfg.bits * logit_bytes * holds_null_rows
+    host["frozen-model targets"] = targets
     plan.phases["targets"] = {f"frozen forward of {min(targets_chunk, n_pairs)} pairs at a time":
                               targets_peak(model, schedule, min(targets_chunk, n_pairs), text_tokens, torch_dtype),
                               **host}
@@ -323,7 +328,24 @@ def plan_memory(model_cfg, schedule, *, dtype: str = "bf16", device: str = "cuda
             trained_state_bytes(model, erase.train, erase.rank, erase.lora_targets),
         **host,
     }
+    _plan_streaming(plan, model, erase, gpu, low_vram)
     return plan
+
+
+def _plan_streaming(plan: MemoryPlan, model, erase, gpu: bool, low_vram: bool) -> None:
+    """stream_blocks: the no-grad phases hold one block instead of all (trainer._blocks_streamed).
+    'auto' streams when a GPU could not hold those phases where it holds the training step."""
+    if erase.stream_blocks == "off" or low_vram:
+        return
+    blocks = [param_bytes(block) for block in model.blocks]
+    saved = sum(blocks) - max(blocks)
+    streamed_phases = ("trajectories", "targets")
+    if erase.stream_blocks == "auto":
+        step = plan.phase_total("training step")
+        if not gpu or all(plan.phase_total(name) <= step for name in streamed_phases):
+            return
+    for name in streamed_phases:
+        plan.phases[name]["blocks waiting in CPU memory (stream_blocks)"] = -saved
 
 
 def gib(value: int) -> str:

@@ -77,6 +77,7 @@ KEEP_TARGETS = ("frozen", "teacher")
 TARGETS = ("cfg", "conditional", "guided")
 SCALE_WEIGHTS = ("tokens", "balanced")
 PASSES = ("joint", "split")
+STREAM_BLOCKS = ("off", "on", "auto")
 OFFICIAL_LR, OFFICIAL_WIDTH = 2.34e-5, 2048   # S-VARE code's effective lr on Infinity-2B
 
 
@@ -105,6 +106,9 @@ class EraseConfig:
                                               # balanced: every scale counts the same
     precision: str = "auto"                   # half model: its dtype; fp32 model: fp16 on CUDA, else fp32
     gradient_checkpointing: bool = False
+    stream_blocks: str = "off"                # trajectories + targets with the blocks streamed from
+                                              # CPU memory (low_vram): off | on | auto (on a GPU
+                                              # whose free memory cannot hold the KV cache beside them)
     passes: str = "joint"                     # joint: every row in one forward/backward | split:
                                               # one row group (unsafe, safe, null) at a time, the
                                               # same gradients with a third of the activations
@@ -123,7 +127,8 @@ class EraseConfig:
 
         for name, allowed in (("method", METHODS), ("train", TRAIN_MODES), ("precision", PRECISIONS),
                               ("keep_target", KEEP_TARGETS), ("targets", TARGETS),
-                              ("scale_weights", SCALE_WEIGHTS), ("passes", PASSES)):
+                              ("scale_weights", SCALE_WEIGHTS), ("passes", PASSES),
+                              ("stream_blocks", STREAM_BLOCKS)):
             if getattr(self, name) not in allowed:
                 fail(name, f"one of {allowed}", getattr(self, name))
         for name, low in (("steps", 1), ("batch_size", 1), ("rank", 1), ("seed", 0)):
@@ -263,6 +268,39 @@ def _make_optimizer(params, lr: float, config: EraseConfig) -> torch.optim.AdamW
                              lr=lr, betas=config.betas)
 
 
+def _stream_blocks(pipe, config: EraseConfig, context) -> bool:
+    """Whether the no-grad phases (trajectories, targets) stream the blocks from CPU memory."""
+    if config.stream_blocks == "off" or context is not None or pipe.model.stream_device is not None:
+        return False
+    if config.stream_blocks == "on":
+        return True
+    if pipe.device.type != "cuda":
+        return False
+    cfg, tokens = pipe.model.cfg, sum(h * w for h, w in pipe.default_schedule)
+    element = pipe.model.word_embed.weight.element_size()
+    kv_cache = 2 * cfg.depth * 2 * config.trajectory.batch_size * tokens * cfg.embed_dim * element
+    free, _ = torch.cuda.mem_get_info(pipe.device)
+    return free < 1.25 * kv_cache      # the caches plus a scale's activations would not fit
+
+
+@contextlib.contextmanager
+def _blocks_streamed(model, enabled: bool):
+    """Within: the transformer blocks wait in CPU memory and visit the device one at a time
+    (Infinity.enable_block_streaming), so the KV caches of the trajectories fit beside the rest;
+    afterwards they are back on the device for training."""
+    if not enabled:
+        yield
+        return
+    device = model.word_embed.weight.device
+    model.enable_block_streaming(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    try:
+        yield
+    finally:
+        model.disable_block_streaming()
+
+
 def _scaled(loss_and_stats, scaler, weight):
     loss, stats = loss_and_stats
     return scaler.scale(loss if weight == 1 else loss * weight), stats
@@ -327,16 +365,16 @@ def train_erasure(pipe, pairs, config: EraseConfig | None = None, callback=None,
         return build_trajectories(pipe, [p.safe for p in pairs], config.trajectory, cache_dir,
                                   traj_progress, traj_cancel)
 
-    try:   # rank 0 samples and caches; the other ranks then read its cache
-        trajs = distributed.main_first(sample_trajectories, context, "trajectories").to(device)
-    except SamplingCancelled:
-        return TrainResult(adapter=None, history=[], cancelled=True)
-    schedule = trajs.schedule
-    bank = PromptBank(pipe, [p.unsafe for p in pairs] + [p.safe for p in pairs])
-
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None \
         else contextlib.nullcontext
-    targets = prepare_targets(model, bank, trajs, pairs, config, autocast)
+    with _blocks_streamed(model, _stream_blocks(pipe, config, context)):
+        try:   # rank 0 samples and caches; the other ranks then read its cache
+            trajs = distributed.main_first(sample_trajectories, context, "trajectories").to(device)
+        except SamplingCancelled:
+            return TrainResult(adapter=None, history=[], cancelled=True)
+        bank = PromptBank(pipe, [p.unsafe for p in pairs] + [p.safe for p in pairs])
+        targets = prepare_targets(model, bank, trajs, pairs, config, autocast)
+    schedule = trajs.schedule
     holds_null = targets.null_rows is not None      # svare with null_weight > 0
     generator = torch.Generator().manual_seed(config.seed)
     history: list[dict] = []
@@ -436,6 +474,7 @@ def train_erasure(pipe, pairs, config: EraseConfig | None = None, callback=None,
              "precision": precision, "seed": config.seed, "grad_clip": config.grad_clip,
              "betas": list(config.betas), "weight_decay": config.weight_decay,
              "gradient_checkpointing": config.gradient_checkpointing, "passes": config.passes,
+             "stream_blocks": config.stream_blocks,
              "trajectory": asdict(config.trajectory)}
     if context is not None:
         hyper["distributed"] = {"world_size": context.world_size, "strategy": "fsdp" if fsdp else "ddp"}
