@@ -62,14 +62,13 @@ from datetime import datetime, timezone
 import torch
 
 from .. import __version__
-from . import distributed, losses
+from . import distributed, lean, losses
 from .adapters import (FORMAT_VERSION, TRAIN_MODES, Adapter, LORA_TARGETS, TrainableWeights,
                        check_lora_rank, shared_copy)
 from .losses import LN2, METHODS, LossConfig
 from .pairs import MAX_PAIRS, PromptPair
 from .targets import prepare_targets
 from .trajectories import TrajectorySettings, build_trajectories
-from ..models.infinity import Condition
 from ..sampler import SamplingCancelled
 
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
@@ -268,63 +267,6 @@ def _make_optimizer(params, lr: float, config: EraseConfig) -> torch.optim.AdamW
                              lr=lr, betas=config.betas)
 
 
-def _stream_blocks(pipe, config: EraseConfig, context) -> bool:
-    """Whether the no-grad phases (trajectories, targets) stream the blocks from CPU memory."""
-    if config.stream_blocks == "off" or context is not None or pipe.model.stream_device is not None:
-        return False
-    if config.stream_blocks == "on":
-        return True
-    if pipe.device.type != "cuda":
-        return False
-    cfg, tokens = pipe.model.cfg, sum(h * w for h, w in pipe.default_schedule)
-    element = pipe.model.word_embed.weight.element_size()
-    kv_cache = 2 * cfg.depth * 2 * config.trajectory.batch_size * tokens * cfg.embed_dim * element
-    free, _ = torch.cuda.mem_get_info(pipe.device)
-    return free < 1.25 * kv_cache      # the caches plus a scale's activations would not fit
-
-
-@contextlib.contextmanager
-def _blocks_streamed(model, enabled: bool):
-    """Within: the transformer blocks wait in CPU memory and visit the device one at a time
-    (Infinity.enable_block_streaming), so the KV caches of the trajectories fit beside the rest;
-    afterwards they are back on the device for training."""
-    if not enabled:
-        yield
-        return
-    device = model.word_embed.weight.device
-    model.enable_block_streaming(device)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    try:
-        yield
-    finally:
-        model.disable_block_streaming()
-
-
-def _scaled(loss_and_stats, scaler, weight):
-    loss, stats = loss_and_stats
-    return scaler.scale(loss if weight == 1 else loss * weight), stats
-
-
-def _split_backward(parallel, condition, x, schedule, n: int, autocast, scaled_objective) -> dict:
-    """passes="split": the same gradients as one joint pass, holding one row group's
-    activations at a time. The logits of every row come first without a graph, the objective's
-    gradient with respect to them is taken on those, then each group of n rows (unsafe, safe,
-    null) runs forward again with a graph and backward with its slice of that gradient."""
-    with torch.no_grad(), autocast():
-        logits = parallel.forward(condition, x, schedule)
-    leaf = logits.detach().requires_grad_(True)
-    loss, stats = scaled_objective(leaf)
-    (grad,) = torch.autograd.grad(loss, leaf)
-    for start in range(0, logits.shape[0], n):
-        rows = slice(start, start + n)
-        part = Condition(cond=condition.cond[rows], text=condition.text[rows], text_mask=condition.text_mask[rows])
-        with autocast():
-            group_logits = parallel.forward(part, x[rows], schedule)
-        group_logits.backward(grad[rows])
-    return stats
-
-
 class TrainingDiverged(ValueError):
     """The trained weights are not finite: there is no usable adapter to save."""
 
@@ -367,7 +309,7 @@ def train_erasure(pipe, pairs, config: EraseConfig | None = None, callback=None,
 
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None \
         else contextlib.nullcontext
-    with _blocks_streamed(model, _stream_blocks(pipe, config, context)):
+    with lean.blocks_streamed(model, lean.should_stream_blocks(pipe, config, context)):
         try:   # rank 0 samples and caches; the other ranks then read its cache
             trajs = distributed.main_first(sample_trajectories, context, "trajectories").to(device)
         except SamplingCancelled:
@@ -427,8 +369,8 @@ def train_erasure(pipe, pairs, config: EraseConfig | None = None, callback=None,
                 weight = distributed.loss_weight(len(local), len(indices), context)
                 condition = bank.condition(prompts, null=null)
                 if split_passes:
-                    stats = _split_backward(parallel, condition, x, schedule, n, autocast,
-                                            lambda logits: _scaled(objective(logits), scaler, weight))
+                    stats = lean.split_backward(parallel, condition, x, schedule, n, autocast,
+                                                lambda logits: lean.scaled(objective(logits), scaler, weight))
                 else:
                     with autocast():
                         logits = parallel.forward(condition, x, schedule)
