@@ -1,10 +1,11 @@
-"""Command line: python -m vare_core {sample, demo, erase, bench-erasure} ...
+"""Command line: python -m vare_core {sample, demo, erase, bench-erasure, plan} ...
 
     python -m vare_core sample --model embedded --prompt "a red circle on a white background" \
         --n 8 --seed 0 --out out/
     python -m vare_core sample --model infinity_2b_reg.pth --vae infinity_vae_d32reg.pth \
         --text-encoder models/text_encoders/flan-t5-xl --prompt "a cat" --out out/
     python -m vare_core demo --out out/demo
+    python -m vare_core plan --model infinity_2b --height 1024 --width 1024   # memory, no weights
 """
 from __future__ import annotations
 
