@@ -151,3 +151,13 @@ def test_memory_check_quick(capsys):
     rows = table_rows(out)
     assert len(rows) == 2 and all(number(row[5]) > 0 and number(row[6]) > 0 for row in rows)
     assert "max error:" in out and worst <= 0.20
+
+
+def test_gpu_check_quick_on_cpu(capsys):
+    # the GPU script's code path on a tiny model: every row runs and is planned
+    rows = load_bench("gpu_check").main(["--quick", "--device", "cpu"])
+    out = capsys.readouterr().out
+    table = table_rows(out)
+    assert len(table) == len(rows) == 3
+    assert all(r["seconds"] > 0 and r["plan"] > 0 and r["peak"] is None for r in rows)
+    assert "S-VARE erasure, defaults (lora, split passes)" in out and "DDP (NCCL): skipped" in out
