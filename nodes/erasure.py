@@ -28,6 +28,7 @@ from vare_core.erasure.adapters import TRAIN_MODES, save_adapter
 from vare_core.erasure.losses import METHODS
 from vare_core.erasure.memory import memory_advice
 from vare_core.erasure.pairs import make_pairs, pairs_to_text, parse_pairs_text
+from vare_core.erasure.plan import check_fits
 from vare_core.erasure.trainer import PRECISIONS, EraseConfig, train_erasure
 from vare_core.erasure_profile import erasure_profile
 from vare_core.models import rope
@@ -282,11 +283,17 @@ class TrainErasure(io.ComfyNode):
                                  lora_targets=lora_targets, formulation=formulation, passes=passes)
         concepts = sorted({p.concept for p in pairs if p.concept})
         reporter = _Reporter(node, steps, method)
-        reporter.send("start", concepts=concepts)
         host.free_accelerator_memory()
         # ComfyUI runs nodes under torch.inference_mode(); training needs autograd back, and
         # RoPE tables cached while sampling in inference mode cannot enter autograd: drop them.
         rope._rope_cpu.cache_clear()
+        if pipe.device.type == "cuda":     # the plan first: a run that cannot fit never starts
+            free, _ = torch.cuda.mem_get_info(pipe.device)
+            with torch.inference_mode(False):
+                plan = check_fits(pipe, config, len(pairs), free + torch.cuda.memory_allocated(pipe.device),
+                                  erasure_profile(pipe).offload_text_encoder)
+            host.log.info("VARE erasure memory plan:\n%s", plan.table())
+        reporter.send("start", concepts=concepts)
         try:
             # the profile's memory plan: Infinity's T5 waits in CPU memory while it trains
             parked = pipe.text_encoder_offloaded() if erasure_profile(pipe).offload_text_encoder \

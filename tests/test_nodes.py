@@ -377,3 +377,16 @@ def test_compare_grid(model):
     assert grid.shape[0] == 1 and grid.shape[2] > 2 * before.shape[2]
     with pytest.raises(ValueError, match="same prompts"):
         run(evaluation.CompareGrid, before=before, after=before[:1], before_title="b", after_title="a")
+
+
+def test_train_node_refuses_a_run_the_plan_says_does_not_fit(model, pairs, monkeypatch):
+    # on a GPU the node plans first; with too little free memory it names the settings that fit
+    import vare_core.pipeline as pipeline_module
+    monkeypatch.setattr(pipeline_module.VarPipeline, "device", property(lambda self: torch.device("cuda")))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 * 2**20, 8 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    trained = []
+    monkeypatch.setattr(erasure, "train_erasure", lambda *a, **k: trained.append(1))
+    with pytest.raises(ValueError, match=r"this erasure needs about .* GiB at its peak .* is free"):
+        train(model, pairs, train="ca_ffn", batch_size=2)
+    assert not trained

@@ -119,3 +119,19 @@ def test_streamed_blocks_leave_the_no_grad_phases():
     for phase in ("trajectories", "targets"):
         assert off.phase_total(phase) - on.phase_total(phase) == sum(blocks) - max(blocks)
     assert off.phase_total("training step") == on.phase_total("training step")
+
+
+def test_check_fits_names_the_settings_that_fit():
+    from vare_core.testing import tiny_pipeline
+    pipe = tiny_pipeline(seed=0)
+    erase = EraseConfig(train="ca_ffn", batch_size=4, passes="joint")
+    plan = P.check_fits(pipe, erase, n_pairs=4, budget=10 * P.GiB)
+    needs = plan.peak
+    leanest = P.plan_for_pipeline(pipe, replace(erase, passes="split", gradient_checkpointing=True,
+                                                 stream_blocks="on", batch_size=1, train="lora", rank=4), 4)
+    budget = (needs + leanest.peak) // 2
+    with pytest.raises(ValueError, match=r"is free: set passes split") as info:
+        P.check_fits(pipe, erase, n_pairs=4, budget=budget)
+    assert "plan:" in str(info.value)
+    with pytest.raises(ValueError, match="even with"):
+        P.check_fits(pipe, erase, n_pairs=4, budget=leanest.peak // 2)

@@ -178,7 +178,7 @@ def param_bytes(module: torch.nn.Module) -> int:
 
 
 def _meta(builder):
-    with torch.device("meta"):
+    with torch.inference_mode(False), torch.device("meta"):   # trainable in the training phase
         return builder()
 
 
@@ -214,7 +214,9 @@ def training_peak(model, schedule, sequences: int, text_tokens: int, dtype, trai
     model.gradient_checkpointing = checkpointing
     model.train(checkpointing)
     try:
-        with weights.installed(), efficient_attention(), autocast_linear(dtype):
+        # a graph is needed whatever the caller's mode (ComfyUI runs nodes in inference mode)
+        with torch.inference_mode(False), torch.enable_grad(), weights.installed(), \
+                efficient_attention(), autocast_linear(dtype):
             with meter:
                 text = torch.empty(sequences, text_tokens, model.cfg.text_channels, device="meta", dtype=dtype)
                 lens = torch.full((sequences,), text_tokens, dtype=torch.long)
@@ -272,6 +274,7 @@ def plan_memory(model_cfg, schedule, *, dtype: str = "bf16", device: str = "cuda
     from ..models.t5 import T5Config, T5Encoder
     torch_dtype = DTYPES[dtype]
     gpu = device != "cpu"
+    text_tokens = min(text_tokens, model_cfg.text_maxlen)     # prompts are cut to the model's text length
     schedule = [tuple(s) for s in schedule]
     model_cfg = replace(model_cfg, num_levels=max(model_cfg.num_levels, len(schedule)), cond_drop_rate=0.0)
     model = _meta(lambda: Infinity(model_cfg)).to(torch_dtype).eval().requires_grad_(False)
@@ -350,3 +353,39 @@ def _plan_streaming(plan: MemoryPlan, model, erase, gpu: bool, low_vram: bool) -
 
 def gib(value: int) -> str:
     return f"{value / GiB:.1f} GiB" if math.isfinite(value) else "?"
+
+
+def plan_for_pipeline(pipe, erase, n_pairs: int, offload_text_encoder: bool = False) -> MemoryPlan:
+    """The plan of training `erase` on a loaded pipeline (its own sizes, dtype and device)."""
+    model = pipe.model
+    dtype = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[model.word_embed.weight.dtype]
+    return plan_memory(model.cfg, pipe.default_schedule, dtype=dtype,
+                       device="cuda" if pipe.device.type == "cuda" else "cpu", erase=erase,
+                       t5_config=pipe.text_encoder.model.config, vae_config=pipe.vae.config,
+                       n_pairs=n_pairs, offload_text_encoder=offload_text_encoder or pipe.offload_text_encoder)
+
+
+# Changes that lower the peak, cheapest first (what the refusal names when a run does not fit).
+FIT_STEPS = (("passes", "split"), ("gradient_checkpointing", True), ("stream_blocks", "on"),
+             ("batch_size", 1), ("train", "lora"), ("rank", 4))
+
+
+def check_fits(pipe, erase, n_pairs: int, budget: int, offload_text_encoder: bool = False) -> MemoryPlan:
+    """The plan, or ValueError when its peak exceeds `budget` bytes: the message names the
+    settings (applied in order, cheapest first) whose plan fits, or says that none does."""
+    plan = plan_for_pipeline(pipe, erase, n_pairs, offload_text_encoder)
+    if plan.peak <= budget:
+        return plan
+    changed, trial = [], erase
+    for name, value in FIT_STEPS:
+        if getattr(trial, name) == value or (name == "rank" and trial.train != "lora"):
+            continue
+        trial = replace(trial, **{name: value})
+        changed.append(f"{name} {value}")
+        fitted = plan_for_pipeline(pipe, trial, n_pairs, offload_text_encoder)
+        if fitted.peak <= budget:
+            raise ValueError(f"this erasure needs about {gib(plan.peak)} at its peak ({plan.peak_phase}) "
+                             f"and {gib(budget)} is free: set {', '.join(changed)} (plan: {gib(fitted.peak)})")
+    raise ValueError(f"this erasure needs about {gib(plan.peak)} at its peak ({plan.peak_phase}) and "
+                     f"{gib(budget)} is free; even with {', '.join(changed) or 'the leanest settings'} it needs "
+                     f"{gib(fitted.peak if changed else plan.peak)}: free memory (other models), or use a larger GPU")
