@@ -170,7 +170,6 @@ class SaveAdapter(io.ComfyNode):
         root.mkdir(parents=True, exist_ok=True)
         path = target_path(root, output_name(filename.strip(), adapter), overwrite)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path = target_path(root, output_name(filename.strip(), adapter), overwrite)  # after mkdir
         save_adapter(adapter, path)
         host.log.info("VARE adapter saved to %s", path)
         return io.NodeOutput(str(path), ui={"text": [f"saved {path}"]})

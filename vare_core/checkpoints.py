@@ -29,7 +29,6 @@ import os
 import pickle
 import re
 import struct
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -350,35 +349,14 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path,
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
         raise ValueError(f"metadata for {path} must be a dict of str -> str, got {metadata!r}")
     prepared = _prepare_for_safetensors(tensors)
-    if not path.parent.is_dir():
-        raise OSError(f"cannot write {path}: the folder {path.parent} does not exist")
-    try:
-        fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        safetensors.torch.save_file(prepared, temp_name, metadata=metadata)
-        # after the write: safetensors writes its own 0600 temp file and renames it over ours;
-        # weights are shared files, so they get the umask's usual mode
-        os.chmod(temp_name, 0o666 & ~umask)
-        with open(temp_name, "r+b") as f:
-            os.fsync(f.fileno())
-        os.replace(temp_name, path)
-    except BaseException as err:
+
+    def write(temp_name):
         try:
-            os.unlink(temp_name)
-        except FileNotFoundError:
-            pass
-        if isinstance(err, safetensors.SafetensorError):   # its I/O errors (a full disk) are not OSError
-            err = _as_os_error(err)
-        if isinstance(err, OSError):
-            message = f"could not write {path}: {err.strerror or err}; any previous file there is unchanged"
-            raise (OSError(err.errno, message) if err.errno else OSError(message)) from err
-        raise
-    _fsync_folder(path.parent)
+            safetensors.torch.save_file(prepared, temp_name, metadata=metadata)
+        except safetensors.SafetensorError as err:   # its I/O errors (a full disk) are not OSError
+            raise _as_os_error(err) from err
+
+    paths.write_atomic(path, write)
 
 
 def _as_os_error(err: Exception) -> Exception:
@@ -390,17 +368,3 @@ def _as_os_error(err: Exception) -> Exception:
         return err
     number = int(found.group(1) or found.group(2))
     return OSError(number, os.strerror(number))
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

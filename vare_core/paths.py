@@ -170,19 +170,27 @@ def require_regular_file(path: Path, what: str) -> Path:
     raise ValueError(f"{what} {path} is {_KIND_TEXT[kind]}, not a regular file; give the file itself")
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Readers see the old file or the complete new one, never half (temp file + fsync +
-    rename); on failure the temp file is removed and the error names the path."""
+def write_atomic(path: Path, write) -> None:
+    """Readers see the old file at `path` or the complete new one, never half: `write(temp)`
+    fills a temp file in the same folder, which is given the umask's usual mode, fsynced and
+    renamed over `path`. On failure the temp file is removed, the previous file is untouched,
+    and an OSError names the path."""
     path = Path(path)
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if not path.parent.is_dir():
+        raise OSError(f"cannot write {path}: the folder {path.parent} does not exist")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
+        fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        write(temp_name)
+        # after the write: a writer may put its own 0600 file in place (safetensors does)
         os.chmod(temp_name, 0o666 & ~umask)
+        with open(temp_name, "r+b") as f:
+            os.fsync(f.fileno())
         os.replace(temp_name, path)
     except BaseException as err:
         try:
@@ -190,8 +198,29 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         if isinstance(err, OSError):
-            raise OSError(err.errno, f"could not write {path}: {err.strerror or err}") from err
+            message = f"could not write {path}: {err.strerror or err}; any previous file there is unchanged"
+            raise (OSError(err.errno, message) if err.errno else OSError(message)) from err
         raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """`data` at `path`, atomically (write_atomic)."""
+    write_atomic(path, lambda temp: Path(temp).write_bytes(data))
 
 
 def free_numbered_names(folder: Path, stem: str, count: int, suffix: str = ".png") -> list[Path]:

@@ -254,13 +254,14 @@ def add_training_args(p) -> None:
     g.add_argument("--rank", type=int, help="LoRA rank (default 8)")
     g.add_argument("--lora-targets", help="comma list of ca, kv (cross-attention K/V only), ffn, sa "
                                           "(default ca,ffn; embedded: ca)")
-    g.add_argument("--steps", type=int, help="default 500 (official); embedded: its tuned default")
+    g.add_argument("--steps", type=int, help="default 500 (official); embedded: its tuned 600")
     g.add_argument("--lr", type=float, help="default: the official 2.34e-5 scaled to the model width")
     g.add_argument("--batch-size", type=int, help="pairs per step (default: 1 for Infinity, 8 for embedded)")
-    g.add_argument("--alpha", type=float, help="fraction of wrong bits that selects a token (0.25)")
+    g.add_argument("--alpha", type=float, help="fraction of wrong bits that selects a token "
+                                               "(default: the profile's; Infinity the paper's 0.25, embedded 0)")
     g.add_argument("--gamma", type=float, help="bit CE threshold (default ln 2)")
     g.add_argument("--loss-weight", type=float, dest="preservation_weight",
-                   help="weight of the preservation loss L_Pre (default 0.5)")
+                   help="weight of the preservation loss L_Pre (default: Infinity the paper's 0.5, embedded 2.0)")
     g.add_argument("--keep-target", choices=["frozen", "teacher"],
                    help="what keep pairs are held to in L_Pre: frozen = the model's own conditional "
                         "logits (default), teacher = the CFG teacher like the safe prompts")

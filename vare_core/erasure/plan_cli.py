@@ -9,6 +9,8 @@ model's erasure profile); every `erase` training flag is accepted and planned.
 """
 from __future__ import annotations
 
+import argparse
+
 from .plan import GiB, plan_memory
 
 PRESET_MODELS = ("infinity_2b", "infinity_8b")
@@ -28,7 +30,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch", type=int, default=1, help="images sampled together (--sample)")
     p.add_argument("--low-vram", action="store_true",
                    help="sampling with the blocks streamed from CPU memory (Load VAR Model: low_vram)")
-    p.add_argument("--offload-text-encoder", action=__import__("argparse").BooleanOptionalAction, default=None,
+    p.add_argument("--offload-text-encoder", action=argparse.BooleanOptionalAction, default=None,
                    help="the T5 stays in CPU memory between encodes (default: on for erasure on Infinity)")
     p.add_argument("--n-pairs", type=int, default=50, help="pairs per concept (their targets)")
     p.add_argument("--concepts", type=int, default=1, help="concepts erased together")
