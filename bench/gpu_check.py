@@ -56,7 +56,7 @@ def build(quick: bool, device: torch.device, dtype: torch.dtype, low_vram: bool 
     cfg, schedule, vae_cfg, t5_cfg = sizes(quick)
     torch.manual_seed(0)
     with torch.device(device):
-        model = init_weights(Infinity(cfg)).to(dtype).eval().requires_grad_(False)
+        model = init_weights(Infinity(cfg)).cast(dtype).eval().requires_grad_(False)
         vae = BSQVAE(vae_cfg).to(dtype).eval().requires_grad_(False)
         t5 = T5Encoder(t5_cfg).to(dtype).eval().requires_grad_(False)
     tokenizer = build_word_level_tokenizer(VOCABULARY)

@@ -91,7 +91,7 @@ def run(name, cfg: InfinityConfig, schedule, batch, dtype, device, repeats, refe
     with torch.device(device):      # built in place: no CPU copy of a 2B model
         model = Infinity(cfg)
     init_weights(model)
-    model = model.to(dtype).eval()
+    model = model.cast(dtype).eval()
     text = torch.randn(batch, 16, cfg.text_channels, device=device, dtype=dtype)
     lens = torch.full((batch,), 16, device=device)
     tokens = sum(h * w for h, w in schedule) * batch

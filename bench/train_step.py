@@ -66,7 +66,7 @@ def bench_pipeline(cfg: InfinityConfig, schedule, device, dtype, seed: int = 0) 
         with torch.no_grad():  # non-zero AdaLN gates, so every trained tensor gets a gradient
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.02)
-    model = model.to(dtype).eval().requires_grad_(False)
+    model = model.cast(dtype).eval().requires_grad_(False)
     tokenizer = build_word_level_tokenizer(VOCABULARY)
     heads = max(1, cfg.text_channels // 64)
     t5 = T5Encoder(T5Config(d_model=cfg.text_channels, d_kv=64, d_ff=2 * cfg.text_channels,

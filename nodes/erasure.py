@@ -237,7 +237,10 @@ class TrainErasure(io.ComfyNode):
                 io.Int.Input("batch_size", default=0, min=0, max=64,
                              tooltip="pairs per step; 0 = the profile's (Infinity 1, embedded 8)"),
                 io.Combo.Input("precision", options=list(PRECISIONS), default="auto",
-                               tooltip="auto: fp16 with loss scaling on a GPU, fp32 on CPU"),
+                               tooltip="auto: the model's dtype (fp16 with loss scaling); an fp32 model "
+                                       "trains in bf16 on GPUs that have it natively, fp16 with loss "
+                                       "scaling on older GPUs, fp32 on CPU. Trained weights are fp32 "
+                                       "masters in every case"),
                 io.Boolean.Input("gradient_checkpointing", default=False,
                                  tooltip="recompute activations in the backward pass: much less memory, "
                                          "~30% slower (always on for Infinity models: their profile)"),

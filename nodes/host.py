@@ -22,6 +22,7 @@ import torch
 
 from vare_core import paths
 from vare_core.erasure import memory
+from vare_core.preview import SHOWN_SIDE
 
 log = logging.getLogger("vare")
 
@@ -191,7 +192,7 @@ def report_progress(node: str | None, value: int, total: int, preview=None) -> N
     if comfy_utils is None:
         return
     bar = comfy_utils.ProgressBar(total, node_id=node)
-    bar.update_absolute(value, total, ("JPEG", preview, 512) if preview is not None else None)
+    bar.update_absolute(value, total, ("JPEG", preview, SHOWN_SIDE) if preview is not None else None)
 
 
 def send_event(event: str, data: dict) -> None:

@@ -100,8 +100,10 @@ class LoadModel(io.ComfyNode):
                                tooltip="flan-t5-xl folder (or one encoder file) from models/text_encoders; "
                                        "'embedded' with the embedded transformer"),
                 io.Combo.Input("dtype", options=list(DTYPES), default="auto",
-                               tooltip="auto: bf16 (or fp16) on a GPU, fp32 on CPU; the embedded "
-                                       "model always loads in fp32 under auto"),
+                               tooltip="auto: bf16 on GPUs that have it natively (RTX 30xx / A100 and "
+                                       "later), fp16 on older GPUs, fp32 on CPU; the embedded model "
+                                       "loads in fp32 under auto. In half precision the residual "
+                                       "stream, AdaLN and head stay fp32, as in the official code"),
                 io.Boolean.Input("offload_text_encoder", default=False, optional=True,
                                  tooltip="keep the text encoder in CPU memory and move it to the GPU "
                                          "only while it encodes (flan-t5-xl: 2.4 GB in fp16); same images"),

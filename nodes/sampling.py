@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 
 from vare_core import scales
-from vare_core.sampler import SamplingCancelled, decode_images
+from vare_core.preview import decode_preview
+from vare_core.sampler import SamplingCancelled
 
 from . import host
 from .compat import CATEGORY, VareConditioning, VareModel, io, node_id
@@ -100,7 +101,8 @@ class Sampler(io.ComfyNode):
                 io.Int.Input("batch_size", default=1, min=1, max=64,
                              tooltip="images per prompt (each prompt gets a different random draw)"),
                 io.Boolean.Input("preview", default=True,
-                                 tooltip="decode the partial image after every scale and show it on the node"),
+                                 tooltip="decode the partial image after every scale and show it on the node "
+                                         "(at most 512 px: a quarter of a full decode at 1024²)"),
             ],
             outputs=[io.Image.Output(display_name="images", tooltip="RGB, prompts in order, "
                                      "batch_size images each")],
@@ -134,7 +136,7 @@ class Sampler(io.ComfyNode):
                 return
             image = None
             if preview:
-                image = host.to_pil(decode_images(pipe.vae, step.summed_codes[:1])[0])
+                image = host.to_pil(decode_preview(pipe.vae, step.summed_codes[:1])[0])
             host.report_progress(node, step.index + 1, n, image)
 
         host.report_progress(node, 0, n)

@@ -161,3 +161,12 @@ def test_gpu_check_quick_on_cpu(capsys):
     assert len(table) == len(rows) == 3
     assert all(r["seconds"] > 0 and r["plan"] > 0 and r["peak"] is None for r in rows)
     assert "S-VARE erasure, defaults (lora, split passes)" in out and "DDP (NCCL): skipped" in out
+
+
+def test_preview_speed_quick(capsys):
+    load_bench("preview_speed").main(["--quick"])
+    out = capsys.readouterr().out
+    assert "command: python bench/preview_speed.py --quick" in out
+    table = table_rows(out)
+    assert [r[0] for r in table] == ["full size", "preview size"]
+    assert all(number(c) > 0 and math.isfinite(number(c)) for r in table for c in r[1:])

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import scales
+from .devices import native_bf16
 from .checkpoints import CheckpointError, check_finite, file_fingerprint, load_state_dict
 from .models.bsq_vae import BSQVAE, build_vae
 from .models.infinity import Infinity
@@ -161,9 +162,11 @@ def _pick_device(device):
 
 
 def _pick_dtype(dtype, device: torch.device):
+    """auto: bf16 on a GPU with native bf16, fp16 on older GPUs, fp32 on the CPU (whose half
+    precision matmuls are slow or emulated on most machines)."""
     if dtype in (None, "auto"):
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if native_bf16(device) else torch.float16
         return torch.float32
     if isinstance(dtype, str):
         names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

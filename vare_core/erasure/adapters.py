@@ -41,6 +41,7 @@ from safetensors import safe_open
 
 from .. import paths
 from ..checkpoints import save_safetensors_atomic
+from ..models.lowrank import LowRankUpdate, add_update, is_update_parameter, merged_state_dict, remove_update
 from ..models.presets import to_official_keys
 
 FORMAT_VERSION = "vare-adapter/1"
@@ -82,7 +83,8 @@ class Adapter:
 
 def ca_ffn_parameter_names(model: nn.Module) -> list[str]:
     """Every trainable tensor of the blocks' cross-attention and FFN (buffers excluded)."""
-    return [name for name, _ in model.named_parameters() if _CA_FFN_PARAM.match(name)]
+    return [name for name, _ in model.named_parameters()
+            if _CA_FFN_PARAM.match(name) and not is_update_parameter(name)]   # not applied LoRAs
 
 
 def lora_layer_names(model: nn.Module, targets) -> list[str]:
@@ -122,23 +124,12 @@ def adapter_deltas(adapter: Adapter) -> dict[str, torch.Tensor]:
             for layer in layers}
 
 
-class _LoRAWeight(nn.Module):
-    """Parametrization: weight -> weight + scale * B @ A (fp32; autocast casts it per op)."""
-
-    def __init__(self, lora_a: nn.Parameter, lora_b: nn.Parameter, scale: float):
-        super().__init__()
-        self.lora_a, self.lora_b, self.scale = lora_a, lora_b, scale
-
-    def forward(self, weight):
-        return weight.float() + self.scale * (self.lora_b @ self.lora_a)
-
-
 class TrainableWeights:
     """The trained tensors of an erasure, as fp32 master copies; frozen tensors stay shared.
 
     `with weights.installed(): ...` puts them into the model (ca_ffn: the masters replace the
-    parameters; lora: a parametrization adds scale * B @ A to each target weight, so gradient
-    checkpointing recomputes through it) and always puts the original tensors back.
+    parameters; lora: each target layer adds scale * (x A^T) B^T to its output, models/lowrank.py,
+    so no adapted copy of a weight is formed) and always puts the original tensors back.
     """
 
     def __init__(self, model: nn.Module, train: str, rank: int = 4, targets=("ca", "ffn"),
@@ -168,7 +159,6 @@ class TrainableWeights:
 
     @contextmanager
     def installed(self):
-        from torch.nn.utils import parametrize
         done = []
         try:
             if self.train == "ca_ffn":
@@ -178,20 +168,17 @@ class TrainableWeights:
                     done.append(name)
             else:
                 for layer in self.layers:
-                    parametrize.register_parametrization(
-                        self.model.get_submodule(layer), "weight",
-                        _LoRAWeight(self.params[f"{layer}.lora_A"], self.params[f"{layer}.lora_B"],
-                                    self.lora_scale), unsafe=True)
-                    done.append(layer)
+                    update = LowRankUpdate(self.params[f"{layer}.lora_A"], self.params[f"{layer}.lora_B"],
+                                           self.lora_scale)
+                    done.append((layer, add_update(self.model.get_submodule(layer), update)))
             yield self
         finally:
-            for name in done:
+            for item in done:
                 if self.train == "ca_ffn":
-                    module_name, _, attr = name.rpartition(".")
-                    setattr(self.model.get_submodule(module_name), attr, self.base[name])
+                    module_name, _, attr = item.rpartition(".")
+                    setattr(self.model.get_submodule(module_name), attr, self.base[item])
                 else:
-                    parametrize.remove_parametrizations(self.model.get_submodule(name), "weight",
-                                                        leave_parametrized=False)
+                    remove_update(self.model.get_submodule(item[0]), item[1])
 
     @torch.no_grad()
     def export(self) -> dict[str, torch.Tensor]:
@@ -371,7 +358,9 @@ def shared_copy(model: nn.Module) -> nn.Module:
 
 def apply_adapter(pipe, adapter: Adapter, strength: float = 1.0, force: bool = False):
     """A new VarPipeline whose model holds base + strength * delta for the adapter's tensors and
-    shares every other tensor (and the VAE / text encoder) with `pipe`, which stays unchanged."""
+    shares every other tensor (and the VAE / text encoder) with `pipe`, which stays unchanged.
+    A LoRA adapter is applied unmerged (its factors beside the shared base weights, no copy of
+    them); ca_ffn deltas make new tensors for the layers they change."""
     strength = _check_strength(strength, "strength")
     where = adapter.source
     base = adapter.metadata.get("base_fingerprint")
@@ -382,7 +371,15 @@ def apply_adapter(pipe, adapter: Adapter, strength: float = 1.0, force: bool = F
     _check_structure(adapter.tensors, adapter.metadata, where)
     _check_against_model(adapter, pipe.model, where)
     model = shared_copy(pipe.model)
-    if strength != 0.0:
+    if strength != 0.0 and adapter.train == "lora":
+        # Applied beside the weights (models/lowrank.py): the new model shares every base tensor.
+        scale = strength * float(adapter.metadata.get("lora_scale", 1.0))
+        for layer in sorted({_LORA_KEY.match(k).group(1) for k in adapter.tensors}):
+            module = model.get_submodule(layer)
+            device = module.weight.device
+            add_update(module, LowRankUpdate(adapter.tensors[f"{layer}.lora_A"].float().to(device),
+                                             adapter.tensors[f"{layer}.lora_B"].float().to(device), scale))
+    elif strength != 0.0:
         with torch.no_grad():
             for name, delta in adapter_deltas(adapter).items():
                 module_name, _, attr = name.rpartition(".")
@@ -406,7 +403,7 @@ def merge_adapter(pipe, adapter: Adapter, path, strength: float = 1.0, force: bo
 def save_merged(pipe, path) -> None:
     """The transformer's full weights in the official key layout (block_chunks.{c}.module.{m})."""
     model = pipe.model
-    state = to_official_keys(model.state_dict(), model.cfg.blocks_per_chunk)
+    state = to_official_keys(merged_state_dict(model), model.cfg.blocks_per_chunk)
     metadata = {"base_fingerprint": json.dumps(pipe.fingerprint),
                 "applied_adapters": json.dumps([list(a) for a in getattr(pipe, "applied_adapters", ())])}
     save_safetensors_atomic(state, path, metadata)

@@ -283,7 +283,7 @@ class FullyShardedTraining(LocalTraining):
         super().__init__(model, weights)
         self.context = context
         adapter_names = {id(p): name for name, p in weights.named_parameters()}
-        # model parameter name -> adapter tensor name (LoRA factors live in parametrizations)
+        # model parameter name -> adapter tensor name (LoRA factors: the layers' update modules)
         self.names = {name: adapter_names[id(p)] for name, p in model.named_parameters()
                       if id(p) in adapter_names}
         frozen = {p for p in model.parameters() if id(p) not in adapter_names}

@@ -127,7 +127,7 @@ def efficient_attention(enabled: bool = True):
 @contextlib.contextmanager
 def autocast_linear(dtype):
     """Within: F.linear casts its weight and bias to the input's dtype, as CUDA autocast does
-    for the trainer's half-precision steps (meta has no autocast; LoRA's merged weights are fp32)."""
+    for the trainer's half-precision steps (meta has no autocast; the LoRA factors are fp32)."""
     real = F.linear
 
     def linear(x, weight, bias=None):
@@ -277,7 +277,7 @@ def plan_memory(model_cfg, schedule, *, dtype: str = "bf16", device: str = "cuda
     text_tokens = min(text_tokens, model_cfg.text_maxlen)     # prompts are cut to the model's text length
     schedule = [tuple(s) for s in schedule]
     model_cfg = replace(model_cfg, num_levels=max(model_cfg.num_levels, len(schedule)), cond_drop_rate=0.0)
-    model = _meta(lambda: Infinity(model_cfg)).to(torch_dtype).eval().requires_grad_(False)
+    model = _meta(lambda: Infinity(model_cfg)).cast(torch_dtype).eval().requires_grad_(False)
     patchify = (vae_config.bits if vae_config else model_cfg.bits) * 4 == model_cfg.bits
     vae = _meta(lambda: BSQVAE(vae_config or VAEConfig(bits=model_cfg.bits))).to(torch_dtype).eval()
     t5 = _meta(lambda: T5Encoder(t5_config or T5Config.flan_t5_xl()))

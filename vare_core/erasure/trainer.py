@@ -62,6 +62,7 @@ from datetime import datetime, timezone
 import torch
 
 from .. import __version__
+from ..devices import native_bf16
 from . import distributed, lean, losses
 from .adapters import (FORMAT_VERSION, TRAIN_MODES, Adapter, LORA_TARGETS, TrainableWeights,
                        check_lora_rank, shared_copy)
@@ -176,16 +177,18 @@ def default_lr(train: str, width: int) -> float:
 def resolve_precision(precision: str, device: torch.device, model_dtype: torch.dtype):
     """-> (name, autocast dtype or None, use GradScaler).
 
-    auto: a half-precision model trains in its own dtype; an fp32 model in fp16 on CUDA and
-    fp32 elsewhere. Autocast to the other half type is refused: autocast cannot mix bf16 and
-    fp16 tensors in one op (e.g. torch.cat of the frozen biases)."""
+    auto: a half-precision model trains in its own dtype (fp16: with loss scaling); an fp32
+    model in bf16 on a GPU with native bf16, fp16 + GradScaler on older GPUs, fp32 on the CPU.
+    The trained tensors are fp32 masters in every case. Autocast to the other half type is
+    refused: autocast cannot mix bf16 and fp16 tensors in one op (e.g. torch.cat of the frozen
+    biases)."""
     names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
     model_name = names.get(model_dtype, str(model_dtype))
     if precision == "auto":
         if model_dtype != torch.float32:
             precision = model_name
         else:
-            precision = "fp16" if device.type == "cuda" else "fp32"
+            precision = ("bf16" if native_bf16(device) else "fp16") if device.type == "cuda" else "fp32"
     if model_dtype != torch.float32 and precision != model_name:
         raise ValueError(f"precision {precision} does not work with a model loaded in {model_name}: "
                          f"train with precision {model_name} (or auto), or load the model in fp32")

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .lowrank import Linear
 from .rope import apply_rope
 
 MAX_SCALE_MUL = float(torch.log(torch.tensor(100.0)))  # clamp of the cosine-attention temperature
@@ -39,17 +40,17 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
-        self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.mat_qkv = Linear(dim, 3 * dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.register_buffer("zero_k_bias", torch.zeros(dim))
         self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), 4.0).log())
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x, rope, attn_mask=None, kv_cache=None, start: int = 0):
         batch, length, dim = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        qkv = F.linear(x, self.mat_qkv.weight, bias).view(batch, length, 3, self.heads, self.head_dim)
+        qkv = self.mat_qkv(x, bias).view(batch, length, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                 # (B, H, L, hd)
         temperature = self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp().to(q.dtype)
         q = F.normalize(q, dim=-1) * temperature
@@ -70,16 +71,16 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
         self.bf16_rounding = bf16_rounding
-        self.mat_q = nn.Linear(dim, dim)
-        self.mat_kv = nn.Linear(kv_dim, 2 * dim, bias=False)
+        self.mat_q = Linear(dim, dim)
+        self.mat_kv = Linear(kv_dim, 2 * dim, bias=False)
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.register_buffer("zero_k_bias", torch.zeros(dim))
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
 
     def project_kv(self, text: torch.Tensor, text_mask: torch.Tensor):
         """K, V (B, H, T, hd) and the key padding mask (B, 1, 1, T); once per image."""
         batch, length, _ = text.shape
-        kv = F.linear(text, self.mat_kv.weight, torch.cat((self.zero_k_bias, self.v_bias)))
+        kv = self.mat_kv(text, torch.cat((self.zero_k_bias, self.v_bias)))
         k, v = kv.view(batch, length, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return k, v, text_mask[:, None, None, :]
 

@@ -122,7 +122,8 @@ def build_infinity(state_dict: dict, *, dtype: torch.dtype | None = None, device
     """Build the model for these weights and load them strictly.
 
     The model is created on the `meta` device and the tensors are assigned in place (cast to
-    `dtype` one by one), so no full fp32 copy is ever made on the target device.
+    `dtype` one by one, except Infinity.FP32_PARAMETERS), so no full fp32 copy is ever made on
+    the target device.
     """
     try:
         cfg = detect_infinity_config(state_dict, **overrides)
@@ -145,7 +146,8 @@ def build_infinity(state_dict: dict, *, dtype: torch.dtype | None = None, device
             f"wrong shapes {wrong[:5]}")
     tensors = {}
     for key, value in ours.items():
-        target_dtype = dtype if (dtype is not None and value.is_floating_point()) else value.dtype
+        target_dtype = (Infinity.parameter_dtype(key, dtype) if dtype is not None and value.is_floating_point()
+                        else value.dtype)
         tensors[key] = value.to(device=device, dtype=target_dtype)
     model.load_state_dict(tensors, strict=True, assign=True)
     return model.eval()
