@@ -92,6 +92,7 @@ class ApplyAdapter(io.ComfyNode):
         # the new weights must be normal tensors so the adapted model can be trained further
         with torch.inference_mode(False), torch.no_grad():
             adapted = apply_adapter(model, adapter, strength, force=allow_other_base)
+        host.register_models(adapted, like=model)
         return io.NodeOutput(adapted)
 
 

@@ -274,8 +274,10 @@ class TrainErasure(io.ComfyNode):
         if not (math.isfinite(learning_rate) and learning_rate >= 0):
             raise ValueError(f"learning_rate must be a finite number >= 0 (0 = the default), got {learning_rate}")
         if pipe.low_vram:
+            cause = (" (ComfyUI's --lowvram / --novram turns it on for Infinity models: start ComfyUI "
+                     "without them to train)" if host.comfy_low_vram() else "")
             raise ValueError("this model was loaded with low_vram on, which streams the blocks for "
-                             "sampling only: load it with low_vram off (Load VAR Model) to train")
+                             "sampling only: load it with low_vram off (Load VAR Model) to train" + cause)
         if pipe.model.word_embed.weight.is_inference():
             raise ValueError("this model's weights were made under torch.inference_mode and cannot be "
                              "trained; load it with Load VAR Model (VARE), which keeps them trainable")
@@ -286,7 +288,8 @@ class TrainErasure(io.ComfyNode):
                                  lora_targets=lora_targets, formulation=formulation, passes=passes)
         concepts = sorted({p.concept for p in pairs if p.concept})
         reporter = _Reporter(node, steps, method)
-        host.free_accelerator_memory()
+        host.free_accelerator_memory()      # ComfyUI's other models out, ...
+        host.use_models(pipe)               # ... this one (back) in
         # ComfyUI runs nodes under torch.inference_mode(); training needs autograd back, and
         # RoPE tables cached while sampling in inference mode cannot enter autograd: drop them.
         rope._rope_cpu.cache_clear()

@@ -153,6 +153,55 @@ def torch_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def comfy_low_vram() -> bool:
+    """ComfyUI was started with --lowvram or --novram (its own models then load in parts)."""
+    if model_management is None:
+        return False
+    state = model_management.VRAMState
+    return model_management.vram_state in (state.LOW_VRAM, state.NO_VRAM)
+
+
+def register_models(pipe, like=None) -> None:
+    """Hand the pipeline's resident parts (transformer, VAE, T5) to ComfyUI's model management,
+    one ModelPatcher each, as its own models are: it counts them, may unload them to its offload
+    device when another model needs the memory, and `use_models` brings them back. Parts the
+    pipeline moves itself (streamed blocks with low_vram, an offloaded T5) are left to it.
+    `like`: the pipeline this one was made from (an applied adapter): shared parts keep that
+    pipeline's patchers, so ComfyUI counts them once. Outside ComfyUI: nothing."""
+    if model_management is None:
+        return
+    from comfy.model_patcher import ModelPatcher
+    inherited = dict(getattr(like, "comfy_patchers", {}) or {})
+    parts = {"vae": pipe.vae}
+    if not pipe.low_vram:
+        parts["transformer"] = pipe.model
+    if not pipe.offload_text_encoder:
+        parts["text_encoder"] = pipe.text_encoder.model
+    patchers = {}
+    for name, module in parts.items():
+        known = inherited.get(name)
+        if known is not None and known.model is module:
+            patchers[name] = known
+        else:
+            size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+            patchers[name] = ModelPatcher(module, load_device=pipe.device,
+                                          offload_device=model_management.unet_offload_device(), size=size)
+    pipe.comfy_patchers = patchers
+
+
+def use_models(pipe, *parts: str) -> None:
+    """Before a node runs these parts ("transformer", "vae", "text_encoder"; none = all):
+    ComfyUI loads them onto the device, moving them back if it had unloaded them and unloading
+    its other models first when memory is short. Whole models: ours have no per-layer casting
+    for ComfyUI's partial loading (low_vram streaming is ours instead)."""
+    patchers = getattr(pipe, "comfy_patchers", None)
+    if model_management is None or not patchers:
+        return
+    wanted = [patchers[p] for p in (parts or tuple(patchers)) if p in patchers]
+    if wanted:
+        model_management.load_models_gpu(wanted, force_full_load=True)
+
+
 def free_accelerator_memory() -> None:
     """Ask ComfyUI to unload its own models before a memory-hungry job (training)."""
     if model_management is not None:

@@ -129,7 +129,10 @@ class LoadModel(io.ComfyNode):
         if problem:
             raise ValueError(problem)
         device = host.torch_device()
-        memory = {"offload_text_encoder": bool(offload_text_encoder), "low_vram": bool(low_vram)}
+        # ComfyUI's --lowvram / --novram: our way of loading in parts (the embedded model is small)
+        by_flag = host.comfy_low_vram() and transformer != EMBEDDED
+        memory = {"offload_text_encoder": bool(offload_text_encoder) or by_flag,
+                  "low_vram": bool(low_vram) or by_flag}
         # ComfyUI runs nodes under torch.inference_mode(); weights made there could never take
         # part in training (autograd refuses inference tensors), so load them as normal tensors.
         with torch.inference_mode(False), torch.no_grad():
@@ -142,7 +145,8 @@ class LoadModel(io.ComfyNode):
                 tokenizer = None if encoder_path.is_dir() else _tokenizer_for(encoder_path)
                 pipe = load_pipeline(model_path, vae_path, encoder_path, device=device, dtype=dtype,
                                      tokenizer=tokenizer, **memory)
-        info = model_info(pipe)
+        host.register_models(pipe)          # ComfyUI's model management counts and unloads them
+        info = model_info(pipe) + (" (ComfyUI runs with --lowvram/--novram)" if by_flag else "")
         host.log.info("VARE loaded %s", info)
         return io.NodeOutput(pipe, info)
 
@@ -190,6 +194,7 @@ class TextEncode(io.ComfyNode):
         prompts = split_prompts(prompt, one_prompt_per_line)
         if not prompts:
             raise ValueError("prompt is empty; write what the image should show")
+        host.use_models(model, "text_encoder")
         states, lens = model.encode_prompts(prompts)
         negative = negative_prompt.strip()
         neg_states = neg_lens = None

@@ -139,6 +139,7 @@ class Sampler(io.ComfyNode):
                 image = host.to_pil(decode_preview(pipe.vae, step.summed_codes[:1])[0])
             host.report_progress(node, step.index + 1, n, image)
 
+        host.use_models(pipe, "transformer", "vae")
         host.report_progress(node, 0, n)
         try:
             result = generate_from_conditioning(

@@ -326,6 +326,32 @@ def test_workflow_1_samples_with_a_preview_per_scale(server, object_info):
     assert sum(isinstance(m, bytes) for m in messages) >= 5   # a preview image per scale
 
 
+def test_comfyui_model_management_lists_unloads_and_reloads_our_models(server, object_info):
+    """The loaded transformer, VAE and T5 are ComfyUI-managed models: loading them is logged by
+    its model management, a model it still lists is not loaded again, /free (unload_models)
+    drops them from its list, and the next sampling loads them again and draws the same images."""
+    def loads(name):
+        return (server.base / "comfy.log").read_text(errors="replace").count(f"Requested to load {name}")
+
+    def run_seed(seed):
+        graph = to_api(workflow(WF1, {("VARE_Sampler", "seed"): seed}), object_info)
+        status, history, _ = server.run(graph, timeout=600)
+        assert status == "execution_success", json.dumps(history.get("status"))[:3000] + server.log_tail()
+        return [server.image(i).tobytes() for i in history["outputs"][node_of(graph, "PreviewImage")]["images"]]
+
+    first = run_seed(11)
+    counts = {name: loads(name) for name in ("Infinity", "BSQVAE", "T5Encoder")}
+    assert all(n >= 1 for n in counts.values()), (counts, server.log_tail())
+    run_seed(12)
+    assert loads("Infinity") == counts["Infinity"]      # still listed: not loaded again
+    server.post("/free", {"unload_models": True})
+    time.sleep(2)                          # the prompt worker handles the flag when it wakes
+    run_seed(13)
+    assert loads("Infinity") == counts["Infinity"] + 1, server.log_tail()
+    assert loads("BSQVAE") == counts["BSQVAE"] + 1
+    assert run_seed(11) == first
+
+
 def test_workflow_2_erases_and_shows_before_after(server, object_info):
     steps = os.environ.get("VARE_E2E_TRAIN_STEPS")
     overrides = {("VARE_TrainErasure", "steps"): int(steps)} if steps else {}
