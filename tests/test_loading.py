@@ -116,6 +116,17 @@ def test_pipeline_from_official_files(tmp_path, golden):
     encoder = make_text_encoder_folder(tmp_path / "t5", golden, d_model=256)
     pipe = load_pipeline(golden / "tiny_transformer.pth", tmp_path / "vae.pth", encoder, device="cpu", dtype="fp32")
     assert pipe.preset == "custom" and not pipe.spatial_patchify
+    # in fp32, cross-attention is rounded through bf16 as the official code does: its logits
+    fwd = load_file(str(golden / "transformer_forward.safetensors"))
+    lens = fwd["text.lens"].long()
+    text = torch.zeros(len(lens), int(lens.max()), fwd["text.kv_compact"].shape[1])
+    for b, (start, n) in enumerate(zip([0] + lens.cumsum(0).tolist()[:-1], lens.tolist())):
+        text[b, :n] = fwd["text.kv_compact"][start:start + n]
+    with torch.no_grad():
+        logits = pipe.model(pipe.model.encode_condition(text, lens), fwd["x_BLC_wo_prefix"],
+                            [(1, 1), (2, 2), (4, 4), (6, 6), (8, 8), (12, 12), (16, 16)])
+    assert pipe.model.cfg.ca_bf16_rounding
+    assert (logits - fwd["logits"]).abs().max() <= 3e-3 < (logits - fwd["variant_fp32ca.logits"]).abs().max()
     result = pipe.generate(["a red circle", "a church"], seed=3, height=256, width=256)
     again = pipe.generate(["a red circle", "a church"], seed=3, height=256, width=256)
     assert result.images.shape == (2, 256, 256, 3)

@@ -193,16 +193,18 @@ def _build_vae_file(path, dtype, device) -> BSQVAE:
         raise ValueError(f"{path}: {err}") from None
 
 
-def load_transformer(path, *, dtype=None, device="cpu", low_vram: bool = False) -> tuple[Infinity, str]:
+def load_transformer(path, *, dtype=None, device="cpu", low_vram: bool = False,
+                     ca_bf16_rounding: bool = False) -> tuple[Infinity, str]:
     """The transformer of a checkpoint file and the fingerprint of its weights. The file is
     memory-mapped and each tensor is cast and moved on its own, so no full fp32 copy is made
-    (see presets.build_infinity). low_vram: blocks stay on the CPU, streamed to `device`."""
+    (see presets.build_infinity). low_vram: blocks stay on the CPU, streamed to `device`.
+    ca_bf16_rounding: in fp32, round cross-attention through bf16 as the official code does."""
     weights = load_state_dict(path, mmap=True)
     check_finite(weights, path)     # NaN weights would only show up as black images
     target = torch.device(device)
     try:
         model = build_infinity(weights, dtype=dtype, device=OFFLOAD_DEVICE if low_vram else target,
-                               source=str(path))
+                               source=str(path), ca_bf16_rounding=ca_bf16_rounding)
     except RuntimeError:            # load_state_dict refusing e.g. integer weights
         _check_floating(weights, path)
         raise
@@ -258,7 +260,10 @@ def load_pipeline(model: str | Path = EMBEDDED, vae: str | Path | None = None,
                          "--text-encoder (a flan-t5-xl folder); or use --model embedded")
     device = _pick_device(device)
     dtype = _pick_dtype(dtype, device)
-    transformer, fingerprint = load_transformer(model, dtype=dtype, device=device, low_vram=low_vram)
+    # Official Infinity weights in fp32: their code rounds cross-attention through bf16 even
+    # then (flash-attn has no fp32 kernel), so we do too (README "Precision"; a no-op in half).
+    transformer, fingerprint = load_transformer(model, dtype=dtype, device=device, low_vram=low_vram,
+                                                ca_bf16_rounding=dtype == torch.float32)
     vae_model = _build_vae_file(vae, dtype, device)
     encoder_device = OFFLOAD_DEVICE if offload_text_encoder else device
     if Path(text_encoder).is_dir():
