@@ -300,6 +300,7 @@ class TrainErasure(io.ComfyNode):
                                   erasure_profile(pipe).offload_text_encoder)
             host.log.info("VARE erasure memory plan:\n%s", plan.table())
         reporter.send("start", concepts=concepts)
+        out_of_memory = False
         try:
             # the profile's memory plan: Infinity's T5 waits in CPU memory while it trains
             parked = pipe.text_encoder_offloaded() if erasure_profile(pipe).offload_text_encoder \
@@ -309,8 +310,10 @@ class TrainErasure(io.ComfyNode):
         except Exception as err:
             if not host.is_out_of_memory(err):
                 raise
+            out_of_memory = True    # freed below: inside `except` the traceback keeps the training state
+        if out_of_memory:
             host.free_accelerator_memory()
-            raise MemoryError(out_of_memory_message(pipe, config, reporter.last_step)) from None
+            raise MemoryError(out_of_memory_message(pipe, config, reporter.last_step))
         history = LossHistory(steps=result.history, method=method, concepts=concepts,
                               cancelled=result.cancelled)
         if result.cancelled:

@@ -13,6 +13,7 @@ Model folders (ComfyUI's names; extra_model_paths.yaml entries are honoured):
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
@@ -203,7 +204,9 @@ def use_models(pipe, *parts: str) -> None:
 
 
 def free_accelerator_memory() -> None:
-    """Ask ComfyUI to unload its own models before a memory-hungry job (training)."""
+    """Ask ComfyUI to unload its own models before a memory-hungry job (training), or after an
+    out-of-memory error (the failed job's tensors: collected first, they may sit in cycles)."""
+    gc.collect()
     if model_management is not None:
         model_management.unload_all_models()
         model_management.soft_empty_cache()

@@ -141,6 +141,7 @@ class Sampler(io.ComfyNode):
 
         host.use_models(pipe, "transformer", "vae")
         host.report_progress(node, 0, n)
+        out_of_memory = False
         try:
             result = generate_from_conditioning(
                 pipe, cond, seed=seed, cfg=per_scale(cfg, n, "cfg"), tau=per_scale(tau, n, "tau"),
@@ -151,8 +152,10 @@ class Sampler(io.ComfyNode):
         except Exception as err:
             if not host.is_out_of_memory(err):
                 raise
+            out_of_memory = True    # freed below: inside `except` the traceback keeps the KV caches
+        if out_of_memory:
             host.free_accelerator_memory()
             raise MemoryError(f"out of memory sampling {len(cond.prompts)} images at "
                               f"{resolution} ({host.memory_summary(pipe.device)}); lower batch_size or "
-                              "the resolution, or load the model in fp16/bf16") from None
+                              "the resolution, or load the model in fp16/bf16")
         return io.NodeOutput(result.images.float().cpu())

@@ -290,11 +290,38 @@ def test_cancel_saves_the_partial_adapter_and_ends_interrupted(model, pairs, eve
 
 
 def test_out_of_memory_names_the_settings_to_change(model, pairs, monkeypatch):
+    """... after the failed run's tensors are gone: memory is freed with nothing of the training
+    state left alive (an `except` block would still hold it through the traceback)."""
+    import weakref
+    alive_when_freed = []
+
     def fail(*args, **kwargs):
+        training_state = torch.empty(1024, 1024)            # what a real run holds (optimizer, ...)
+        state_ref.append(weakref.ref(training_state))
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    state_ref = []
     monkeypatch.setattr(erasure, "train_erasure", fail)
+    monkeypatch.setattr(host, "free_accelerator_memory",
+                        lambda: alive_when_freed.append(bool(state_ref) and state_ref[-1]() is not None))
     with pytest.raises(MemoryError, match="train = lora.*gradient_checkpointing on.*batch_size 1"):
         train(model, pairs, train="ca_ffn")
+    assert alive_when_freed[-1] is False
+
+
+def test_sampler_out_of_memory_frees_after_the_kv_caches_are_gone(model, monkeypatch):
+    import weakref
+    alive_when_freed, state_ref = [], []
+
+    def fail(*args, **kwargs):
+        kv_caches = torch.empty(1024, 1024)
+        state_ref.append(weakref.ref(kv_caches))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(sampling, "generate_from_conditioning", fail)
+    monkeypatch.setattr(host, "free_accelerator_memory",
+                        lambda: alive_when_freed.append(state_ref[-1]() is not None))
+    with pytest.raises(MemoryError, match="lower batch_size"):
+        sample(model, encode(model))
+    assert alive_when_freed == [False]
 
 
 # ----------------------------------------------------------------------------- adapters
