@@ -30,6 +30,7 @@ from ..models.infinity import Infinity, init_weights
 from ..models.presets import to_official_keys
 from ..models.t5 import T5Encoder, TextEncoder, build_word_level_tokenizer
 from . import spec
+from .self_correction import self_corrected_batch
 from .world import VOCABULARY, make_dataset
 
 
@@ -103,8 +104,26 @@ def encode_bits(vae: BSQVAE, images: torch.Tensor, chunk: int = 256) -> list[tor
     return [torch.cat(parts) for parts in per_scale]
 
 
-def train_transformer(bits: list[torch.Tensor], ids: torch.Tensor, mask: torch.Tensor, vocab_size: int,
-                      steps: int, batch: int, lr: float, gen: torch.Generator, log: Log, checkpoint=None):
+@torch.no_grad()
+def encode_latents(vae: BSQVAE, images: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Raw latents of the whole set (self-correction re-quantises them in every batch)."""
+    return torch.cat([vae.encode_features(images[s:s + chunk]) for s in range(0, images.shape[0], chunk)])
+
+
+def teacher_forced_batch(data, idx: torch.Tensor, max_flip: float, gen: torch.Generator):
+    """(x_wo_prefix, labels) of the images `idx`: plain teacher forcing on the stored bits, or
+    bitwise self-correction on the stored latents (max_flip > 0)."""
+    if max_flip > 0:
+        return self_corrected_batch(data[idx], spec.SCHEDULE, max_flip, gen)
+    batch_bits = [b[idx].long() for b in data]
+    labels = torch.cat([b.reshape(len(idx), -1, b.shape[-1]) for b in batch_bits], dim=1)
+    return teacher_forcing_inputs(batch_bits, spec.SCHEDULE), labels
+
+
+def train_transformer(data, ids: torch.Tensor, mask: torch.Tensor, vocab_size: int,
+                      steps: int, batch: int, lr: float, gen: torch.Generator, log: Log, checkpoint=None,
+                      max_flip: float = 0.0):
+    """data: bits per scale (plain teacher forcing) or, with max_flip > 0, the raw latents."""
     model = Infinity(spec.transformer_config())
     init_weights(model)
     t5 = T5Encoder(spec.text_encoder_config(vocab_size))
@@ -121,9 +140,7 @@ def train_transformer(bits: list[torch.Tensor], ids: torch.Tensor, mask: torch.T
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, steps, lr, warmup=200)
         idx = torch.randint(0, n, (batch,), generator=gen)
-        batch_bits = [b[idx].long() for b in bits]
-        labels = torch.cat([b.reshape(batch, -1, b.shape[-1]) for b in batch_bits], dim=1)
-        x = teacher_forcing_inputs(batch_bits, spec.SCHEDULE)
+        x, labels = teacher_forced_batch(data, idx, max_flip, gen)
         batch_ids, batch_mask = ids[idx], mask[idx]
         lens = batch_mask.sum(1)
         width = int(lens.max())
@@ -175,6 +192,9 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--vae", type=Path, default=None, help="reuse a trained VAE file, skip stage 1")
+    parser.add_argument("--self-correction", type=float, default=0.0, metavar="MAX_FLIP",
+                        help="bitwise self-correction: flip up to this share of each scale's bits in "
+                             "the teacher-forcing inputs (Infinity trains with 0.3); 0 = plain")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -198,7 +218,7 @@ def main(argv=None):
 
     t1 = time.time()
     images, prompts, _ = make_dataset(args.images, seed=args.seed + 2)
-    bits = encode_bits(vae, to_model_images(images))
+    data = (encode_latents if args.self_correction > 0 else encode_bits)(vae, to_model_images(images))
     del images
     log(f"encoded {len(prompts)} training images in {time.time() - t1:.0f}s")
     tokenizer = build_word_level_tokenizer(VOCABULARY)
@@ -210,8 +230,8 @@ def main(argv=None):
         save_transformer(snapshot, model, t5, tokenizer)
         log(f"snapshot saved to {snapshot}")
 
-    model, t5, final_loss = train_transformer(bits, ids, mask, vocab_size, args.steps, args.batch, args.lr, gen, log,
-                                              checkpoint=save_snapshot)
+    model, t5, final_loss = train_transformer(data, ids, mask, vocab_size, args.steps, args.batch, args.lr, gen, log,
+                                              checkpoint=save_snapshot, max_flip=args.self_correction)
     record["transformer_minutes"] = round((time.time() - t1) / 60, 1)
     record["final_bit_ce"] = round(final_loss, 4)
 

@@ -1,0 +1,29 @@
+"""Bitwise self-correction inputs for training the embedded model (embedded/self_correction.py)."""
+import torch
+
+from vare_core.embedded.self_correction import self_corrected_batch
+from vare_core.models.bsq_quant import residual_quantize, teacher_forcing_inputs
+
+SCHEDULE = [(1, 1), (2, 2), (4, 4), (6, 6), (8, 8)]
+
+
+def test_nothing_flipped_is_plain_teacher_forcing():
+    features = torch.randn(6, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    x, labels = self_corrected_batch(features, SCHEDULE, max_flip=0.0)
+    bits = residual_quantize(features, SCHEDULE).bits
+    assert torch.equal(labels, torch.cat([b.reshape(6, -1, 16) for b in bits], 1))
+    assert torch.equal(x, teacher_forcing_inputs(bits, SCHEDULE))
+
+
+def test_flipped_bits_change_the_inputs_and_later_labels_correct_them():
+    features = torch.randn(64, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    clean_x, clean_labels = self_corrected_batch(features, SCHEDULE, max_flip=0.0)
+    x, labels = self_corrected_batch(features, SCHEDULE, max_flip=0.3, generator=torch.Generator().manual_seed(2))
+    assert x.shape == clean_x.shape and labels.shape == clean_labels.shape
+    assert not torch.equal(x, clean_x)
+    assert torch.equal(labels[:, :1], clean_labels[:, :1])       # scale 0: nothing before it to flip
+    # a later label codes what is still missing after the corrupted scales: it differs from the
+    # clean one where earlier bits were flipped, so the model learns to undo them
+    assert (labels[:, 1:] != clean_labels[:, 1:]).float().mean() > 0.02
+    again, _ = self_corrected_batch(features, SCHEDULE, max_flip=0.3, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(again, x)                                 # seeded: reproducible
