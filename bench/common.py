@@ -1,4 +1,4 @@
-"""Shared by the bench scripts: run one table row in a fresh interpreter.
+"""Shared by the bench scripts: time a call, run one table row in a fresh interpreter.
 
 Each row runs in its own process so that its peak memory is its own (RSS only grows) and one
 row's failure (e.g. out of memory) becomes a "cannot run" cell instead of ending the table.
@@ -6,7 +6,29 @@ row's failure (e.g. out of memory) becomes a "cannot run" cell instead of ending
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
+import time
+
+import torch
+
+
+def median_seconds(fn, repeats: int, device: torch.device, before=None) -> float:
+    """Median wall time of `repeats` calls of fn() after one warm-up call, the GPU synchronised
+    around each; before(): called after the warm-up (e.g. to reset peak-memory counters)."""
+    fn()
+    if before is not None:
+        before()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def run_row_isolated(command: list[str]) -> dict:

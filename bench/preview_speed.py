@@ -14,9 +14,7 @@ absolute difference on [0, 1] per scale.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,23 +22,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import median_seconds  # noqa: E402
 from vare_core.models.bsq_vae import BSQVAE, VAEConfig  # noqa: E402
 from vare_core.preview import SHOWN_SIDE, decode_preview  # noqa: E402
 from vare_core.sampler import decode_images  # noqa: E402
-
-
-def timed(fn, repeats: int, device: torch.device) -> float:
-    fn()                                   # warm-up (allocator, kernels)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def speed(vae_cfg: VAEConfig, size: int, max_side: int, scales: int, repeats: int, device, dtype):
@@ -48,8 +33,8 @@ def speed(vae_cfg: VAEConfig, size: int, max_side: int, scales: int, repeats: in
     vae = BSQVAE(vae_cfg).to(device, dtype).eval()
     side = size // vae_cfg.patch_size
     codes = (torch.randint(0, 2, (1, vae_cfg.bits, side, side), device=device) * 2 - 1).to(dtype)
-    full = timed(lambda: decode_images(vae, codes), repeats, device)
-    preview = timed(lambda: decode_preview(vae, codes, max_side), repeats, device)
+    full = median_seconds(lambda: decode_images(vae, codes), repeats, device)
+    preview = median_seconds(lambda: decode_preview(vae, codes, max_side), repeats, device)
     return full, preview, scales
 
 

@@ -15,14 +15,14 @@ CPU (VmHWM, reset before each row). Prints a table and the command.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import median_seconds  # noqa: E402
 
 from vare_core.models.bsq_quant import codes_from_bits, next_scale_input, upsample_codes  # noqa: E402
 from vare_core.models.infinity import Infinity, InfinityConfig, init_weights  # noqa: E402
@@ -68,22 +68,10 @@ def _cpu_peak_gib() -> float:
 
 
 def timed(fn, repeats: int, device) -> tuple[float, float]:
-    fn()  # warm-up
-    times = []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        _reset_cpu_peak()
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    reset = torch.cuda.reset_peak_memory_stats if device.type == "cuda" else _reset_cpu_peak
+    seconds = median_seconds(fn, repeats, device, before=reset)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else _cpu_peak_gib()
-    return statistics.median(times), peak
+    return seconds, peak
 
 
 def run(name, cfg: InfinityConfig, schedule, batch, dtype, device, repeats, reference=True,

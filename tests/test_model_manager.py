@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from test_nodes import encode, folders, run, sample, train  # noqa: F401  (fixtures)
+from test_nodes import encode, folders, run, sample, train, write_tiny_model_files  # noqa: F401  (fixtures)
 from nodes import adapters, host, loaders
 
 
@@ -104,25 +104,6 @@ def run_pairs(pipe):
     return erasure.PromptPairs.execute(pipe, "circle", "square", 2, 0, "")[0]
 
 
-def write_tiny_model_files(folders):
-    """A tiny Infinity transformer, VAE and T5 folder in ComfyUI's model folders."""
-    import json
-    from safetensors.torch import save_file
-    from vare_core.models.presets import to_official_keys
-    from vare_core.testing import tiny_pipeline
-    tiny = tiny_pipeline()
-    (folders / "diffusion_models").mkdir(parents=True)
-    (folders / "vae").mkdir()
-    t5 = folders / "text_encoders" / "tiny-t5"
-    t5.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in to_official_keys(tiny.model.state_dict(), 1).items()},
-              str(folders / "diffusion_models" / "tiny.safetensors"))
-    save_file({k: v.contiguous() for k, v in tiny.vae.state_dict().items()}, str(folders / "vae" / "tiny_vae.safetensors"))
-    (t5 / "config.json").write_text(json.dumps(tiny.text_encoder.model.config.to_hf_config()))
-    tiny.text_encoder.tokenizer.save(str(t5 / "tokenizer.json"))
-    save_file({k: v.contiguous() for k, v in tiny.text_encoder.model.state_dict().items()}, str(t5 / "model.safetensors"))
-
-
 def test_comfy_lowvram_flag_streams_infinity_models(manager, folders):  # noqa: F811
     """ComfyUI started with --lowvram (or --novram): Infinity checkpoints load with the blocks
     streamed and T5 offloaded (our loading in parts), the embedded model as it is."""
@@ -130,7 +111,7 @@ def test_comfy_lowvram_flag_streams_infinity_models(manager, folders):  # noqa: 
     assert host.comfy_low_vram()
     assert not load().low_vram
     write_tiny_model_files(folders)
-    pipe, info = run(loaders.LoadModel, transformer="tiny.safetensors", vae="tiny_vae.safetensors",
+    pipe, info = run(loaders.LoadModel, transformer="tiny_transformer.safetensors", vae="tiny_vae.safetensors",
                      text_encoder="tiny-t5/", dtype="fp32")
     assert pipe.low_vram and pipe.offload_text_encoder and "--lowvram" in info
     assert set(pipe.comfy_patchers) == {"vae"}

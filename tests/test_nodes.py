@@ -139,8 +139,9 @@ def test_load_with_memory_options_samples_the_same_and_refuses_training(model, p
     assert torch.equal(sample(erased, encode(erased)), sample(reference, encode(reference)))
 
 
-def test_load_from_model_folders(folders):
-    """A transformer / VAE / T5 folder in ComfyUI's folder layout loads through the node."""
+def write_tiny_model_files(folders):
+    """The tiny random pipeline's transformer, VAE and T5 folder in ComfyUI's model folders
+    (tiny_transformer.safetensors, tiny_vae.safetensors, tiny-t5/); returns the pipeline."""
     from safetensors.torch import save_file
     from vare_core.models.presets import to_official_keys
     from vare_core.testing import tiny_pipeline
@@ -155,7 +156,12 @@ def test_load_from_model_folders(folders):
     (t5_dir / "config.json").write_text(json.dumps(tiny.text_encoder.model.config.to_hf_config()))
     tiny.text_encoder.tokenizer.save(str(t5_dir / "tokenizer.json"))
     save_file({k: v.contiguous() for k, v in tiny.text_encoder.model.state_dict().items()}, str(t5_dir / "model.safetensors"))
+    return tiny
 
+
+def test_load_from_model_folders(folders):
+    """A transformer / VAE / T5 folder in ComfyUI's folder layout loads through the node."""
+    tiny = write_tiny_model_files(folders)
     inputs = {i.id: i for i in loaders.LoadModel.GET_SCHEMA().inputs}
     assert inputs["transformer"].options == ["embedded", "tiny_transformer.safetensors"]
     assert inputs["text_encoder"].options == ["embedded", "tiny-t5/"]
