@@ -6,8 +6,10 @@
 For every (shape, colour) pair the prompt "a {colour} {shape}" is sampled `samples` times;
 shape and colour accuracy are the fraction judged correct. Style accuracy uses prompts that
 state the fill ("a striped red circle", "a solid ..."). Synonym prompts ("disc", "box", ...)
-are scored like the main word. Variety: for prompts that do not name the background, how
-often each background appears (the world draws them uniformly).
+are scored like the main word. Variety, on the "a {colour} {shape}" images (background,
+position, size and fill left open), by the geometric judge: the share of each background, the
+spread (std, in canvas widths) of the shape's centre and size, beside the same figures of the
+training data's own renders (`data_variety`).
 """
 from __future__ import annotations
 
@@ -17,9 +19,10 @@ import json
 import time
 from collections import Counter
 
+import numpy as np
 import torch
 
-from .world import COLORS, SHAPES, STYLES, SYNONYMS
+from .world import COLORS, SHAPES, STYLES, SYNONYMS, random_scene, render
 
 
 def _generate(pipe, prompts: list[str], seed: int, batch: int = 160, **kwargs) -> torch.Tensor:
@@ -33,6 +36,21 @@ def _accuracy(judged: list[dict], expected: list[dict], key: str) -> float:
     return sum(j[key] == e[key] for j, e in zip(judged, expected)) / max(1, len(expected))
 
 
+def variety(images) -> dict:
+    """Background shares, centre and size spread of images whose prompts leave them open."""
+    from .fidelity import attribute_spread
+    from .judge import judge_images
+    spread = attribute_spread(judge_images(images))
+    return {"backgrounds": {k: round(v, 3) for k, v in spread["background_shares"].items()},
+            "centre_spread": round(spread["centre_spread"], 4), "size_spread": round(spread["size_spread"], 4)}
+
+
+def data_variety(n: int = 640, seed: int = 0) -> dict:
+    """The same figures for the world's own random scenes (what the model was trained on)."""
+    rng = np.random.default_rng(seed)
+    return variety(np.stack([render(random_scene(rng)) for _ in range(n)]))
+
+
 def evaluate(pipe, classifier, samples: int = 32, seed: int = 0, **sampling) -> dict:
     from .classifier import classify
     results = {"settings": {"samples": samples, "seed": seed, **{k: v for k, v in sampling.items()}}}
@@ -41,7 +59,9 @@ def evaluate(pipe, classifier, samples: int = 32, seed: int = 0, **sampling) -> 
     for shape, color in itertools.product(SHAPES, COLORS):
         prompts += [f"a {color} {shape}"] * samples
         expected += [{"shape": shape, "color": color}] * samples
-    judged = classify(classifier, _generate(pipe, prompts, seed, **sampling))
+    images = _generate(pipe, prompts, seed, **sampling)
+    judged = classify(classifier, images)
+    results["variety"] = variety(images)
     results["shape"] = _accuracy(judged, expected, "shape")
     results["color"] = _accuracy(judged, expected, "color")
     per_combo = {}
@@ -96,6 +116,7 @@ def main(argv=None):
     grid = [(args.cfg, args.tau)]
     if args.sweep:
         grid = list(itertools.product([2.0, 3.0, 4.0, 6.0], [0.1, 0.3, 0.5, 1.0]))
+    print(json.dumps({"data_variety": data_variety()}), flush=True)
     for cfg, tau in grid:
         start = time.time()
         sampling = {k: v for k, v in {"cfg": cfg, "tau": tau, "top_p": args.top_p}.items() if v is not None}

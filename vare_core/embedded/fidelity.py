@@ -150,7 +150,7 @@ def _mean(values) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def _spread(judged: list[dict]) -> dict:
+def attribute_spread(judged: list[dict]) -> dict:
     """How the attributes a prompt leaves open are spread: background shares, centre and size
     spread (std in canvas widths) of the fitted shapes."""
     fits = [j["fit"] for j in judged if j.get("fit") is not None]
@@ -186,8 +186,8 @@ def fidelity_scores(run: SampledSets, classifier, reference: SampledSets | None 
     scores["erased_drawn_as"] = {s: _mean(j["shape"] == s for j, _ in erased) for s in SHAPES + (None,)}
     open_erased = [j for j, (_, e) in zip(judged["open"], run.items["open"]) if e["shape"] in concepts]
     open_others = [j for j, (_, e) in zip(judged["open"], run.items["open"]) if e["shape"] not in concepts]
-    scores["open_others"] = _spread(open_others)
-    scores["open_erased"] = _spread(open_erased)
+    scores["open_others"] = attribute_spread(open_others)
+    scores["open_erased"] = attribute_spread(open_erased)
     for group in ("open_others", "open_erased"):   # flat copies for tables
         scores[f"{group}_centre_spread"] = scores[group]["centre_spread"]
         scores[f"{group}_top_background"] = max(scores[group]["background_shares"].values(), default=0.0)
