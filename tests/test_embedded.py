@@ -51,7 +51,7 @@ def test_quality_bar_reduced(pipe):
     # variety of what the prompt leaves open is reported (the shipped model's is a known limit,
     # README "The embedded model"; the model-v2 issue sets its targets)
     shares = result["variety"]["backgrounds"]
-    assert set(shares) == {"white", "black", "gray"} and sum(shares.values()) == pytest.approx(1.0, abs=0.01)
+    assert set(shares) == {"white", "black", "gray"} and 0.9 <= sum(shares.values()) <= 1 + 1e-6   # None: unreadable
     assert 0 <= result["variety"]["centre_spread"] < 0.5 and 0 <= result["variety"]["size_spread"] < 0.5
 
 
