@@ -8,9 +8,34 @@ from __future__ import annotations
 import json
 import statistics
 import subprocess
+import threading
 import time
 
 import torch
+
+
+class PeakPoller:
+    """Polls read() (a memory figure in bytes) from a thread every interval_s while inside and
+    keeps the peak; torch releases the GIL in its kernels, so the poll sees their allocations."""
+
+    def __init__(self, read, interval_s: float):
+        self.read, self.interval_s, self.peak = read, interval_s, read()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.read())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.read())
 
 
 def median_seconds(fn, repeats: int, device: torch.device, before=None) -> float:

@@ -35,7 +35,6 @@ import statistics
 import struct
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -43,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import run_row_isolated  # noqa: E402
+from bench.common import PeakPoller, run_row_isolated  # noqa: E402
 from vare_core.models.infinity import Infinity, InfinityConfig  # noqa: E402
 from vare_core.models.presets import from_official_keys, preset_config, to_official_keys  # noqa: E402
 from vare_core.pipeline import load_transformer  # noqa: E402
@@ -125,28 +124,6 @@ def _status(field: str) -> int:
     return 0
 
 
-class AnonPeak:
-    """Samples RssAnon in a thread (torch releases the GIL in its copies and casts)."""
-
-    def __init__(self, interval: float = 0.002):
-        self.interval, self.peak, self._stop = interval, _status("RssAnon"), threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _status("RssAnon"))
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _status("RssAnon"))
-
-
 def mem_available() -> int:
     with open("/proc/meminfo") as f:
         for line in f:
@@ -191,7 +168,7 @@ def run_row(loader: str, path: Path, preset: str, dtype, device) -> dict:
         f.write("5")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    with AnonPeak() as anon:
+    with PeakPoller(lambda: _status("RssAnon"), interval_s=0.002) as anon:
         start = time.perf_counter()
         if loader == "ours":
             model, _ = load_transformer(path, dtype=dtype, device=device)

@@ -26,6 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import PeakPoller  # noqa: E402
+
 # Held out from nothing: the plan's constants come from counting the code's tensors (plan.py),
 # not from these runs. Schedules are token grids; 16 pixels per token.
 CASES = [
@@ -63,29 +65,6 @@ def anonymous_rss() -> int:
     with open("/proc/self/statm") as f:
         fields = f.read().split()
     return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakWatcher:
-    """Polls anonymous_rss() from a thread (torch releases the GIL in its kernels): the peak."""
-
-    def __init__(self, interval_s: float = 2e-4):
-        import threading
-        self.peak, self.interval_s, self.stop = anonymous_rss(), interval_s, threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self.stop.is_set():
-            self.peak = max(self.peak, anonymous_rss())
-            self.stop.wait(self.interval_s)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
-        self.peak = max(self.peak, anonymous_rss())
 
 
 def build(case):
@@ -135,7 +114,7 @@ def measure(case) -> int:
     """In this process: the case's peak resident bytes above the memory before building."""
     warm_up()
     baseline = anonymous_rss()
-    with PeakWatcher() as watcher:
+    with PeakPoller(anonymous_rss, interval_s=2e-4) as watcher:
         pipe, torch = build(case)
         torch.manual_seed(0)
         if case["phase"] == "sample":
