@@ -109,21 +109,6 @@ def check_lora_rank(model: nn.Module, rank: int, targets) -> None:
                              f"{min(out_features, in_features)}")
 
 
-def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
-    return scale * (lora_b.float() @ lora_a.float())
-
-
-def adapter_deltas(adapter: Adapter) -> dict[str, torch.Tensor]:
-    """Parameter name -> fp32 weight change at strength 1."""
-    if adapter.train == "ca_ffn":
-        return {name: t.float() for name, t in adapter.tensors.items()}
-    scale = float(adapter.metadata.get("lora_scale", 1.0))
-    layers = sorted({_LORA_KEY.match(k).group(1) for k in adapter.tensors})
-    return {f"{layer}.weight": lora_delta(adapter.tensors[f"{layer}.lora_A"],
-                                          adapter.tensors[f"{layer}.lora_B"], scale)
-            for layer in layers}
-
-
 class TrainableWeights:
     """The trained tensors of an erasure, as fp32 master copies; frozen tensors stay shared.
 
@@ -381,11 +366,11 @@ def apply_adapter(pipe, adapter: Adapter, strength: float = 1.0, force: bool = F
                                              adapter.tensors[f"{layer}.lora_B"].float().to(device), scale))
     elif strength != 0.0:
         with torch.no_grad():
-            for name, delta in adapter_deltas(adapter).items():
+            for name, delta in adapter.tensors.items():       # ca_ffn: whole-tensor deltas
                 module_name, _, attr = name.rpartition(".")
                 module = model.get_submodule(module_name)
                 old = getattr(module, attr)
-                new = old.float() + strength * delta.to(old.device)
+                new = old.float() + strength * delta.float().to(old.device)
                 setattr(module, attr, nn.Parameter(new.to(old.dtype), requires_grad=False))
     applied = tuple(getattr(pipe, "applied_adapters", ())) + ((adapter.identity(), strength),)
     new_pipe = dataclasses.replace(pipe, model=model, defaults=dict(pipe.defaults))
