@@ -30,6 +30,7 @@ from ..models.infinity import Infinity, init_weights
 from ..models.presets import to_official_keys
 from ..models.t5 import T5Encoder, TextEncoder, build_word_level_tokenizer
 from . import spec
+from .coarse_codes import coarse_code_loss, coarse_targets, layout_agreement
 from .self_correction import self_corrected_batch
 from .world import VOCABULARY, make_dataset
 
@@ -72,7 +73,9 @@ def quantize_straight_through(features: torch.Tensor, schedule) -> torch.Tensor:
     return summed
 
 
-def train_vae(images: torch.Tensor, steps: int, batch: int, lr: float, gen: torch.Generator, log: Log) -> BSQVAE:
+def train_vae(images: torch.Tensor, steps: int, batch: int, lr: float, gen: torch.Generator, log: Log,
+              coarse: torch.Tensor | None = None) -> BSQVAE:
+    """coarse: (n, d) first-scale targets per image (coarse_codes.py), or None for none."""
     vae = BSQVAE(spec.VAE)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     vae.train()
@@ -81,16 +84,21 @@ def train_vae(images: torch.Tensor, steps: int, batch: int, lr: float, gen: torc
             group["lr"] = cosine_lr(step, steps, lr, warmup=100)
         idx = torch.randint(0, images.shape[0], (batch,), generator=gen)
         x = images[idx]
-        summed = quantize_straight_through(vae.encode_features(x), spec.SCHEDULE)
-        recon = vae.decoder(summed)
+        features = vae.encode_features(x)
+        recon = vae.decoder(quantize_straight_through(features, spec.SCHEDULE))
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        if coarse is not None:
+            layout = coarse_code_loss(features, coarse[idx])
+            loss = loss + layout
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         if step % 50 == 0 or step == steps - 1:
             psnr = 10 * math.log10(4 / max(F.mse_loss(recon.detach().clamp(-1, 1), x).item(), 1e-10))
-            log(f"vae step {step}/{steps} loss {loss.item():.4f} psnr {psnr:.2f} dB")
+            agree = "" if coarse is None else \
+                f" first-scale layout {100 * layout_agreement(features.detach(), coarse[idx]).mean():.1f}%"
+            log(f"vae step {step}/{steps} loss {loss.item():.4f} psnr {psnr:.2f} dB{agree}")
     return vae.eval()
 
 
@@ -195,6 +203,9 @@ def main(argv=None):
     parser.add_argument("--self-correction", type=float, default=0.0, metavar="MAX_FLIP",
                         help="bitwise self-correction: flip up to this share of each scale's bits in "
                              "the teacher-forcing inputs (Infinity trains with 0.3); 0 = plain")
+    parser.add_argument("--coarse-codes", action="store_true",
+                        help="hold the VAE's first-scale token to the layout of coarse_codes.py, so "
+                             "open attributes (background, position, size) can be drawn bit by bit")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -207,8 +218,9 @@ def main(argv=None):
 
     t0 = time.time()
     if args.vae is None:
-        images, _, _ = make_dataset(args.vae_images, seed=args.seed + 1)
-        vae = train_vae(to_model_images(images), args.vae_steps, args.vae_batch, args.vae_lr, gen, log)
+        images, _, scenes = make_dataset(args.vae_images, seed=args.seed + 1)
+        coarse = coarse_targets(scenes, spec.VAE.bits) if args.coarse_codes else None
+        vae = train_vae(to_model_images(images), args.vae_steps, args.vae_batch, args.vae_lr, gen, log, coarse)
         save_safetensors_atomic({k: v.contiguous() for k, v in vae.state_dict().items()}, args.out / spec.VAE_FILE)
     else:
         from ..models.bsq_vae import build_vae
