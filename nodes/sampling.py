@@ -57,10 +57,11 @@ def check_per_scale(text: str, name: str, positive: bool = False) -> str | None:
 
 
 def per_scale(text: str, n_scales: int, name: str):
-    """'auto' -> None (the model default), else one float per scale."""
+    """'auto' -> None (the model default), one number -> that number (the model lays it out
+    over its scales), else one float per scale."""
     if text.strip().lower() == AUTO:
         return None
-    return scales.parse_per_scale(text, n_scales, name)
+    return scales.parse_setting(text, n_scales, name)
 
 
 def generate_from_conditioning(pipe, cond, *, seed, cfg, tau, top_k, top_p, height, width,

@@ -53,6 +53,26 @@ def test_quality_bar_reduced(pipe):
     shares = result["variety"]["backgrounds"]
     assert set(shares) == {"white", "black", "gray"} and 0.9 <= sum(shares.values()) <= 1 + 1e-6   # None: unreadable
     assert 0 <= result["variety"]["centre_spread"] < 0.5 and 0 <= result["variety"]["size_spread"] < 0.5
+    # the geometric judge beside the classifier, named backgrounds, cleanliness
+    assert result["shape_both"] <= min(result["shape"], result["shape_geometric"])
+    assert result["shape_geometric"] >= 0.6 and result["color_geometric"] >= 0.85
+    assert result["background_named"] >= 0.9
+    clean = result["cleanliness"]
+    assert 0 <= clean["clean"] <= clean["intact"] <= 1 and 0 <= clean["stray"] <= 1
+
+
+def test_vae_reference_is_clean_and_the_judge_sees_damage(pipe):
+    """The cleanliness ceiling: the world's renders through the model's VAE judge clean; the
+    same measure fails a VAE whose decoder is damaged."""
+    import copy
+    from vare_core.embedded.evaluate import vae_reference
+    reference = vae_reference(pipe.vae, n=48)
+    assert reference["intact"] >= 0.97 and reference["stray"] <= 0.01
+    damaged = copy.deepcopy(pipe.vae)
+    with torch.no_grad():
+        for p in damaged.decoder.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    assert vae_reference(damaged, n=48)["intact"] < 0.5
 
 
 def test_variety_of_the_training_data():

@@ -229,3 +229,18 @@ def test_parse_per_scale_text_round_trip(values, separator, brackets):
     if len(values) > 1:
         with pytest.raises(ValueError, match="cfg"):
             scales.parse_per_scale(text, len(values) + 1, "cfg")
+
+
+def test_one_number_stays_one_number_and_lists_are_per_scale():
+    assert scales.parse_setting("4", 5, "cfg") == 4.0
+    assert scales.parse_setting(4, 5, "cfg") == 4.0
+    assert scales.parse_setting("1,4,4,4,4", 5, "cfg") == [1.0, 4.0, 4.0, 4.0, 4.0]
+    with pytest.raises(ValueError, match="cfg"):
+        scales.parse_setting("1,4", 5, "cfg")
+
+
+def test_free_scales_lay_one_number_out_with_the_first_scales_unguided():
+    assert scales.with_free_scales(4.0, 5, 1) == [1.0, 4.0, 4.0, 4.0, 4.0]
+    assert scales.with_free_scales(0.5, 3, 2) == [1.0, 1.0, 0.5]
+    assert scales.with_free_scales(4.0, 5, 0) == 4.0                 # a model without free scales
+    assert scales.with_free_scales([2, 3, 4], 3, 1) == [2, 3, 4]     # a per-scale list as given

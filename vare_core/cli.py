@@ -117,18 +117,18 @@ def load_from_args(args, offload_text_encoder: bool = False):
 
 
 def sampling_kwargs(args, n_scales: int) -> dict:
-    from .scales import check_setting_range, parse_per_scale
+    from .scales import check_setting_range, parse_per_scale, parse_setting
     kwargs = {}
     if args.cfg is not None:
-        kwargs["cfg"] = parse_per_scale(args.cfg, n_scales, "--cfg")
+        kwargs["cfg"] = parse_setting(args.cfg, n_scales, "--cfg")
     if args.tau is not None:
-        kwargs["tau"] = parse_per_scale(args.tau, n_scales, "--tau")
-        if any(t <= 0 for t in kwargs["tau"]):
+        kwargs["tau"] = parse_setting(args.tau, n_scales, "--tau")
+        if any(t <= 0 for t in parse_per_scale(kwargs["tau"], n_scales, "--tau")):
             raise CliError(f"--tau {args.tau}: the temperature must be > 0 on every scale "
                            "(lower = more deterministic, e.g. 0.5)")
     for flag in ("cfg", "tau"):
         if flag in kwargs:
-            check_setting_range(kwargs[flag], "--" + flag)
+            check_setting_range(parse_per_scale(kwargs[flag], n_scales, "--" + flag), "--" + flag)
     if args.top_k is not None:
         if not 0 <= args.top_k <= 2:
             raise CliError(f"--top-k {args.top_k}: must be 0 (off), 1 (greedy) or 2; "

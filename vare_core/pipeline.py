@@ -45,7 +45,7 @@ class VarPipeline:
     name: str                                   # "embedded" or the transformer file name
     fingerprint: str                            # of the base transformer weights
     default_schedule: list[tuple[int, int]]
-    defaults: dict = field(default_factory=dict)   # cfg, tau, top_k, top_p
+    defaults: dict = field(default_factory=dict)   # cfg, tau, top_k, top_p, free_scales
     spatial_patchify: bool = False
     fixed_schedule: bool = False                # small models trained on one resolution only
     applied_adapters: tuple = ()                # (adapter id, strength) applied on top of the base
@@ -146,9 +146,10 @@ class VarPipeline:
             negative_states, negative_lens = negative_states.to(self.device), negative_lens.to(self.device)
         generator = torch.Generator(self.device).manual_seed(int(seed))
         d = self.defaults
+        free = int(d.get("free_scales", 0))     # leading scales drawn at cfg 1 / tau 1
         return sample(self.model, self.vae, states.to(self.device), lens.to(self.device), schedule,
-                      cfg=d.get("cfg", 3.0) if cfg is None else cfg,
-                      tau=d.get("tau", 0.5) if tau is None else tau,
+                      cfg=scales.with_free_scales(d.get("cfg", 3.0) if cfg is None else cfg, len(schedule), free),
+                      tau=scales.with_free_scales(d.get("tau", 0.5) if tau is None else tau, len(schedule), free),
                       top_k=d.get("top_k", 0) if top_k is None else top_k,
                       top_p=d.get("top_p", 0.0) if top_p is None else top_p,
                       negative_states=negative_states, negative_lens=negative_lens, generator=generator,
@@ -222,6 +223,10 @@ def load_embedded(device=None, dtype=None, weights_dir: Path | None = None, *,
         raise FileNotFoundError(f"embedded model not found in {folder} (no {spec.INFO_FILE}); "
                                 "reinstall the pack or train it: python -m vare_core.embedded.train")
     info = json.loads(info_path.read_text())
+    free = info.get("free_scales", 0)
+    if isinstance(free, bool) or not isinstance(free, int) or not 0 <= free < len(info["scale_schedule"]):
+        raise ValueError(f"{info_path}: free_scales must be an integer from 0 to the number of scales - 1, "
+                         f"got {free!r}; reinstall the pack or retrain the model")
     device = _pick_device(device)
     dtype = _pick_dtype(dtype, device) if dtype not in (None, "auto") else torch.float32
     model, fingerprint = load_transformer(folder / spec.TRANSFORMER_FILE, dtype=dtype, device=device,
@@ -233,7 +238,7 @@ def load_embedded(device=None, dtype=None, weights_dir: Path | None = None, *,
     return VarPipeline(model=model, vae=vae, text_encoder=text_encoder, name=EMBEDDED,
                        fingerprint=fingerprint,
                        default_schedule=[tuple(s) for s in info["scale_schedule"]],
-                       defaults={k: info[k] for k in ("cfg", "tau", "top_p") if k in info},
+                       defaults={k: info[k] for k in ("cfg", "tau", "top_p", "free_scales") if k in info},
                        fixed_schedule=True, offload_text_encoder=offload_text_encoder)
 
 

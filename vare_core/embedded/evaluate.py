@@ -1,4 +1,4 @@
-"""Quality of the embedded model, judged by the shapes classifier.
+"""Quality of the embedded model, judged by the shapes classifier and the geometric judge.
 
     python -m vare_core.embedded.evaluate --samples 32 --seed 1000       # the README numbers
     python -m vare_core.embedded.evaluate --sweep --samples 32 --seed 2000  # pick cfg / tau
@@ -9,7 +9,11 @@ state the fill ("a striped red circle", "a solid ..."). Synonym prompts ("disc",
 are scored like the main word. Variety, on the "a {colour} {shape}" images (background,
 position, size and fill left open), by the geometric judge: the share of each background, the
 spread (std, in canvas widths) of the shape's centre and size, beside the same figures of the
-training data's own renders (`data_variety`).
+training data's own renders (`data_variety`). The geometric judge (no learned weights) also
+scores shape and colour, named backgrounds ("... on a black background") and cleanliness:
+the share of intact / strictly clean pictures and the stray-pixel share, beside the same
+figures for clean renders passed through the model's own VAE (`vae_reference`), the best
+the transformer can do.
 """
 from __future__ import annotations
 
@@ -22,7 +26,9 @@ from collections import Counter
 import numpy as np
 import torch
 
-from .world import COLORS, SHAPES, STYLES, SYNONYMS, random_scene, render
+from .fidelity import attribute_spread, is_intact
+from .judge import judge_images
+from .world import BACKGROUNDS, COLORS, SHAPES, STYLES, SYNONYMS, random_scene, render
 
 
 def _generate(pipe, prompts: list[str], seed: int, batch: int = 160, **kwargs) -> torch.Tensor:
@@ -38,11 +44,33 @@ def _accuracy(judged: list[dict], expected: list[dict], key: str) -> float:
 
 def variety(images) -> dict:
     """Background shares, centre and size spread of images whose prompts leave them open."""
-    from .fidelity import attribute_spread
-    from .judge import judge_images
     spread = attribute_spread(judge_images(images))
     return {"backgrounds": {k: round(v, 3) for k, v in spread["background_shares"].items()},
             "centre_spread": round(spread["centre_spread"], 4), "size_spread": round(spread["size_spread"], 4)}
+
+
+def cleanliness(geometric: list[dict]) -> dict:
+    """Intact share (flat background, shape-like mask, <= 5% stray pixels), strictly clean
+    share and mean stray-pixel share of judged images."""
+    return {"intact": round(float(np.mean([is_intact(g) for g in geometric])), 4),
+            "clean": round(float(np.mean([bool(g["clean"]) for g in geometric])), 4),
+            "stray": round(float(np.mean([g["stray"] for g in geometric])), 4)}
+
+
+@torch.no_grad()
+def vae_reference(vae, n: int = 320, seed: int = 0) -> dict:
+    """Cleanliness of the world's random renders encoded and decoded by `vae` at the model's
+    schedule: the ceiling for the transformer's pictures."""
+    from ..models.bsq_quant import summed_codes_from_bits
+    from . import spec
+    rng = np.random.default_rng(seed)
+    renders = np.stack([render(random_scene(rng)) for _ in range(n)])
+    x = torch.from_numpy(renders).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    dtype = next(vae.parameters()).dtype
+    bits = vae.encode_bits(x.to(dtype), spec.SCHEDULE)
+    decoded = vae.decode(summed_codes_from_bits(bits, spec.SCHEDULE[-1]).to(dtype)).float()
+    images = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return cleanliness(judge_images(images))
 
 
 def data_variety(n: int = 640, seed: int = 0) -> dict:
@@ -62,6 +90,11 @@ def evaluate(pipe, classifier, samples: int = 32, seed: int = 0, **sampling) -> 
     images = _generate(pipe, prompts, seed, **sampling)
     judged = classify(classifier, images)
     results["variety"] = variety(images)
+    geometric = judge_images(images)
+    results["shape_geometric"] = _accuracy(geometric, expected, "shape")
+    results["color_geometric"] = _accuracy(geometric, expected, "color")
+    results["shape_both"] = sum(j["shape"] == g["shape"] == e["shape"] for j, g, e in zip(judged, geometric, expected)) / len(expected)
+    results["cleanliness"] = cleanliness(geometric)
     results["shape"] = _accuracy(judged, expected, "shape")
     results["color"] = _accuracy(judged, expected, "color")
     per_combo = {}
@@ -83,6 +116,15 @@ def evaluate(pipe, classifier, samples: int = 32, seed: int = 0, **sampling) -> 
     judged = classify(classifier, _generate(pipe, prompts, seed + 10**6, **sampling))
     results["style"] = _accuracy(judged, expected, "style")
 
+    # named backgrounds (geometric judge: the border)
+    prompts, expected = [], []
+    per_background = max(2, samples // 8)
+    for shape, color, background in itertools.product(SHAPES, COLORS, BACKGROUNDS):
+        prompts += [f"a {color} {shape} on a {background} background"] * per_background
+        expected += [{"background": background}] * per_background
+    results["background_named"] = _accuracy(judge_images(_generate(pipe, prompts, seed + 3 * 10**6, **sampling)),
+                                            expected, "background")
+
     # synonyms (every non-main word), scored against the main word's accuracy
     prompts, expected = [], []
     per_synonym = max(4, samples // 2)
@@ -96,6 +138,14 @@ def evaluate(pipe, classifier, samples: int = 32, seed: int = 0, **sampling) -> 
     return results
 
 
+def _setting(value):
+    """A number, or a comma list of one number per scale."""
+    if isinstance(value, str):
+        values = [float(v) for v in value.split(",")]
+        return values[0] if len(values) == 1 else values
+    return value
+
+
 def main(argv=None):
     from ..pipeline import load_pipeline
     from .classifier import load_classifier
@@ -104,8 +154,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--weights", default=None, help="weights folder (default: the shipped one)")
     parser.add_argument("--sweep", action="store_true", help="grid of cfg x tau")
-    parser.add_argument("--cfg", type=float, default=None)
-    parser.add_argument("--tau", type=float, default=None)
+    parser.add_argument("--cfg", default=None, help="a number or one per scale (1,4,4,4,4)")
+    parser.add_argument("--tau", default=None, help="a number or one per scale")
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -116,10 +166,10 @@ def main(argv=None):
     grid = [(args.cfg, args.tau)]
     if args.sweep:
         grid = list(itertools.product([2.0, 3.0, 4.0, 6.0], [0.1, 0.3, 0.5, 1.0]))
-    print(json.dumps({"data_variety": data_variety()}), flush=True)
+    print(json.dumps({"data_variety": data_variety(), "vae_reference": vae_reference(pipe.vae)}), flush=True)
     for cfg, tau in grid:
         start = time.time()
-        sampling = {k: v for k, v in {"cfg": cfg, "tau": tau, "top_p": args.top_p}.items() if v is not None}
+        sampling = {k: _setting(v) for k, v in {"cfg": cfg, "tau": tau, "top_p": args.top_p}.items() if v is not None}
         result = evaluate(pipe, classifier, args.samples, args.seed, **sampling)
         result["seconds"] = round(time.time() - start, 1)
         print(json.dumps(result), flush=True)

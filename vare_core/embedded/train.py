@@ -249,7 +249,8 @@ def main(argv=None):
 
     save_transformer(args.out, model, t5, tokenizer)
     info = {"image_size": spec.IMAGE_SIZE, "scale_schedule": spec.SCHEDULE, "cfg": spec.DEFAULT_CFG,
-            "tau": spec.DEFAULT_TAU, "top_p": spec.DEFAULT_TOP_P, "training": record}
+            "tau": spec.DEFAULT_TAU, "top_p": spec.DEFAULT_TOP_P,
+            "free_scales": spec.DEFAULT_FREE_SCALES if args.coarse_codes else 0, "training": record}
     (args.out / spec.INFO_FILE).write_text(json.dumps(info, indent=1))
     log(f"done: {record}")
 

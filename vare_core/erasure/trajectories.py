@@ -49,6 +49,7 @@ from safetensors import safe_open
 from ..checkpoints import save_safetensors_atomic
 from ..models.bsq_quant import next_scale_input
 from ..sampler import SamplingCancelled, sample
+from ..scales import with_free_scales
 
 log = logging.getLogger(__name__)
 
@@ -173,10 +174,12 @@ def default_cache_dir() -> Path:
 
 def model_identity(pipe) -> dict:
     """What decides the frozen model's outputs: base weights, applied adapters, compute dtype."""
-    return {"fingerprint": pipe.fingerprint,
-            "adapters": [list(a) for a in getattr(pipe, "applied_adapters", ())],
-            "dtype": str(pipe.model.word_embed.weight.dtype),
-            "spatial_patchify": bool(pipe.spatial_patchify)}
+    identity = {"fingerprint": pipe.fingerprint,
+                "adapters": [list(a) for a in getattr(pipe, "applied_adapters", ())],
+                "dtype": str(pipe.model.word_embed.weight.dtype),
+                "spatial_patchify": bool(pipe.spatial_patchify)}
+    free = int(pipe.defaults.get("free_scales", 0))
+    return {**identity, "free_scales": free} if free else identity   # keys of older caches kept
 
 
 def cache_key(pipe, prompts: Sequence[str], settings: TrajectorySettings, schedule) -> str:
@@ -256,7 +259,9 @@ def _sample_batch(pipe, prompts: list[str], schedule, settings: TrajectorySettin
 
     states, lens = pipe.encode_prompts(prompts)
     generator = torch.Generator(pipe.device).manual_seed(seed)
-    sample(pipe.model, pipe.vae, states, lens, schedule, cfg=settings.cfg, tau=settings.tau,
+    free = int(pipe.defaults.get("free_scales", 0))    # drawn as the sampler draws them
+    sample(pipe.model, pipe.vae, states, lens, schedule, cfg=with_free_scales(settings.cfg, len(schedule), free),
+           tau=with_free_scales(settings.tau, len(schedule), free),
            top_k=settings.top_k, top_p=settings.top_p, generator=generator, callback=record,
            cancel=cancel, spatial_patchify=pipe.spatial_patchify, decode=False)
     d = labels[0].shape[-1]
