@@ -48,3 +48,22 @@ def test_loss_is_zero_on_the_layout_and_drives_features_to_it():
         opt.step()
     assert layout_agreement(features.detach(), targets).min() == 1.0
     assert coarse_code_loss(features.detach(), targets) < 1e-3
+
+
+def test_repair_flips_make_the_unused_code_white_on_the_right_and_black_on_the_left():
+    from vare_core.embedded.coarse_codes import repair_flips
+    scenes = [scene(background=b, cx=x) for b in ("white", "gray", "black") for x in (20.0, 44.0)] * 100
+    targets = coarse_targets(scenes, 16)
+    flips = repair_flips(targets, 0.25, torch.Generator().manual_seed(0))
+    assert flips[:, 2:].sum() == 0                                 # bits 0 and 1 only
+    fed = torch.where(flips, -targets, targets)[:, :2]
+    unused = (fed[:, 0] > 0) & (fed[:, 1] < 0)                     # (+, -)
+    background = [s.background for s in scenes]
+    right = targets[:, 2] > 0
+    assert {background[i] for i in torch.nonzero(unused & right).flatten().tolist()} == {"white"}
+    assert {background[i] for i in torch.nonzero(unused & ~right).flatten().tolist()} == {"black"}
+    assert not any(background[i] == "gray" for i in torch.nonzero(flips.any(1)).flatten().tolist())
+    white_right = torch.tensor([b == "white" for b in background]) & right
+    assert 0.18 < flips[white_right, 1].float().mean() < 0.32
+    with pytest.raises(ValueError, match="repair share"):
+        repair_flips(targets[:1], 1.5)

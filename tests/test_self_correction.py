@@ -27,3 +27,21 @@ def test_flipped_bits_change_the_inputs_and_later_labels_correct_them():
     assert (labels[:, 1:] != clean_labels[:, 1:]).float().mean() > 0.02
     again, _ = self_corrected_batch(features, SCHEDULE, max_flip=0.3, generator=torch.Generator().manual_seed(2))
     assert torch.equal(again, x)                                 # seeded: reproducible
+
+
+def test_first_scale_flips_feed_the_flipped_code_and_keep_its_label():
+    from vare_core.models.bsq_quant import codes_from_bits, next_scale_input, upsample_codes
+    features = torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(3))
+    clean_x, clean_labels = self_corrected_batch(features, SCHEDULE, max_flip=0.0)
+    none = torch.zeros(4, 16, dtype=torch.bool)
+    assert torch.equal(self_corrected_batch(features, SCHEDULE, 0.0, first_scale_flips=none)[0], clean_x)
+    flips = none.clone()
+    flips[1, 1] = True                                           # image 1, bit 1
+    x, labels = self_corrected_batch(features, SCHEDULE, 0.0, first_scale_flips=flips)
+    assert torch.equal(labels[:, :1], clean_labels[:, :1])       # the first scale's label is the truth
+    first = clean_labels[:, 0].clone()
+    first[1, 1] = 1 - first[1, 1]
+    fed = upsample_codes(codes_from_bits(first.view(4, 1, 1, 16)), (8, 8))
+    assert torch.equal(x[:, :4], next_scale_input(fed, (2, 2)))  # scale 1 sees the flipped code
+    assert torch.equal(x[[0, 2, 3]], clean_x[[0, 2, 3]])         # the others are untouched
+    assert not torch.equal(labels[1, 1:], clean_labels[1, 1:])   # later scales correct from it

@@ -21,10 +21,13 @@ from ..models.bsq_quant import _sign_quantize, codes_from_bits, next_scale_input
 
 
 def self_corrected_batch(features: torch.Tensor, schedule, max_flip: float = 0.3,
-                         generator: torch.Generator | None = None, noisy_scales: int | None = None):
+                         generator: torch.Generator | None = None, noisy_scales: int | None = None,
+                         first_scale_flips: torch.Tensor | None = None):
     """features (B, d, H, W) raw VAE latents -> (x_wo_prefix (B, L - 1, d), labels (B, L, d)).
 
-    noisy_scales: flip bits on the first N scales only (default: all)."""
+    noisy_scales: flip bits on the first N scales only (default: all).
+    first_scale_flips: (B, d) bool, bits of the 1x1 first scale flipped on purpose (on top of
+    any random flips), so later scales learn to continue that code (coarse_codes.repair_flips)."""
     if not 0.0 <= max_flip <= 1.0:
         raise ValueError(f"max_flip must be in [0, 1], got {max_flip}")
     schedule = [tuple(s) for s in schedule]
@@ -41,9 +44,15 @@ def self_corrected_batch(features: torch.Tensor, schedule, max_flip: float = 0.3
             residual = F.interpolate(residual, size=(h, w), mode="area")
         codes, bits = _sign_quantize(residual)
         labels.append(bits.reshape(batch, h * w, bits_n))
+        flip = torch.zeros(bits.shape, dtype=torch.bool)
         if k < noisy_scales and max_flip > 0:
             share = int(torch.randint(0, int(round(100 * max_flip)) + 1, (1,), generator=generator)) / 100
             flip = torch.rand(bits.shape, generator=generator) < share
+        if k == 0 and first_scale_flips is not None:
+            if (h, w) != (1, 1):
+                raise ValueError(f"first_scale_flips needs a 1x1 first scale, the schedule starts at {(h, w)}")
+            flip = flip | first_scale_flips.to(torch.bool).view(batch, 1, 1, bits_n)
+        if flip.any():
             bits = torch.where(flip, 1 - bits, bits)
             codes = codes_from_bits(bits)       # re-quantised: the flipped codes are the ones used
         up = codes if (h, w) == final else upsample_codes(codes, final)

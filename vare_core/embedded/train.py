@@ -30,7 +30,7 @@ from ..models.infinity import Infinity, init_weights
 from ..models.presets import to_official_keys
 from ..models.t5 import T5Encoder, TextEncoder, build_word_level_tokenizer
 from . import spec
-from .coarse_codes import coarse_code_loss, coarse_targets, layout_agreement
+from .coarse_codes import coarse_code_loss, coarse_targets, layout_agreement, repair_flips
 from .self_correction import self_corrected_batch
 from .world import VOCABULARY, make_dataset
 
@@ -118,11 +118,13 @@ def encode_latents(vae: BSQVAE, images: torch.Tensor, chunk: int = 256) -> torch
     return torch.cat([vae.encode_features(images[s:s + chunk]) for s in range(0, images.shape[0], chunk)])
 
 
-def teacher_forced_batch(data, idx: torch.Tensor, max_flip: float, gen: torch.Generator):
+def teacher_forced_batch(data, idx: torch.Tensor, max_flip: float, gen: torch.Generator, repair=None):
     """(x_wo_prefix, labels) of the images `idx`: plain teacher forcing on the stored bits, or
-    bitwise self-correction on the stored latents (max_flip > 0)."""
-    if max_flip > 0:
-        return self_corrected_batch(data[idx], spec.SCHEDULE, max_flip, gen)
+    on the stored latents bitwise self-correction (max_flip > 0) and / or the first-scale
+    repair flips (repair = (coarse targets of every image, share))."""
+    if max_flip > 0 or repair is not None:
+        flips = None if repair is None else repair_flips(repair[0][idx], repair[1], gen)
+        return self_corrected_batch(data[idx], spec.SCHEDULE, max_flip, gen, first_scale_flips=flips)
     batch_bits = [b[idx].long() for b in data]
     labels = torch.cat([b.reshape(len(idx), -1, b.shape[-1]) for b in batch_bits], dim=1)
     return teacher_forcing_inputs(batch_bits, spec.SCHEDULE), labels
@@ -130,8 +132,9 @@ def teacher_forced_batch(data, idx: torch.Tensor, max_flip: float, gen: torch.Ge
 
 def train_transformer(data, ids: torch.Tensor, mask: torch.Tensor, vocab_size: int,
                       steps: int, batch: int, lr: float, gen: torch.Generator, log: Log, checkpoint=None,
-                      max_flip: float = 0.0):
-    """data: bits per scale (plain teacher forcing) or, with max_flip > 0, the raw latents."""
+                      max_flip: float = 0.0, repair=None):
+    """data: bits per scale (plain teacher forcing) or, with max_flip > 0 or repair, the raw
+    latents."""
     model = Infinity(spec.transformer_config())
     init_weights(model)
     t5 = T5Encoder(spec.text_encoder_config(vocab_size))
@@ -148,7 +151,7 @@ def train_transformer(data, ids: torch.Tensor, mask: torch.Tensor, vocab_size: i
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, steps, lr, warmup=200)
         idx = torch.randint(0, n, (batch,), generator=gen)
-        x, labels = teacher_forced_batch(data, idx, max_flip, gen)
+        x, labels = teacher_forced_batch(data, idx, max_flip, gen, repair)
         batch_ids, batch_mask = ids[idx], mask[idx]
         lens = batch_mask.sum(1)
         width = int(lens.max())
@@ -206,6 +209,9 @@ def main(argv=None):
     parser.add_argument("--coarse-codes", action="store_true",
                         help="hold the VAE's first-scale token to the layout of coarse_codes.py, so "
                              "open attributes (background, position, size) can be drawn bit by bit")
+    parser.add_argument("--repair-share", type=float, default=0.25,
+                        help="with --coarse-codes: share of white-background images fed with the "
+                             "first scale's unused (+, -) code, so it is continued as white")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -226,11 +232,15 @@ def main(argv=None):
         from ..models.bsq_vae import build_vae
         from safetensors.torch import load_file
         vae = build_vae(load_file(args.vae))
+        if args.vae.resolve() != (args.out / spec.VAE_FILE).resolve():   # the folder is a whole model
+            save_safetensors_atomic({k: v.contiguous() for k, v in vae.state_dict().items()}, args.out / spec.VAE_FILE)
     record["vae_minutes"] = round((time.time() - t0) / 60, 1)
 
     t1 = time.time()
-    images, prompts, _ = make_dataset(args.images, seed=args.seed + 2)
-    data = (encode_latents if args.self_correction > 0 else encode_bits)(vae, to_model_images(images))
+    images, prompts, scenes = make_dataset(args.images, seed=args.seed + 2)
+    repair = (coarse_targets(scenes, spec.VAE.bits), args.repair_share) if args.coarse_codes and args.repair_share > 0 else None
+    latents = args.self_correction > 0 or repair is not None
+    data = (encode_latents if latents else encode_bits)(vae, to_model_images(images))
     del images
     log(f"encoded {len(prompts)} training images in {time.time() - t1:.0f}s")
     tokenizer = build_word_level_tokenizer(VOCABULARY)
@@ -243,7 +253,7 @@ def main(argv=None):
         log(f"snapshot saved to {snapshot}")
 
     model, t5, final_loss = train_transformer(data, ids, mask, vocab_size, args.steps, args.batch, args.lr, gen, log,
-                                              checkpoint=save_snapshot, max_flip=args.self_correction)
+                                              checkpoint=save_snapshot, max_flip=args.self_correction, repair=repair)
     record["transformer_minutes"] = round((time.time() - t1) / 60, 1)
     record["final_bit_ce"] = round(final_loss, 4)
 
