@@ -170,3 +170,12 @@ def test_preview_speed_quick(capsys):
     table = table_rows(out)
     assert [r[0] for r in table] == ["full size", "preview size"]
     assert all(number(c) > 0 and math.isfinite(number(c)) for r in table for c in r[1:])
+
+
+def test_same_picture_sensitivity_is_exact_without_noise_and_drops_with_it(capsys):
+    load_bench("same_picture_sensitivity").main(["--samples", "4", "--sigmas", "0,1.0"])
+    rows = re.findall(r"^\| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", capsys.readouterr().out, re.M)
+    assert [float(r[0]) for r in rows] == [0.0, 1.0]
+    (_, same_clean, diff_clean), (_, same_noisy, diff_noisy) = rows
+    assert float(same_clean) == 100.0 and float(diff_clean) == 0.0
+    assert float(same_noisy) < 100.0 and float(diff_noisy) > 0.0
