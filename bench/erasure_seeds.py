@@ -31,7 +31,7 @@ from vare_core.erasure.adapters import apply_adapter  # noqa: E402
 from vare_core.erasure.bench import score  # noqa: E402
 from vare_core.erasure.trainer import train_erasure  # noqa: E402
 from vare_core.erasure.trajectories import TrajectorySettings  # noqa: E402
-from vare_core.pipeline import load_pipeline  # noqa: E402
+from vare_core.pipeline import load_embedded, load_pipeline  # noqa: E402
 
 KEYS = ("ACC_e", "ACC_e_synonym", "ACC_e_context", "ACC_i", "erased_color", "erased_background",
         "erased_style", "erased_intact", "others_color", "others_background", "others_style",
@@ -96,6 +96,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--samples", type=int, default=64, help="images per prompt set")
     parser.add_argument("--score-seed", type=int, default=0)
     parser.add_argument("--retain", type=int, default=None, help="keep pairs per other shape (default: 20)")
+    parser.add_argument("--weights", default=None, help="an embedded-model weights folder (default: the shipped one)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="EraseConfig override (repeatable)")
     args = parser.parse_args(argv)
@@ -105,7 +106,8 @@ def main(argv=None) -> list[dict]:
     if trajectory:   # --set trajectory.cfg=2: fields of TrajectorySettings
         overrides["trajectory"] = TrajectorySettings(**trajectory)
     cfgs = [float(c) for c in args.cfgs.split(",")]
-    pipe, classifier = load_pipeline("embedded", device="cpu"), load_classifier()
+    pipe = load_embedded("cpu", weights_dir=args.weights) if args.weights else load_pipeline("embedded", device="cpu")
+    classifier = load_classifier()
     rows, originals = [], {}
     with tempfile.TemporaryDirectory() as cache:
         for concepts, anchors in parse_pairs(args.pairs):
