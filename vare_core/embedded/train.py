@@ -8,6 +8,9 @@ Two stages, logged to OUT/train.log:
 2. Transformer + text encoder: the training set is tokenised once by the frozen VAE; the
    Infinity transformer and a small T5 encoder (word-level vocabulary) learn next-scale bit
    prediction jointly, teacher-forced over all scales, with 10% condition dropout for CFG.
+With --coarse-codes (embedded model v2) the VAE's first-scale token is held to a layout in which
+the attributes a prompt may leave open have bits of their own (coarse_codes.py), the transformer
+learns to continue the one unused code, and embedded.json records free_scales = 1.
 Weights are saved in the official layouts (transformer with `block_chunks` keys, VAE, a
 Hugging Face style T5 folder), so the pack loads them with the same code as real checkpoints.
 """
@@ -210,8 +213,9 @@ def main(argv=None):
                         help="hold the VAE's first-scale token to the layout of coarse_codes.py, so "
                              "open attributes (background, position, size) can be drawn bit by bit")
     parser.add_argument("--repair-share", type=float, default=0.25,
-                        help="with --coarse-codes: share of white-background images fed with the "
-                             "first scale's unused (+, -) code, so it is continued as white")
+                        help="with --coarse-codes: share of the white (shape on the right) and black "
+                             "(on the left) images fed with the first scale's unused (+, -) code, so it "
+                             "is continued as one of them (coarse_codes.repair_flips)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
