@@ -118,6 +118,15 @@ class VarPipeline:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()   # hand the freed blocks back (other nodes, the VAE)
 
+    @property
+    def free_scales(self) -> int:
+        """Leading scales drawn at cfg 1 / tau 1 when cfg or tau is one number (embedded.json)."""
+        return int(self.defaults.get("free_scales", 0))
+
+    def laid_out(self, value, n_scales: int):
+        """A cfg / tau as the sampler gets it: one number laid out over this model's scales."""
+        return scales.with_free_scales(value, n_scales, self.free_scales)
+
     def generate(self, prompts: list[str] | str, *, seed: int = 0, negative_prompt: str | None = None,
                  cfg=None, tau=None, top_k: int | None = None, top_p: float | None = None,
                  height: int | None = None, width: int | None = None, callback=None,
@@ -146,10 +155,9 @@ class VarPipeline:
             negative_states, negative_lens = negative_states.to(self.device), negative_lens.to(self.device)
         generator = torch.Generator(self.device).manual_seed(int(seed))
         d = self.defaults
-        free = int(d.get("free_scales", 0))     # leading scales drawn at cfg 1 / tau 1
         return sample(self.model, self.vae, states.to(self.device), lens.to(self.device), schedule,
-                      cfg=scales.with_free_scales(d.get("cfg", 3.0) if cfg is None else cfg, len(schedule), free),
-                      tau=scales.with_free_scales(d.get("tau", 0.5) if tau is None else tau, len(schedule), free),
+                      cfg=self.laid_out(d.get("cfg", 3.0) if cfg is None else cfg, len(schedule)),
+                      tau=self.laid_out(d.get("tau", 0.5) if tau is None else tau, len(schedule)),
                       top_k=d.get("top_k", 0) if top_k is None else top_k,
                       top_p=d.get("top_p", 0.0) if top_p is None else top_p,
                       negative_states=negative_states, negative_lens=negative_lens, generator=generator,

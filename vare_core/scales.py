@@ -300,8 +300,8 @@ def check_setting_range(values: list[float], name: str) -> None:
 def parse_setting(value, n_scales: int, name: str) -> float | list[float]:
     """A cfg / tau as typed: one number stays one number (the model lays it out over its
     scales: see with_free_scales), several must be exactly one per scale."""
-    values = parse_per_scale(value, n_scales, name)
-    return values[0] if len(per_scale_values(value, name, n_scales)) == 1 else values
+    given = per_scale_values(value, name, n_scales)
+    return given[0] if len(given) == 1 else parse_per_scale(given, n_scales, name)
 
 
 def with_free_scales(value, n_scales: int, free: int):

@@ -26,6 +26,8 @@ from collections import Counter
 import numpy as np
 import torch
 
+from ..scales import parse_setting
+from .classifier import to_model_input
 from .fidelity import attribute_spread, is_intact
 from .judge import judge_images
 from .world import BACKGROUNDS, COLORS, SHAPES, STYLES, SYNONYMS, random_scene, render
@@ -62,15 +64,12 @@ def vae_reference(vae, n: int = 320, seed: int = 0) -> dict:
     """Cleanliness of the world's random renders encoded and decoded by `vae` at the model's
     schedule: the ceiling for the transformer's pictures."""
     from ..models.bsq_quant import summed_codes_from_bits
+    from ..sampler import decode_images
     from . import spec
     rng = np.random.default_rng(seed)
-    renders = np.stack([render(random_scene(rng)) for _ in range(n)])
-    x = torch.from_numpy(renders).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-    dtype = next(vae.parameters()).dtype
-    bits = vae.encode_bits(x.to(dtype), spec.SCHEDULE)
-    decoded = vae.decode(summed_codes_from_bits(bits, spec.SCHEDULE[-1]).to(dtype)).float()
-    images = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return cleanliness(judge_images(images))
+    renders = to_model_input(np.stack([render(random_scene(rng)) for _ in range(n)])) * 2 - 1
+    bits = vae.encode_bits(renders.to(next(vae.parameters()).dtype), spec.SCHEDULE)
+    return cleanliness(judge_images(decode_images(vae, summed_codes_from_bits(bits, spec.SCHEDULE[-1]))))
 
 
 def data_variety(n: int = 640, seed: int = 0) -> dict:
@@ -138,14 +137,6 @@ def evaluate(pipe, classifier, samples: int = 32, seed: int = 0, **sampling) -> 
     return results
 
 
-def _setting(value):
-    """A number, or a comma list of one number per scale."""
-    if isinstance(value, str):
-        values = [float(v) for v in value.split(",")]
-        return values[0] if len(values) == 1 else values
-    return value
-
-
 def main(argv=None):
     from ..pipeline import load_pipeline
     from .classifier import load_classifier
@@ -169,7 +160,10 @@ def main(argv=None):
     print(json.dumps({"data_variety": data_variety(), "vae_reference": vae_reference(pipe.vae)}), flush=True)
     for cfg, tau in grid:
         start = time.time()
-        sampling = {k: _setting(v) for k, v in {"cfg": cfg, "tau": tau, "top_p": args.top_p}.items() if v is not None}
+        sampling = {k: parse_setting(v, len(pipe.default_schedule), "--" + k)
+                    for k, v in {"cfg": cfg, "tau": tau}.items() if v is not None}
+        if args.top_p is not None:
+            sampling["top_p"] = args.top_p
         result = evaluate(pipe, classifier, args.samples, args.seed, **sampling)
         result["seconds"] = round(time.time() - start, 1)
         print(json.dumps(result), flush=True)

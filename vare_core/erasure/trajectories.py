@@ -49,7 +49,6 @@ from safetensors import safe_open
 from ..checkpoints import save_safetensors_atomic
 from ..models.bsq_quant import next_scale_input
 from ..sampler import SamplingCancelled, sample
-from ..scales import with_free_scales
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +177,7 @@ def model_identity(pipe) -> dict:
                 "adapters": [list(a) for a in getattr(pipe, "applied_adapters", ())],
                 "dtype": str(pipe.model.word_embed.weight.dtype),
                 "spatial_patchify": bool(pipe.spatial_patchify)}
-    free = int(pipe.defaults.get("free_scales", 0))
+    free = pipe.free_scales
     return {**identity, "free_scales": free} if free else identity   # keys of older caches kept
 
 
@@ -259,9 +258,8 @@ def _sample_batch(pipe, prompts: list[str], schedule, settings: TrajectorySettin
 
     states, lens = pipe.encode_prompts(prompts)
     generator = torch.Generator(pipe.device).manual_seed(seed)
-    free = int(pipe.defaults.get("free_scales", 0))    # drawn as the sampler draws them
-    sample(pipe.model, pipe.vae, states, lens, schedule, cfg=with_free_scales(settings.cfg, len(schedule), free),
-           tau=with_free_scales(settings.tau, len(schedule), free),
+    sample(pipe.model, pipe.vae, states, lens, schedule,            # drawn as the sampler draws them
+           cfg=pipe.laid_out(settings.cfg, len(schedule)), tau=pipe.laid_out(settings.tau, len(schedule)),
            top_k=settings.top_k, top_p=settings.top_p, generator=generator, callback=record,
            cancel=cancel, spatial_patchify=pipe.spatial_patchify, decode=False)
     d = labels[0].shape[-1]
