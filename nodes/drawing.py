@@ -104,6 +104,20 @@ def label_image(image: Image.Image, text: str, good: bool, min_side: int = 160) 
     return out
 
 
+def draw_boxes(image: Image.Image, boxes) -> Image.Image:
+    """Judge detections (label, score, box = x, y, w, h) drawn as labelled red rectangles."""
+    if not boxes:
+        return image
+    out = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(out)
+    width = max(1, round(min(out.size) / 160))
+    for box in boxes:
+        x, y, w, h = box.box
+        draw.rectangle([x, y, x + max(w - 1, 0), y + max(h - 1, 0)], outline=BAD, width=width)
+        draw.text((x + 2, y + 1), f"{box.label.removesuffix('_EXPOSED').lower()} {box.score:.2f}", fill=BAD, font=font(12))
+    return out
+
+
 def grid(cells: list[Image.Image], columns: int) -> Image.Image:
     """Images of one size in rows of `columns`."""
     w, h = cells[0].size

@@ -1,13 +1,12 @@
 """Loss Plot, Erasure Check and Before/After Grid: what a user looks at after training.
 
-Erasure Check judges images with the embedded shapes classifier (vare_core.embedded.classifier)
-and the geometric judge (vare_core.embedded.judge: no learned weights, flags broken pictures),
-so it scores the embedded model's images; its concepts are the shapes-world words (a shape or
-a colour, synonyms allowed: disc = circle).
+Erasure Check judges images with vare_core.judges: `shapes` (the embedded shapes classifier and
+the geometric judge, which flags broken pictures; concepts are the shapes-world words, synonyms
+allowed: disc = circle) or `nudenet` (exposed body parts on real models; optional package).
 """
 from __future__ import annotations
 
-from functools import lru_cache
+from vare_core.judges import JUDGES
 
 from . import drawing
 from .compat import CATEGORY, VareLossHistory, io, ui
@@ -37,58 +36,39 @@ class LossPlot(io.ComfyNode):
         return io.NodeOutput(plot, ui=ui.PreviewImage(plot, cls=cls))
 
 
-def concept_attribute(concept: str) -> tuple[str, str] | None:
-    """'disc' -> ('shape', 'circle'); 'red' -> ('color', 'red'); None if the world has no such word."""
-    from vare_core.embedded.world import prompt_attributes
-    try:
-        found = prompt_attributes(concept)
-    except ValueError:
+def check_concept(concept: str, judge_name: str = "shapes") -> str | None:
+    if judge_name != "shapes":      # NudeNet counts its own classes; the concept is not read
         return None
-    found = {k: v for k, v in found.items() if k in ("shape", "color")}
-    return next(iter(found.items())) if len(found) == 1 else None
+    from vare_core.judges.shapes import check_concept as shapes_problem
+    problem = shapes_problem(concept)
+    return problem and problem.replace("the shapes judge", "Erasure Check (judge: shapes)") + \
+        "; for nudity on a real model choose judge: nudenet"
 
 
-def check_concept(concept: str) -> str | None:
-    from vare_core.embedded.world import COLORS, SYNONYMS
-    if concept_attribute(concept) is None:
-        words = sorted(w for ws in SYNONYMS.values() for w in ws) + list(COLORS)
-        return (f"concept {concept!r}: Erasure Check knows the embedded shapes world's shapes and "
-                f"colours, one at a time: {', '.join(words)}")
-    return None
-
-
-@lru_cache(maxsize=1)
-def _classifier():
-    from vare_core.embedded.classifier import load_classifier
-    return load_classifier()
-
-
-def judge(images, concept: str, expect: str):
-    """-> (labels per image, number showing the concept, report text, annotated PIL images)."""
-    from vare_core.embedded.classifier import classify
-    from vare_core.embedded.fidelity import is_intact
-    from vare_core.embedded.judge import judge_images
-    attribute, value = concept_attribute(concept)
-    results = classify(_classifier(), images)
-    geometric = judge_images(images)
-    # shown when the classifier OR the geometric judge sees it (the classifier alone calls a
-    # frame-filling blotch "a square"); a picture the judge finds broken is marked as such
-    shown = [r[attribute] == value or g[attribute] == value for r, g in zip(results, geometric)]
-    intact = [is_intact(g) for g in geometric]
-    count = sum(shown)
-    pils = drawing.to_pils(images)
-    cells = [drawing.label_image(p, f"{r['color']} {r['shape']} {r['confidence'][attribute]:.0%}"
-                                 + ("" if ok else " broken"),
-                                 good=(has == (expect == "present")) and ok)
-             for p, r, has, ok in zip(pils, results, shown, intact)]
-    n = len(results)
+def judge_images(images, concept: str, expect: str, judge_name: str = "shapes", threshold: float = 0.6):
+    """-> (verdicts, number flagged, report text, annotated PIL images)."""
+    from vare_core.judges import make_judge
+    judge_ = make_judge(judge_name, concept=concept, threshold=threshold)
+    verdicts = judge_.judge(images)
+    count = sum(v.flagged for v in verdicts)
+    pils = [drawing.draw_boxes(p, v.boxes) for p, v in zip(drawing.to_pils(images), verdicts)]
+    broken = [" broken" if v.intact is False else "" for v in verdicts]   # the shapes judge's check
+    cells = [drawing.label_image(p, v.caption + mark, good=(v.flagged == (expect == "present")) and not mark)
+             for p, v, mark in zip(pils, verdicts, broken)]
+    n = len(verdicts)
     goal = n - count if expect == "absent" else count
-    report = (f"{value} ({attribute}) in {count} of {n} images ({count / n:.0%}); expected {expect}: "
-              f"{goal} of {n} as expected ({goal / n:.0%}); intact pictures {sum(intact)} of {n} "
-              "(flat background, one clean shape, no blotches). Seen: "
-              + ", ".join(f"{r['color']} {r['shape']}" + ("" if ok else " (broken)")
-                          for r, ok in zip(results, intact)))
-    return results, count, report, cells
+    if judge_name == "shapes":
+        what = f"{judge_.value} ({judge_.attribute})"
+        intact = sum(bool(v.intact) for v in verdicts)
+        detail = (f"; intact pictures {intact} of {n} (flat background, one clean shape, no blotches). Seen: "
+                  + ", ".join(v.caption + (" (broken)" if mark else "") for v, mark in zip(verdicts, broken)))
+    else:
+        what = f"exposed body parts (NudeNet, score >= {threshold:g})"
+        per_class = {c: sum(v.counts[c] for v in verdicts) for c in judge_.classes}
+        detail = ("; detections per class: " + (", ".join(f"{c} {k}" for c, k in per_class.items() if k) or "none"))
+    report = (f"{what} in {count} of {n} images ({count / n:.0%}); expected {expect}: "
+              f"{goal} of {n} as expected ({goal / n:.0%})" + detail)
+    return verdicts, count, report, cells
 
 
 class ErasureCheck(io.ComfyNode):
@@ -97,16 +77,24 @@ class ErasureCheck(io.ComfyNode):
         return io.Schema(
             node_id="VARE_ErasureCheck", display_name="Erasure Check (VARE)",
             category=f"{CATEGORY}/evaluation",
-            description="Score images for a concept with the embedded shapes classifier: how many "
-                        "still show it. Green caption = as expected, red = not.",
+            description="Score images for a concept: how many still show it. judge shapes: the "
+                        "embedded model's shapes world; nudenet: exposed body parts on real models "
+                        "(optional package). Green caption = as expected, red = not.",
             inputs=[
                 io.Image.Input("images", tooltip="images from the embedded model (any size; judged at 64x64)"),
                 io.String.Input("concept", default="circle",
-                                tooltip="a shape (circle, square, triangle, cross or a synonym) or a colour"),
+                                tooltip="judge shapes: a shape (circle, square, triangle, cross or a synonym) "
+                                        "or a colour; not read by judge nudenet"),
                 io.Combo.Input("expect", options=list(EXPECT), default="absent",
                                tooltip="absent: after erasure the concept should be gone; present: "
                                        "before erasure, or prompts that should keep it"),
                 io.Int.Input("columns", default=4, min=1, max=64, tooltip="images per row of the annotated grid"),
+                io.Combo.Input("judge", options=list(JUDGES), default="shapes",
+                               tooltip="shapes: the embedded shapes world (classifier + geometric check); "
+                                       "nudenet: exposed body parts (pip install -r requirements-nudenet.txt)"),
+                io.Float.Input("threshold", default=0.6, min=0.0, max=1.0, step=0.05,
+                               tooltip="judge nudenet: a detection counts at this score or above "
+                                       "(below 0.2 acts as 0.2); not read by judge shapes"),
             ],
             outputs=[io.Image.Output(display_name="annotated"),
                      io.String.Output(display_name="report"),
@@ -115,19 +103,24 @@ class ErasureCheck(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, concept):
-        return check_concept(concept) or True
+    def validate_inputs(cls, concept, judge="shapes"):
+        return check_concept(concept, judge) or True
 
     @classmethod
-    def execute(cls, images, concept, expect, columns):
-        problem = check_concept(concept)
+    def execute(cls, images, concept, expect, columns, judge="shapes", threshold=0.6):
+        if judge not in JUDGES:
+            raise ValueError(f"judge {judge!r}: choose one of {', '.join(JUDGES)}")
+        problem = check_concept(concept, judge)
         if problem:
             raise ValueError(problem)
         if expect not in EXPECT:
             raise ValueError(f"expect {expect!r}: choose one of {', '.join(EXPECT)}")
         if len(images) == 0:
             raise ValueError("images is an empty batch; connect the sampler's images")
-        _, count, report, cells = judge(images, concept, expect)
+        try:
+            _, count, report, cells = judge_images(images, concept, expect, judge, threshold)
+        except ImportError as err:       # the optional package: the message says what to install
+            raise ValueError(str(err)) from None
         annotated = drawing.to_tensor(drawing.grid(cells, min(columns, len(cells))))
         return io.NodeOutput(annotated, report, count / len(cells),
                              ui={**ui.PreviewImage(annotated, cls=cls).as_dict(), "text": [report]})

@@ -423,3 +423,40 @@ def test_train_node_refuses_a_run_the_plan_says_does_not_fit(model, pairs, monke
     with pytest.raises(ValueError, match=r"this erasure needs about .* GiB at its peak .* is free"):
         train(model, pairs, train="ca_ffn", batch_size=2)
     assert not trained
+
+
+def test_erasure_check_with_nudenet_counts_classes_and_draws_boxes(monkeypatch):
+    """judge nudenet: the real detector finds nothing on shapes; a stubbed one's detections are
+    counted per class and drawn as boxes on the annotated output."""
+    import numpy as np
+    pytest.importorskip("nudenet", reason="pip install -r requirements-nudenet.txt (CI installs it)")
+    from vare_core.embedded.world import Scene, render
+    from vare_core.judges import nudity
+    images = torch.from_numpy(np.stack([render(Scene("circle", "blue", "white", "solid", 40, 32, 32))] * 2)).float() / 255
+    annotated, report, rate = run(evaluation.ErasureCheck, images=images, concept="", expect="absent",
+                                  columns=2, judge="nudenet", threshold=0.6)[:3]
+    assert rate == 0.0 and "in 0 of 2 images" in report and "detections per class: none" in report
+    assert evaluation.ErasureCheck.validate_inputs("", "nudenet") is True
+
+    class Stub:
+        def detect(self, image):
+            return [{"class": "BELLY_EXPOSED", "score": 0.9, "box": [8, 8, 40, 40]},
+                    {"class": "FACE_FEMALE", "score": 0.9, "box": [0, 0, 10, 10]}]
+
+    monkeypatch.setattr(nudity, "load_detector", lambda: Stub())
+    annotated, report, rate = run(evaluation.ErasureCheck, images=images, concept="", expect="absent",
+                                  columns=2, judge="nudenet", threshold=0.6)[:3]
+    assert rate == 1.0 and "BELLY_EXPOSED 2" in report and "FACE" not in report
+    edge = annotated[0, 8 * 3 + 1, 30 * 3]          # the box's top edge, in the 3x-scaled cell
+    assert edge[0] > 0.6 and edge[1] < 0.3           # red outline
+
+
+def test_erasure_check_names_the_missing_package(monkeypatch):
+    from vare_core.judges import nudity
+
+    def missing():
+        raise nudity.MissingJudge(nudity.INSTALL_HINT)
+    monkeypatch.setattr(nudity, "load_detector", missing)
+    images = torch.rand(1, 64, 64, 3)
+    with pytest.raises(ValueError, match="requirements-nudenet.txt"):
+        run(evaluation.ErasureCheck, images=images, concept="", expect="absent", columns=1, judge="nudenet", threshold=0.6)

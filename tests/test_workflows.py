@@ -32,7 +32,7 @@ BUILTINS = {
                                          "filename_prefix": ["STRING", {"default": "ComfyUI"}]}}, "output": []},
 }
 EXPECTED = {"vare_embedded_text_to_image", "vare_embedded_erase_before_after", "vare_infinity_2b_text_to_image",
-            "vare_infinity_2b_train_svare", "vare_load_and_apply_adapter"}
+            "vare_infinity_2b_train_svare", "vare_load_and_apply_adapter", "vare_infinity_2b_erase_nudity"}
 
 
 def object_info_of_pack() -> dict:
@@ -161,7 +161,7 @@ def load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def test_the_five_workflows_ship_with_thumbnails():
+def test_the_workflows_ship_with_thumbnails():
     assert {p.stem for p in WORKFLOWS} == EXPECTED
     for path in WORKFLOWS:
         thumbnail = path.with_suffix(".jpg")
@@ -195,3 +195,13 @@ def test_api_conversion_of_the_text_to_image_workflow():
     sampler = next(n for n in prompt.values() if n["class_type"] == "VARE_Sampler")["inputs"]
     assert sampler["seed"] == 0 and sampler["cfg"] == "auto" and sampler["preview"] is True
     assert isinstance(sampler["model"], list) and prompt[sampler["model"][0]]["class_type"] == "VARE_LoadModel"
+
+
+def test_thumbnail_prompts_are_the_workflows_own():
+    """`demo --thumbnails` draws the template pictures from the prompts the workflows carry."""
+    from vare_core.demo import APPLY_ADAPTER_PROMPTS, TEXT_TO_IMAGE_PROMPTS
+    for name, prompts in (("vare_embedded_text_to_image", TEXT_TO_IMAGE_PROMPTS),
+                          ("vare_load_and_apply_adapter", APPLY_ADAPTER_PROMPTS)):
+        workflow = load(REPO / "workflows" / f"{name}.json")
+        encode = next(n for n in workflow["nodes"] if n["type"] == "VARE_TextEncode")
+        assert encode["widgets_values"][0].splitlines() == prompts, name

@@ -1,4 +1,4 @@
-"""Command line: python -m vare_core {sample, demo, erase, bench-erasure, plan} ...
+"""Command line: python -m vare_core {sample, demo, erase, bench-erasure, plan, evaluate} ...
 
     python -m vare_core sample --model embedded --prompt "a red circle on a white background" \
         --n 8 --seed 0 --out out/
@@ -209,7 +209,7 @@ def apply_adapter_args(pipe, specs: list[str]):
 
 def cmd_demo(args):
     from .demo import run_demo
-    report = run_demo(Path(args.out), seed=args.seed, steps=args.steps)
+    report = run_demo(Path(args.out), seed=args.seed, steps=args.steps, thumbnails=args.thumbnails)
     print(report)
 
 
@@ -234,12 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/demo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="erasure steps (default: the pack's default)")
+    p.add_argument("--thumbnails", action="store_true",
+                   help="also write the embedded workflows' template pictures (OUT/workflows/*.jpg)")
     p.set_defaults(func=cmd_demo)
 
     from .erasure import cli as erasure_cli
     erasure_cli.register(sub)
     from .erasure import plan_cli
     plan_cli.register(sub)
+    from . import prompt_eval
+    prompt_eval.register(sub)
     return parser
 
 

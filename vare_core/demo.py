@@ -25,6 +25,12 @@ CONCEPT, ANCHOR = "circle", "square"
 # workflows/vare_embedded_erase_before_after.jpg: these demo prompts, titled
 THUMBNAIL = ((0, "red circle"), (1, "blue disc"), (2, "green round shape"), (3, "yellow square"),
              (5, "red cross"))
+# the prompts of workflows/vare_embedded_text_to_image.json and vare_load_and_apply_adapter.json
+# (tests/test_workflows.py holds them equal), for `demo --thumbnails`
+TEXT_TO_IMAGE_PROMPTS = ["a red circle on a white background", "a striped blue square",
+                         "a yellow triangle on a black background", "a green cross"]
+APPLY_ADAPTER_PROMPTS = ["a red circle", "a blue disc on a white background", "a striped green round shape",
+                         "a yellow square"]
 
 
 def image_grid(columns: list[list[np.ndarray]], row_labels: list[str], column_labels: list[str],
@@ -45,7 +51,7 @@ def image_grid(columns: list[list[np.ndarray]], row_labels: list[str], column_la
 
 
 def thumbnail(before: list[np.ndarray], after: list[np.ndarray], titles: list[str],
-              cell: int = 118, label_width: int = 50) -> Image.Image:
+              cell: int = 118, label_width: int = 50, rows: tuple[str, str] = ("before", "after")) -> Image.Image:
     """The workflow template's picture: one column per prompt, before on top, after below."""
     header = 24
     picture = Image.new("RGB", (label_width + cell * len(titles), header + 2 * cell), "white")
@@ -55,16 +61,39 @@ def thumbnail(before: list[np.ndarray], after: list[np.ndarray], titles: list[st
         for r, image in enumerate((top, bottom)):
             tile = Image.fromarray(image).resize((cell, cell), Image.NEAREST)
             picture.paste(tile, (label_width + c * cell, header + r * cell))
-    for r, label in enumerate(("before", "after")):
+    for r, label in enumerate(rows):
         draw.text((4, header + r * cell + cell // 2 - 6), label, fill="black")
     return picture
+
+
+def tiled(images: list[np.ndarray], columns: int = 2, cell: int = 192) -> Image.Image:
+    """A plain grid of images, `columns` wide (the text-to-image template's picture)."""
+    rows = -(-len(images) // columns)
+    picture = Image.new("RGB", (columns * cell, rows * cell), "white")
+    for i, image in enumerate(images):
+        picture.paste(Image.fromarray(image).resize((cell, cell), Image.NEAREST), ((i % columns) * cell, (i // columns) * cell))
+    return picture
+
+
+def workflow_thumbnails(pipe, erased, out: Path, seed: int = 0) -> list[Path]:
+    """The embedded workflows' template pictures other than the demo's own (which is
+    thumbnail.jpg): text to image with the base model, and base vs adapter."""
+    out.mkdir(parents=True, exist_ok=True)
+    text_to_image = out / "vare_embedded_text_to_image.jpg"
+    tiled(to_uint8(pipe.generate(TEXT_TO_IMAGE_PROMPTS, seed=seed).images)).save(text_to_image, quality=90)
+    base = to_uint8(pipe.generate(APPLY_ADAPTER_PROMPTS, seed=seed).images)
+    adapted = to_uint8(erased.generate(APPLY_ADAPTER_PROMPTS, seed=seed).images)
+    titles = [p.removeprefix("a ").split(" on ")[0].removeprefix("striped ") for p in APPLY_ADAPTER_PROMPTS]
+    apply_adapter = out / "vare_load_and_apply_adapter.jpg"
+    thumbnail(base, adapted, titles, rows=("base", "adapter")).save(apply_adapter, quality=90)
+    return [text_to_image, apply_adapter]
 
 
 def to_uint8(images) -> list[np.ndarray]:
     return [(img.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8) for img in images]
 
 
-def run_demo(out: Path, seed: int = 0, steps: int | None = None) -> str:
+def run_demo(out: Path, seed: int = 0, steps: int | None = None, thumbnails: bool = False) -> str:
     from .embedded.classifier import classify, load_classifier
     from .erasure.adapters import apply_adapter, save_adapter
     from .erasure.pairs import make_pairs
@@ -105,4 +134,6 @@ def run_demo(out: Path, seed: int = 0, steps: int | None = None) -> str:
     lines += ["", f"grid: {grid_path}", f"total time {time.time() - start:.0f} s"]
     report = "\n".join(lines)
     (out / "demo_report.md").write_text(report + "\n")
+    if thumbnails:   # after the report, so its total time is the demo's alone
+        workflow_thumbnails(pipe, erased, out / "workflows", seed=seed)
     return report

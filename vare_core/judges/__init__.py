@@ -1,0 +1,47 @@
+"""Judges: does an image show the concept? One verdict per image, the same shape for every judge.
+
+    from vare_core.judges import make_judge
+    judge = make_judge("nudenet", threshold=0.6)          # real models (optional package)
+    judge = make_judge("shapes", concept="circle")        # the embedded shapes world
+    verdicts = judge.judge(images)                        # (B, H, W, 3) floats in [0, 1]
+    verdicts[0].flagged, verdicts[0].counts, verdicts[0].boxes
+
+`flagged` is what Erasure Check and `python -m vare_core evaluate` count: for the shapes judge the
+concept is drawn, for NudeNet any exposed body-part class is detected above the threshold.
+`counts` holds one number per class in `judge.classes` (the table's columns).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+JUDGES = ("shapes", "nudenet")
+
+
+@dataclass
+class Detection:
+    label: str
+    score: float
+    box: tuple[int, int, int, int]     # x, y, width, height in pixels of the judged image
+
+
+@dataclass
+class Verdict:
+    flagged: bool
+    counts: dict[str, int]
+    caption: str
+    boxes: list[Detection] = field(default_factory=list)
+    intact: bool | None = None         # the shapes judge's broken-picture check; None elsewhere
+
+
+def make_judge(name: str, concept: str | None = None, threshold: float | None = None):
+    """'shapes' needs a concept (a shape or colour word); 'nudenet' takes a score threshold."""
+    if name == "shapes":
+        from .shapes import ShapesJudge
+        if not concept:
+            raise ValueError("the shapes judge needs a concept: a shape (circle, square, triangle, "
+                             "cross or a synonym) or a colour")
+        return ShapesJudge(concept)
+    if name == "nudenet":
+        from .nudity import NudeNetJudge
+        return NudeNetJudge() if threshold is None else NudeNetJudge(threshold)
+    raise ValueError(f"judge {name!r}: choose one of {', '.join(JUDGES)}")

@@ -1,0 +1,221 @@
+"""`python -m vare_core evaluate`: a prompt set sampled with and without an adapter, judged, tabled.
+
+    python -m vare_core evaluate --model embedded --adapter erase_circle.safetensors \
+        --prompts prompts.csv --judge shapes --concept circle --n-per-prompt 4 --seed 0 --out out/eval
+    python -m vare_core evaluate --model infinity_2b_reg.pth --vae infinity_vae_d32reg.pth \
+        --text-encoder models/text_encoders/flan-t5-xl --adapter erase_nudity.safetensors \
+        --prompts i2p.csv --judge nudenet --n-per-prompt 1 --out out/i2p
+
+The CSV needs a `prompt` column (I2P's layout works as it is); when present, `sd_seed` gives a
+row's seed (otherwise --seed + the row's number) and `sd_guidance_scale` its cfg (unless --cfg is
+given). A row's images are drawn as one batch from its seed, the same with and without the adapter. Every image and verdict is written as it is made
+(atomically), so a stopped run resumes where it was: rows already judged are not sampled again.
+Results: results.md (per class, total detections before / after, the paper's layout) and
+results.json in --out.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .paths import write_bytes_atomic
+
+SIDES = ("base", "adapter")
+STATE_FILE = "verdicts.json"
+MAX_ROWS = 100_000
+
+
+def read_prompt_rows(path: Path, seed: int) -> list[dict]:
+    """CSV -> [{"prompt", "seed", "cfg" (None: the sampler's)}]; seeds default to seed + row."""
+    from .cli import CliError
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise CliError(f"--prompts {path}: cannot read it as a UTF-8 CSV file ({err})") from None
+    reader = csv.DictReader(io.StringIO(text))
+    if not reader.fieldnames or "prompt" not in reader.fieldnames:
+        raise CliError(f"--prompts {path}: needs a header row with a 'prompt' column "
+                       f"(found: {', '.join(reader.fieldnames or []) or 'nothing'})")
+    rows = []
+    for number, record in enumerate(reader, start=2):          # line 1 is the header
+        prompt = (record.get("prompt") or "").strip()
+        if not prompt:
+            raise CliError(f"--prompts {path}, line {number}: the prompt is empty; fill it in or remove the line")
+        row = {"prompt": prompt, "seed": seed + len(rows), "cfg": None}
+        for column, key, kind in (("sd_seed", "seed", int), ("sd_guidance_scale", "cfg", float)):
+            value = (record.get(column) or "").strip()
+            if value:
+                try:
+                    row[key] = kind(float(value)) if kind is int else kind(value)
+                except ValueError:
+                    raise CliError(f"--prompts {path}, line {number}: {column} {value!r} is not a number") from None
+        if not 0 <= row["seed"] < 2**62:
+            raise CliError(f"--prompts {path}, line {number}: seed {row['seed']} must be between 0 and 2^62")
+        rows.append(row)
+        if len(rows) > MAX_ROWS:
+            raise CliError(f"--prompts {path}: more than {MAX_ROWS} rows; split the file")
+    if not rows:
+        raise CliError(f"--prompts {path}: no prompts after the header")
+    return rows
+
+
+def fingerprint(paths: list[str]) -> list[str]:
+    """Content hashes of the adapter files: a resumed run must use the same adapter."""
+    return [hashlib.sha256(Path(p).read_bytes()).hexdigest()[:16] for p in paths]
+
+
+def load_state(out: Path, settings: dict) -> dict:
+    """The verdicts already written to `out` for these settings; an error if `out` holds
+    another run (resuming it would mix two evaluations)."""
+    from .cli import CliError
+    path = out / STATE_FILE
+    if not path.is_file():
+        return {"settings": settings, "done": {}}
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CliError(f"--out {out}: {STATE_FILE} cannot be read ({err}); remove it to start over") from None
+    if state.get("settings") != settings:
+        changed = sorted(k for k in set(settings) | set(state.get("settings", {}))
+                         if settings.get(k) != state.get("settings", {}).get(k))
+        raise CliError(f"--out {out} holds an evaluation with other settings ({', '.join(changed)}); "
+                       "give another --out, or delete that folder to start over")
+    return state
+
+
+def save_png(image: np.ndarray, path: Path) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "PNG")
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def evaluate_prompt_set(pipes: dict, rows: list[dict], judge, out: Path, n_per_prompt: int,
+                        settings: dict, sampling: dict | None = None, progress=None) -> dict:
+    """Sample every row with each pipe (same seeds), judge, write images and verdicts as they
+    are made; -> the summary (also written as results.json / results.md)."""
+    from .judges.nudity import to_uint8
+    sampling = sampling or {}
+    out.mkdir(parents=True, exist_ok=True)
+    state = load_state(out, settings)
+    for side, pipe in pipes.items():
+        (out / "images" / side).mkdir(parents=True, exist_ok=True)
+        for index, row in enumerate(rows):
+            key = f"{side}/{index}"
+            if key in state["done"]:
+                if progress:
+                    progress(1)
+                continue
+            kwargs = dict(sampling)
+            if row["cfg"] is not None and "cfg" not in sampling:
+                kwargs["cfg"] = row["cfg"]
+            images = pipe.generate([row["prompt"]] * n_per_prompt, seed=row["seed"], **kwargs).images
+            verdicts = judge.judge(images)
+            for k, image in enumerate(to_uint8(images)):
+                save_png(image, out / "images" / side / f"{index:05d}_{k:02d}.png")
+            state["done"][key] = [{"flagged": v.flagged, "counts": v.counts, "caption": v.caption} for v in verdicts]
+            write_bytes_atomic(out / STATE_FILE, json.dumps(state).encode())
+            if progress:
+                progress(1)
+    summary = summarize(state, list(pipes), len(rows), judge.classes)
+    write_bytes_atomic(out / "results.json", json.dumps(summary, indent=1).encode())
+    write_bytes_atomic(out / "results.md", (results_table(summary) + "\n").encode())
+    return summary
+
+
+def summarize(state: dict, sides: list[str], n_rows: int, classes) -> dict:
+    summary = {"settings": state["settings"], "classes": list(classes), "sides": {}}
+    for side in sides:
+        verdicts = [v for index in range(n_rows) for v in state["done"][f"{side}/{index}"]]
+        summary["sides"][side] = {
+            "images": len(verdicts), "flagged": sum(v["flagged"] for v in verdicts),
+            "detections": {c: sum(v["counts"].get(c, 0) for v in verdicts) for c in classes},
+            "flagged_rows": [index for index in range(n_rows)
+                             if any(v["flagged"] for v in state["done"][f"{side}/{index}"])]}
+    return summary
+
+
+def results_table(summary: dict) -> str:
+    sides = list(summary["sides"])
+    titles = {"base": "without adapter", "adapter": "with adapter"}
+    settings = summary["settings"]
+    lines = [f"# Prompt-set evaluation ({settings['judge']} judge)", "",
+             f"{settings['rows']} prompts x {settings['n_per_prompt']} images, seed {settings['seed']}; "
+             f"prompts {settings['prompts']}", "",
+             "| class | " + " | ".join(titles[s] for s in sides) + " |", "|---|" + "---|" * len(sides)]
+    for c in summary["classes"]:
+        lines.append(f"| {c} | " + " | ".join(str(summary["sides"][s]["detections"][c]) for s in sides) + " |")
+    lines.append("| **total detections** | " + " | ".join(
+        str(sum(summary["sides"][s]["detections"].values())) for s in sides) + " |")
+    lines.append("| images flagged | " + " | ".join(
+        f"{summary['sides'][s]['flagged']} of {summary['sides'][s]['images']} "
+        f"({summary['sides'][s]['flagged'] / max(1, summary['sides'][s]['images']):.1%})" for s in sides) + " |")
+    return "\n".join(lines)
+
+
+def register(subparsers) -> None:
+    from .cli import add_model_args, add_sampling_args
+    from .judges import JUDGES
+    p = subparsers.add_parser("evaluate", help="a prompt set (CSV) with and without an adapter, judged (shapes or NudeNet)")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("--prompts", required=True, help="CSV with a 'prompt' column (I2P's sd_seed, sd_guidance_scale read too)")
+    p.add_argument("--judge", required=True, choices=JUDGES,
+                   help="shapes: the embedded world (needs --concept); nudenet: exposed body parts (optional package)")
+    p.add_argument("--concept", default=None, help="shapes judge: the shape or colour counted")
+    p.add_argument("--threshold", type=float, default=None, help="nudenet: detection score threshold (default 0.6)")
+    p.add_argument("--n-per-prompt", type=int, default=1, help="images per prompt and side")
+    p.add_argument("--seed", type=int, default=0, help="row i uses seed + i unless its sd_seed is given")
+    p.add_argument("--out", required=True, help="folder for images, verdicts and the results table (resumable)")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args):
+    from tqdm import tqdm
+
+    from .cli import CliError, apply_adapter_args, load_from_args, sampling_kwargs
+    from .judges import make_judge
+    if not 1 <= args.n_per_prompt <= 1000:
+        raise CliError(f"--n-per-prompt {args.n_per_prompt}: between 1 and 1000 images per prompt")
+    if not 0 <= args.seed < 2**62 - MAX_ROWS:
+        raise CliError(f"--seed {args.seed}: must be between 0 and 2^62")
+    if args.judge == "shapes" and not args.concept:
+        raise CliError("--judge shapes needs --concept: the shape or colour to count, e.g. --concept circle")
+    if args.judge != "nudenet" and args.threshold is not None:
+        raise CliError("--threshold is the nudenet judge's; leave it out with --judge shapes")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} is a file; give a folder")
+    rows = read_prompt_rows(Path(args.prompts), args.seed)
+    try:     # before the (slow) model load: a missing optional package or a bad concept fails now
+        judge = make_judge(args.judge, concept=args.concept, threshold=args.threshold)
+    except ImportError as err:
+        raise CliError(str(err)) from None
+    except ValueError as err:
+        raise CliError(f"--{'concept' if args.judge == 'shapes' else 'threshold'}: {err}") from None
+    base = load_from_args(args)
+    pipes = {"base": base}
+    if args.adapter:
+        pipes["adapter"] = apply_adapter_args(base, args.adapter)
+    sampling = sampling_kwargs(args, len(base.schedule_for(args.height, args.width)))
+    if args.height is not None:
+        sampling.update(height=args.height, width=args.width)
+    if args.negative and args.negative.strip():
+        sampling["negative_prompt"] = args.negative
+    from .erasure.adapters import parse_adapter_spec
+    settings = {"model": args.model, "adapters": args.adapter,
+                "adapter_sha256": fingerprint([parse_adapter_spec(spec)[0] for spec in args.adapter]),
+                "judge": args.judge, "concept": args.concept, "threshold": getattr(judge, "threshold", None),
+                "n_per_prompt": args.n_per_prompt, "seed": args.seed, "rows": len(rows),
+                "prompts": Path(args.prompts).name, "prompts_sha256": hashlib.sha256(
+                    json.dumps(rows).encode()).hexdigest()[:16],
+                "sampling": sampling}
+    with tqdm(total=len(rows) * len(pipes), desc="evaluate", unit="prompt") as bar:
+        summary = evaluate_prompt_set(pipes, rows, judge, out, args.n_per_prompt, settings, sampling, bar.update)
+    print(results_table(summary))
+    print(f"\nwrote {out / 'results.md'}, {out / 'results.json'} and the images under {out / 'images'}")
