@@ -3,8 +3,10 @@
 Targets (README, full benchmark over 12 pairs x 2 seeds at 64 samples): ACC_e <= 3%; erased
 prompts keep colour / background / style at the original's rate minus 3 points and stay intact;
 other prompts within 1 point of the original; >= 90% of them the same picture at the same seed.
-Here 16 samples per prompt set: one image is 6.2 points of ACC_e (16 images) and 2.1 points of
-the other prompts' scores (48 images), so the margins are stated in images (see each assert).
+Measured on embedded model v2 at 64 samples: the worst single (pair, seed) at cfg 4 has ACC_e
+1.6%, 97.4% the same picture, erased prompts 98.4% intact. Here 16 samples per prompt set: one
+image is 6.2 points of ACC_e (16 images) and 2.1 points of the other prompts' scores (48 images),
+so the margins are stated in images (see each assert).
 """
 import pytest
 
@@ -31,11 +33,11 @@ def test_svare_default_row_meets_the_fidelity_targets(pipe_and_classifier, tmp_p
     # the 3-minute training budget is measured by bench/erasure_seeds.py ("training seconds"),
     # not asserted here: a timed test fails whenever the shared CPU is slow
     assert original["ACC_e"] >= 0.9                                   # the concept was there
-    assert result["ACC_e"] <= 2 / 16                                  # 2 of 16 images
-    for attribute in ("color", "background", "style"):                # 2 images below the original
-        assert result[f"erased_{attribute}"] >= original[f"erased_{attribute}"] - 2 / 16, attribute
-    assert result["erased_intact"] >= min(original["original_intact_by_shape"][anchor], 1.0) - 3 / 16
-    assert result["ACC_i"] >= original["ACC_i"] - 3 / 48               # 3 of 48 images
+    assert result["ACC_e"] <= 1 / 16                                  # 1 of 16 images
+    for attribute in ("color", "background", "style"):                # 1 image below the original
+        assert result[f"erased_{attribute}"] >= original[f"erased_{attribute}"] - 1 / 16, attribute
+    assert result["erased_intact"] >= min(original["original_intact_by_shape"][anchor], 1.0) - 1 / 16
+    assert result["ACC_i"] >= original["ACC_i"] - 2 / 48               # 2 of 48 images
     for attribute in ("color", "background", "style", "intact"):
-        assert result[f"others_{attribute}"] >= original[f"others_{attribute}"] - 3 / 48, attribute
-    assert result["same_picture"] >= 0.75
+        assert result[f"others_{attribute}"] >= original[f"others_{attribute}"] - 2 / 48, attribute
+    assert result["same_picture"] >= 0.90                             # the target itself

@@ -104,6 +104,9 @@ def evaluate(pipe, classifier, samples: int = 32, seed: int = 0, **sampling) -> 
     results["worst_combo_shape"] = min(per_combo.items(), key=lambda kv: kv[1][0])
     results["worst_combo_color"] = min(per_combo.items(), key=lambda kv: kv[1][1])
     results["per_shape"] = {s: sum(per_combo[f"{c} {s}"][0] for c in COLORS) / len(COLORS) for s in SHAPES}
+    results["per_shape_geometric"] = {
+        s: round(_accuracy([g for g, e in zip(geometric, expected) if e["shape"] == s],
+                           [e for e in expected if e["shape"] == s], "shape"), 4) for s in SHAPES}
     results["backgrounds_unprompted"] = dict(Counter(j["background"] for j in judged))
 
     # style
