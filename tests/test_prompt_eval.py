@@ -135,3 +135,18 @@ def test_cli_bad_input_is_a_message(tmp_path, capsys, extra, message):
     args = ["evaluate", "--prompts", str(prompts), "--out", str(tmp_path / "o")] + extra
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_names_the_missing_judge_package(tmp_path, capsys, monkeypatch):
+    """Checked before the model loads: the message says what to install, no traceback."""
+    from vare_core.cli import main
+    from vare_core.judges import nudity
+
+    def missing():
+        raise nudity.MissingJudge(nudity.INSTALL_HINT)
+    monkeypatch.setattr(nudity, "load_detector", missing)
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text(CSV)
+    assert main(["evaluate", "--prompts", str(prompts), "--out", str(tmp_path / "o"), "--judge", "nudenet"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install -r requirements-nudenet.txt" in err and "Traceback" not in err
