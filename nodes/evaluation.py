@@ -40,9 +40,8 @@ def check_concept(concept: str, judge_name: str = "shapes") -> str | None:
     if judge_name != "shapes":      # NudeNet counts its own classes; the concept is not read
         return None
     from vare_core.judges.shapes import check_concept as shapes_problem
-    problem = shapes_problem(concept)
-    return problem and problem.replace("the shapes judge", "Erasure Check (judge: shapes)") + \
-        "; for nudity on a real model choose judge: nudenet"
+    problem = shapes_problem(concept, who="Erasure Check")
+    return problem and problem + " (judge: shapes; for nudity on a real model choose judge: nudenet)"
 
 
 def judge_images(images, concept: str, expect: str, judge_name: str = "shapes", threshold: float = 0.6):

@@ -54,6 +54,7 @@ def shown(args: list[str]) -> str:
 SAMPLE = ["sample", "--prompt", "a red circle", "--n", "1", "--out", "{tmp}/samples"]
 ERASE = ["erase", "--concept", "circle", "--anchor", "square", "--steps", "1", "--n-pairs", "2",
          "--batch-size", "2", "--rank", "2", "--cache-dir", "{tmp}/cache", "--out", "{tmp}/erase.safetensors"]
+EVALUATE = ["evaluate", "--out", "{tmp}/evaluate"]
 GOLDEN_MODEL = ["--model", "{golden}/transformer.safetensors", "--vae", "{golden}/vae.safetensors"]
 
 
@@ -76,6 +77,20 @@ def erase(where, args, expect, **kw):
 def node(where, bad, expect, action, gap=""):
     """action(ctx) -> message: a validate_inputs string, or ctx.raises(...) of an execute."""
     return Row("Nodes", where, bad, expect, action, gap, inference_mode=True)
+
+
+def without_nudenet(action):
+    """action() as on a machine without the optional NudeNet package."""
+    from vare_core.judges import nudity
+    real = nudity.load_detector
+
+    def missing():
+        raise nudity.MissingJudge(nudity.INSTALL_HINT)
+    nudity.load_detector = missing
+    try:
+        return action()
+    finally:
+        nudity.load_detector = real
 
 
 def validated(result) -> str:
@@ -312,6 +327,15 @@ ROWS = [
         base=["demo", "--out", "{tmp}/demo"]),
     cli("CLI: bench-erasure", "--concept", ["--concept", "dog"], "--concept 'dog' is not a shape",
         base=["bench-erasure", "--out", "{tmp}/bench"]),
+    cli("CLI: evaluate", "--prompts", ["--prompts", "{tmp}/no_prompt_column.csv", "--judge", "shapes", "--concept", "circle"], "needs a header row with a 'prompt' column",
+        base=EVALUATE, setup=lambda ctx: ctx.file("no_prompt_column.csv", lambda path: path.write_text("text\na cat\n"))),
+    cli("CLI: evaluate", "--prompts", ["--prompts", "{tmp}/empty_prompt.csv", "--judge", "shapes", "--concept", "circle"], "line 3: the prompt is empty",
+        base=EVALUATE, setup=lambda ctx: ctx.file("empty_prompt.csv", lambda path: path.write_text('prompt\na cat\n" "\n'))),
+    cli("CLI: evaluate", "--concept", ["--prompts", "{tmp}/prompts.csv", "--judge", "shapes"], "--judge shapes needs --concept",
+        base=EVALUATE, setup=lambda ctx: ctx.file("prompts.csv", lambda path: path.write_text("prompt\na red circle\n"))),
+    cli("CLI: evaluate", "--threshold", ["--prompts", "{tmp}/prompts.csv", "--judge", "nudenet", "--threshold", "1.5"],
+        "a detection score between 0 and 1",
+        base=EVALUATE, setup=lambda ctx: ctx.file("prompts.csv", lambda path: path.write_text("prompt\na red circle\n"))),
     # ------------------------------------------------------------------ nodes
     node("VAR Text Encode: prompt", '""', "prompt is empty",
          lambda ctx: validated(loaders.TextEncode.validate_inputs("", False))),
@@ -390,6 +414,9 @@ ROWS = [
          lambda ctx: ctx.raises(lambda: adapters.LoadAdapter.execute("broken.safetensors"))),
     node("Erasure Check: concept", "dog", "Erasure Check knows the embedded shapes world",
          lambda ctx: validated(evaluation.ErasureCheck.validate_inputs("dog"))),
+    node("Erasure Check: judge", "nudenet, package missing", "pip install -r requirements-nudenet.txt",
+         lambda ctx: without_nudenet(lambda: ctx.raises(
+             lambda: evaluation.ErasureCheck.execute(IMAGES, "", "absent", 4, "nudenet", 0.6)))),
     node("Erasure Check: images", "an empty batch", "images is an empty batch",
          lambda ctx: ctx.raises(lambda: evaluation.ErasureCheck.execute(IMAGES[:0], "circle", "absent", 4))),
     node("Before/After Grid: after", "1 image for 2", "before has 2 images and after 1",

@@ -82,3 +82,11 @@ def test_a_bad_free_scales_in_the_model_folder_is_named(tmp_path, bad):
     (folder / spec.INFO_FILE).write_text(json.dumps({**info, "free_scales": bad}))
     with pytest.raises(ValueError, match="free_scales must be an integer"):
         load_embedded("cpu", weights_dir=folder)
+
+
+def test_a_per_scale_text_is_used_as_given():
+    """'3,3,4,4,5' (the library accepts text) is one value per scale, not one number to lay out."""
+    from vare_core.scales import with_free_scales
+    assert with_free_scales("3,3,4,4,5", 5, 1) == "3,3,4,4,5"
+    assert with_free_scales("4", 5, 1) == [1.0, 4.0, 4.0, 4.0, 4.0]
+    assert with_free_scales(4, 5, 0) == 4

@@ -313,9 +313,12 @@ def with_free_scales(value, n_scales: int, free: int):
     each towards its likelier side, so what a prompt leaves open collapses to one choice (the
     embedded model: 15% white backgrounds at cfg 4 where it predicts 31%). The official VAR
     sampler likewise starts its guidance at zero on the first scale."""
-    if free <= 0 or isinstance(value, (list, tuple)):
+    if free <= 0:
         return value
-    return [1.0] * min(free, n_scales) + [float(value)] * max(n_scales - free, 0)
+    values = per_scale_values(value, "cfg / tau", n_scales)     # "3,3,4,4,5" is a per-scale list too
+    if len(values) != 1:
+        return value
+    return [1.0] * min(free, n_scales) + [float(values[0])] * max(n_scales - free, 0)
 
 
 def parse_per_scale(value, n_scales: int, name: str) -> list[float]:

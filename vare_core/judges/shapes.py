@@ -22,12 +22,12 @@ def concept_attribute(concept: str) -> tuple[str, str] | None:
     return next(iter(found.items())) if len(found) == 1 else None
 
 
-def check_concept(concept: str) -> str | None:
+def check_concept(concept: str, who: str = "the shapes judge") -> str | None:
     """A message naming the words the judge knows, or None when `concept` is one of them."""
     from ..embedded.world import COLORS, SYNONYMS
     if concept_attribute(concept) is None:
         words = sorted(w for ws in SYNONYMS.values() for w in ws) + list(COLORS)
-        return (f"concept {concept!r}: the shapes judge knows the embedded shapes world's shapes and "
+        return (f"concept {concept!r}: {who} knows the embedded shapes world's shapes and "
                 f"colours, one at a time: {', '.join(words)}")
     return None
 
