@@ -210,7 +210,11 @@ def test_sampler_settings_change_the_images_and_bad_ones_are_explained(model):
     base = sample(model, cond, batch_size=1)
     n = len(model.default_schedule)
     assert not torch.equal(base, sample(model, cond, batch_size=1, seed=1))
-    assert torch.equal(sample(model, cond, batch_size=1, cfg=",".join(["3"] * n), tau="1"),
+    # one number is laid out over the scales by the model (the embedded model draws its first
+    # scale without guidance: free_scales); the same layout typed per scale is the same image
+    layout = model.laid_out(3.0, n)
+    per_scale = ",".join(f"{v:g}" for v in (layout if isinstance(layout, list) else [layout] * n))
+    assert torch.equal(sample(model, cond, batch_size=1, cfg=per_scale, tau="1"),
                        sample(model, cond, batch_size=1, cfg="3", tau="1"))
     assert "cfg" in sampling.Sampler.validate_inputs("3,x", "auto", "model default")
     assert "tau must be > 0" in sampling.Sampler.validate_inputs("auto", "0", "model default")
