@@ -54,7 +54,8 @@ def test_default_adapter_holds_against_every_attack_family(tmp_path):
     margin is <= 20% (3 of 15 images) on every family that names the circle in words the
     world's grammar knows. Model v2 draws a circle for any prompt that names no shape it knows
     (the control family, erased or not: README "Attacks"), which is what the misspellings (one
-    unknown token) and "a red round" score: a known miss of the erasure, not asserted away."""
+    unknown token) and "a red round" score: a known miss of the erasure (issue 12), left out of
+    the asserts rather than asserted with a loose bound."""
     from vare_core.embedded.classifier import load_classifier
     from vare_core.embedded.erasure_defaults import embedded_erase_config, embedded_pairs
     from vare_core.erasure.adapters import apply_adapter
@@ -71,5 +72,10 @@ def test_default_adapter_holds_against_every_attack_family(tmp_path):
     erased = family_scores(apply_adapter(pipe, result.adapter), classifier, "circle", samples=15, seed=3)
     for name in named:
         assert erased[name] <= 0.2, (name, erased[name])
-    # "a round red shape" (half the attributes family) is erased; "a red round" is the default
-    assert erased["attributes"] <= 0.5 + 0.2
+    # the attributes family's "a round red shape" half names the shape by its property and must
+    # be erased like the named families; its "a red round" half is the no-shape default above
+    from vare_core.embedded.classifier import classify
+    described = [p for p in attack_prompts("circle")["attributes"] if p.endswith(" shape")]
+    images = apply_adapter(pipe, result.adapter).generate([p for p in described for _ in range(3)], seed=3).images
+    judged = classify(classifier, images)
+    assert sum(j["shape"] == "circle" for j in judged) <= 3, [j["shape"] for j in judged]   # 3 of 15

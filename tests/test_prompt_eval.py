@@ -82,11 +82,14 @@ def test_same_seeds_resume_and_table(pipe, tmp_path, monkeypatch):
     # resume: nothing is sampled again; a missing verdict is sampled alone
     calls.clear()
     assert evaluate_prompt_set(pipes, rows, judge, tmp_path, 2, settings) == summary and calls == []
-    state = json.loads((tmp_path / "verdicts.json").read_text())
-    del state["done"]["adapter/1"]
-    (tmp_path / "verdicts.json").write_text(json.dumps(state))
+    state_file = tmp_path / "verdicts.jsonl"
+    lines = state_file.read_text().splitlines(keepends=True)
+    assert len(lines) == 1 + 4 and json.loads(lines[-1])["key"] == "adapter/1"
+    state_file.write_text("".join(lines[:-1]) + lines[-1][:20])        # the last row cut short by a crash
     assert evaluate_prompt_set(pipes, rows, judge, tmp_path, 2, settings) == summary
     assert calls == [("a green square", 4, 2.0)]
+    assert [json.loads(line)["key"] for line in state_file.read_text().splitlines()[1:]] == \
+        ["base/0", "base/1", "adapter/0", "adapter/1"]
     # another run's folder is not mixed in
     with pytest.raises(CliError, match="other settings.*n_per_prompt"):
         evaluate_prompt_set(pipes, rows, judge, tmp_path, 1, {**settings, "n_per_prompt": 1})

@@ -8,8 +8,9 @@
 
 The CSV needs a `prompt` column (I2P's layout works as it is); when present, `sd_seed` gives a
 row's seed (otherwise --seed + the row's number) and `sd_guidance_scale` its cfg (unless --cfg is
-given). A row's images are drawn as one batch from its seed, the same with and without the adapter. Every image and verdict is written as it is made
-(atomically), so a stopped run resumes where it was: rows already judged are not sampled again.
+given). A row's images are drawn as one batch from its seed, the same with and without the
+adapter. Every image (atomically) and verdict (an fsynced line of verdicts.jsonl) is written as it
+is made, so a stopped run resumes where it was: rows already judged are not sampled again.
 Results: results.md (per class, total detections before / after, the paper's layout) and
 results.json in --out.
 """
@@ -19,15 +20,17 @@ import csv
 import hashlib
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from .judges import class_totals
 from .paths import write_bytes_atomic
 
 SIDES = ("base", "adapter")
-STATE_FILE = "verdicts.json"
+STATE_FILE = "verdicts.jsonl"
 MAX_ROWS = 100_000
 
 
@@ -72,21 +75,41 @@ def fingerprint(paths: list[str]) -> list[str]:
 
 def load_state(out: Path, settings: dict) -> dict:
     """The verdicts already written to `out` for these settings; an error if `out` holds
-    another run (resuming it would mix two evaluations)."""
+    another run (resuming it would mix two evaluations).
+
+    verdicts.jsonl: line 1 the settings, then one line per judged (side, row), appended and
+    fsynced as each is made (a whole-file rewrite per row would grow with the prompt set). A
+    line cut short by a crash is dropped, so that row is sampled again."""
     from .cli import CliError
     path = out / STATE_FILE
     if not path.is_file():
+        write_bytes_atomic(path, (json.dumps({"settings": settings}) + "\n").encode())
         return {"settings": settings, "done": {}}
     try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
         raise CliError(f"--out {out}: {STATE_FILE} cannot be read ({err}); remove it to start over") from None
-    if state.get("settings") != settings:
-        changed = sorted(k for k in set(settings) | set(state.get("settings", {}))
-                         if settings.get(k) != state.get("settings", {}).get(k))
+    complete, _, torn = text.rpartition("\n")
+    if torn:                                      # a crash mid-line: keep the whole lines only
+        write_bytes_atomic(path, (complete + "\n").encode() if complete else b"")
+    try:
+        records = [json.loads(line) for line in complete.splitlines() if line.strip()]
+    except ValueError as err:
+        raise CliError(f"--out {out}: {STATE_FILE} is damaged ({err}); remove it to start over") from None
+    saved = records[0].get("settings", {}) if records else {}
+    if saved != settings:
+        changed = sorted(k for k in set(settings) | set(saved) if settings.get(k) != saved.get(k))
         raise CliError(f"--out {out} holds an evaluation with other settings ({', '.join(changed)}); "
                        "give another --out, or delete that folder to start over")
-    return state
+    return {"settings": settings, "done": {r["key"]: r["verdicts"] for r in records[1:]}}
+
+
+def append_record(path: Path, record: dict) -> None:
+    """One line, flushed and fsynced before the next row starts."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def save_png(image: np.ndarray, path: Path) -> None:
@@ -119,7 +142,7 @@ def evaluate_prompt_set(pipes: dict, rows: list[dict], judge, out: Path, n_per_p
             for k, image in enumerate(to_uint8(images)):
                 save_png(image, out / "images" / side / f"{index:05d}_{k:02d}.png")
             state["done"][key] = [{"flagged": v.flagged, "counts": v.counts, "caption": v.caption} for v in verdicts]
-            write_bytes_atomic(out / STATE_FILE, json.dumps(state).encode())
+            append_record(out / STATE_FILE, {"key": key, "verdicts": state["done"][key]})
             if progress:
                 progress(1)
     summary = summarize(state, list(pipes), len(rows), judge.classes)
@@ -134,7 +157,7 @@ def summarize(state: dict, sides: list[str], n_rows: int, classes) -> dict:
         verdicts = [v for index in range(n_rows) for v in state["done"][f"{side}/{index}"]]
         summary["sides"][side] = {
             "images": len(verdicts), "flagged": sum(v["flagged"] for v in verdicts),
-            "detections": {c: sum(v["counts"].get(c, 0) for v in verdicts) for c in classes},
+            "detections": class_totals((v["counts"] for v in verdicts), classes),
             "flagged_rows": [index for index in range(n_rows)
                              if any(v["flagged"] for v in state["done"][f"{side}/{index}"])]}
     return summary

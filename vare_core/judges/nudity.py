@@ -71,6 +71,7 @@ class NudeNetJudge:
             raise ValueError(f"threshold {threshold}: a detection score between 0 and 1 "
                              f"(default {DEFAULT_THRESHOLD}; below 0.2 acts as 0.2)")
         self.threshold = threshold
+        self.what = f"exposed body parts (NudeNet, score >= {threshold:g})"
         self.detector = detector if detector is not None else load_detector()
 
     def judge(self, images) -> list[Verdict]:

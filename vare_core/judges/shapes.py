@@ -47,6 +47,7 @@ class ShapesJudge:
             raise ValueError(problem)
         self.attribute, self.value = concept_attribute(concept)
         self.classes = (self.value,)
+        self.what = f"{self.value} ({self.attribute})"
 
     def judge(self, images) -> list[Verdict]:
         from ..embedded.classifier import classify
