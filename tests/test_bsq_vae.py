@@ -6,14 +6,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from vare_core.models.bsq_vae import (
-    BSQVAE,
-    VAEConfig,
-    build_vae,
+from vare_core.models.bsq_quant import (
     codes_from_bits,
-    detect_vae_config,
     next_scale_input,
-    normalize_vae_keys,
     patchify_tokens,
     quantize_multiscale,
     residual_quantize,
@@ -23,6 +18,7 @@ from vare_core.models.bsq_vae import (
     upsample_codes,
     vae_scale_schedule,
 )
+from vare_core.models.bsq_vae import BSQVAE, VAEConfig, build_vae, detect_vae_config, normalize_vae_keys
 
 SCHEDULE = [(1, 1), (2, 2), (4, 4), (6, 6), (8, 8), (12, 12), (16, 16)]
 OFFSETS = [0, 1, 5, 21, 57, 121, 265, 521]

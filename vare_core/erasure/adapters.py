@@ -378,13 +378,6 @@ def apply_adapter(pipe, adapter: Adapter, strength: float = 1.0, force: bool = F
     return new_pipe
 
 
-def merge_adapter(pipe, adapter: Adapter, path, strength: float = 1.0, force: bool = False):
-    """apply_adapter + save_merged; returns the merged pipeline."""
-    merged = apply_adapter(pipe, adapter, strength, force)
-    save_merged(merged, path)
-    return merged
-
-
 def save_merged(pipe, path) -> None:
     """The transformer's full weights in the official key layout (block_chunks.{c}.module.{m})."""
     model = pipe.model

@@ -31,19 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .bsq_quant import (  # noqa: F401  (re-exported: the public API lives here too)
-    QuantizedPyramid,
-    codes_from_bits,
-    next_scale_input,
-    patchify_tokens,
-    quantize_multiscale,
-    residual_quantize,
-    summed_codes_from_bits,
-    teacher_forcing_inputs,
-    unpatchify_tokens,
-    upsample_codes,
-    vae_scale_schedule,
-)
+from .bsq_quant import quantize_multiscale
 
 
 def group_norm_groups(channels: int) -> int:

@@ -250,7 +250,7 @@ class Infinity(nn.Module):
     def forward(self, cond: Condition, x_wo_prefix: torch.Tensor, scale_schedule,
                 rope_grid: tuple[int, int] | None = None) -> torch.Tensor:
         """All scales at once (training). x_wo_prefix (B, L-1, bits): the next-scale inputs of
-        scales 1.. (see bsq_vae.teacher_forcing_inputs). Returns logits (B, L, 2*bits)."""
+        scales 1.. (see bsq_quant.teacher_forcing_inputs). Returns logits (B, L, 2*bits)."""
         counts = [h * w for h, w in scale_schedule]
         total = sum(counts)
         if x_wo_prefix.shape[1] != total - counts[0]:
@@ -380,9 +380,6 @@ class Infinity(nn.Module):
         finally:
             for tensor, data in zip(tensors, stored):
                 tensor.data = data
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
 
 def _run_block(block: Block, x, *args):
