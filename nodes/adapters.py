@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from pathlib import Path
 
 import torch
 
 from vare_core import paths
+from vare_core.checkpoints import safetensors_metadata
 from vare_core.erasure.adapters import FORMAT_VERSION, STRENGTH_RANGE, apply_adapter, load_adapter, save_adapter
 
 from . import host
@@ -34,13 +34,8 @@ def is_vare_adapter(path: Path) -> bool:
         return False
     if key not in _header_cache:
         try:
-            with open(path, "rb") as f:
-                size = struct.unpack("<Q", f.read(8))[0]
-                header = json.loads(f.read(size)) if size < 100 * 2**20 else {}
-            metadata = header.get("__metadata__") if isinstance(header, dict) else None
-            _header_cache[key] = isinstance(metadata, dict) and \
-                metadata.get("format") == json.dumps(FORMAT_VERSION)
-        except (OSError, ValueError, RecursionError, struct.error):   # not an adapter: skip it
+            _header_cache[key] = safetensors_metadata(path).get("format") == json.dumps(FORMAT_VERSION)
+        except (OSError, ValueError):   # CheckpointError is a ValueError: not an adapter, skip it
             _header_cache[key] = False
     return _header_cache[key]
 

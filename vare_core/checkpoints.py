@@ -137,8 +137,9 @@ def _load_sharded(index_path: Path, map_location, mmap: bool) -> dict[str, torch
     return tensors
 
 
-def _sniff(path: Path) -> str:
-    """'safetensors', 'zip' (torch.save), 'legacy' (old torch.save) or 'unknown'."""
+def sniff_format(path: Path) -> str:
+    """'safetensors', 'zip' (torch.save), 'legacy' (old torch.save) or 'unknown', from the
+    first bytes of the file."""
     with open(path, "rb") as f:
         head = f.read(9)
     if head[:4] == b"PK\x03\x04":
@@ -153,7 +154,7 @@ def _sniff(path: Path) -> str:
 def _load_file(path: Path, map_location, mmap: bool):
     try:
         size = path.stat().st_size
-        kind = _sniff(path)
+        kind = sniff_format(path)
     except OSError as err:
         raise CheckpointError(path, f"cannot be read ({err.strerror or err})",
                               "Check the file permissions") from None
@@ -168,11 +169,18 @@ def _load_file(path: Path, map_location, mmap: bool):
                           "Use a .safetensors or .pth/.pt/.bin/.ckpt checkpoint of the model")
 
 
-def _check_safetensors_header(path: Path, size: int) -> None:
-    """Give a clear message for truncated files and absurd headers before safetensors does."""
+def read_safetensors_header(path, size: int | None = None) -> dict:
+    """The JSON header of a safetensors file (tensor entries and "__metadata__"), checked
+    against the file's size; CheckpointError for truncated files and absurd headers (before
+    the safetensors library reports them less clearly)."""
+    path = Path(path)
+    size = path.stat().st_size if size is None else size
     truncated = "The file is truncated or not a safetensors file; download it again"
     with open(path, "rb") as f:
-        (header_size,) = struct.unpack("<Q", f.read(8))
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(path, f"has {size} bytes, too few for a safetensors header", truncated)
+        (header_size,) = struct.unpack("<Q", head)
         if header_size > MAX_SAFETENSORS_HEADER or 8 + header_size > size:
             raise CheckpointError(path, f"safetensors header claims {header_size} bytes but the file "
                                   f"has {size} bytes", truncated)
@@ -187,10 +195,21 @@ def _check_safetensors_header(path: Path, size: int) -> None:
     if 8 + header_size + data_end > size:
         raise CheckpointError(path, f"tensor data needs {8 + header_size + data_end} bytes but the file "
                               f"has {size} bytes", truncated)
+    return header
+
+
+def safetensors_metadata(path) -> dict[str, str]:
+    """The "__metadata__" strings of a safetensors file ({} when it has none), reading only the
+    header; CheckpointError when it is not a sound safetensors file."""
+    metadata = read_safetensors_header(path).get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(path, "safetensors metadata is not a map of strings",
+                              "The file is damaged; download or write it again")
+    return metadata
 
 
 def _load_safetensors(path: Path, size: int, map_location) -> dict[str, torch.Tensor]:
-    _check_safetensors_header(path, size)
+    read_safetensors_header(path, size)
     try:
         device = str(torch.device(map_location))
     except (TypeError, RuntimeError):

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from safetensors import safe_open
+from ..checkpoints import safetensors_metadata
 
 from .world import BACKGROUNDS, COLORS, SHAPES, STYLES
 
@@ -79,8 +79,7 @@ def save_classifier(model: ShapesClassifier, path, extra_metadata: dict | None =
 
 def read_metadata(path) -> dict:
     """The metadata strings of a classifier file."""
-    with safe_open(str(path), framework="pt") as handle:
-        return dict(handle.metadata() or {})
+    return safetensors_metadata(path)
 
 
 def load_classifier(path=None, device="cpu") -> ShapesClassifier:

@@ -40,7 +40,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from .. import paths
-from ..checkpoints import save_safetensors_atomic
+from ..checkpoints import save_safetensors_atomic, sniff_format
 from ..models.lowrank import LowRankUpdate, add_update, is_update_parameter, merged_state_dict, remove_update
 from ..models.presets import to_official_keys
 
@@ -278,10 +278,7 @@ def load_adapter(path) -> Adapter:
         paths.require_regular_file(path, "adapter")
     except ValueError as err:
         raise AdapterError(str(err)) from None
-    with open(path, "rb") as f:
-        head = f.read(9)          # safetensors: 8-byte header length, then the JSON header's '{'
-    pickled = head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
-    if pickled and head[8:9] != b"{":
+    if sniff_format(path) in ("zip", "legacy"):
         raise AdapterError(f"{path}: is a torch.save / pickle file; adapters are .safetensors files "
                            "written by save_adapter (pickles are never loaded)")
     try:
