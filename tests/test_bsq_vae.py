@@ -16,8 +16,8 @@ from vare_core.models.bsq_quant import (
     teacher_forcing_inputs,
     unpatchify_tokens,
     upsample_codes,
-    vae_scale_schedule,
 )
+from vare_core.scales import vae_schedule
 from vare_core.models.bsq_vae import BSQVAE, VAEConfig, build_vae, detect_vae_config, normalize_vae_keys
 
 SCHEDULE = [(1, 1), (2, 2), (4, 4), (6, 6), (8, 8), (12, 12), (16, 16)]
@@ -258,7 +258,7 @@ def test_patchify_matches_pixel_unshuffle_and_round_trips():
 def test_patchified_tokens_for_an_8b_like_vae():
     vae = tiny_vae(bits=14, patch_size=4)  # transformer patch 8, VAE patch 4 -> 56-bit tokens
     transformer_schedule = [(1, 1), (2, 2), (3, 4)]
-    schedule = vae_scale_schedule(transformer_schedule, spatial_patchify=True)
+    schedule = vae_schedule(transformer_schedule, patchify=True)
     assert schedule == [(2, 2), (4, 4), (6, 8)]
     images = torch.rand(1, 3, 24, 32) * 2 - 1
     with torch.no_grad():

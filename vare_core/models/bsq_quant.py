@@ -27,7 +27,7 @@ Spatial patchify (Infinity-8B, "d56" VAE). Found in the official source
 `trainer.py`, `tools/run_infinity.py` load_visual_tokenizer with `apply_spatial_patchify=1`):
 - The 8B VAE has patch 8, ch_mult (1, 2, 4, 4) and 14 bits. Quantisation happens at the VAE's
   own resolution with 14 bits: the VAE schedule is the transformer schedule with h and w doubled
-  (`vae_scale_schedule = [(t, 2h, 2w)]`); the transformer schedule itself is the usual one
+  (`vae_scale_schedule = [(t, 2h, 2w)]`, our scales.vae_schedule); the transformer schedule is the usual one
   (1, 2, 4, ... 64 for 1024 px).
 - The transformer token at (y, x) of a scale gathers the 2x2 VAE cells (2y + i, 2x + j) with
   `torch.nn.functional.pixel_unshuffle(., 2)`, so its 56 = 4 * 14 bits are ordered
@@ -64,12 +64,6 @@ def _as_schedule(scale_schedule) -> list[tuple[int, int]]:
     if not schedule:
         raise ValueError("scale_schedule is empty; pass a list of (h, w) tuples, coarse to fine")
     return schedule
-
-
-def vae_scale_schedule(scale_schedule, spatial_patchify: bool) -> list[tuple[int, int]]:
-    """Transformer schedule -> the VAE's schedule (h and w doubled under spatial patchify)."""
-    schedule = _as_schedule(scale_schedule)
-    return [(2 * h, 2 * w) for h, w in schedule] if spatial_patchify else schedule
 
 
 def upsample_codes(codes: Tensor, size) -> Tensor:
