@@ -75,7 +75,7 @@ def load_state_dict(path, *, map_location="cpu", mmap: bool = True,
     elif path.name.endswith(".index.json"):
         raw = _load_sharded(path, map_location, mmap)
     else:
-        raw = _load_file(path, map_location, mmap)
+        raw = load_weight_file(path, map_location, mmap)
     return _strip_wrappers(_unwrap(raw, path, container), path)
 
 
@@ -91,7 +91,7 @@ def _load_folder(folder: Path, map_location, mmap: bool):
                               "Pass the index file to use")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES)
     if len(files) == 1:
-        return _load_file(files[0], map_location, mmap)
+        return load_weight_file(files[0], map_location, mmap)
     if not files:
         raise CheckpointError(folder, "folder holds no weight files (" + ", ".join(WEIGHT_SUFFIXES)
                               + ") and no model.safetensors.index.json",
@@ -101,8 +101,10 @@ def _load_folder(folder: Path, map_location, mmap: bool):
                           "Pass one file, or the *.index.json of a sharded checkpoint")
 
 
-def _load_sharded(index_path: Path, map_location, mmap: bool) -> dict[str, torch.Tensor]:
-    """Load every shard a `*.index.json` names (HF layout: {"weight_map": {key: shard_file}})."""
+def read_shard_index(index_path: Path) -> tuple[dict[str, str], list[Path]]:
+    """(weight_map, shard files in first-use order) of a `*.index.json` (HF layout: {"weight_map":
+    {key: shard_file}}); CheckpointError when it is unreadable or names shards that are absent."""
+    index_path = Path(index_path)
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -119,10 +121,15 @@ def _load_sharded(index_path: Path, map_location, mmap: bool) -> dict[str, torch
     if missing:
         raise CheckpointError(index_path, f"names shard file(s) missing from {folder}: {', '.join(missing)}",
                               "Download every shard listed in the index into that folder")
+    return weight_map, [folder / name for name in shards]
+
+
+def _load_sharded(index_path: Path, map_location, mmap: bool) -> dict[str, torch.Tensor]:
+    """Load every shard a `*.index.json` names."""
+    weight_map, shards = read_shard_index(index_path)
     tensors: dict[str, torch.Tensor] = {}
-    for name in shards:
-        shard_path = folder / name
-        part = _load_file(shard_path, map_location, mmap)
+    for shard_path in shards:
+        part = load_weight_file(shard_path, map_location, mmap)
         part = _unwrap(part, shard_path, None)
         duplicated = sorted(set(part) & set(tensors))
         if duplicated:
@@ -151,7 +158,11 @@ def sniff_format(path: Path) -> str:
     return "unknown"
 
 
-def _load_file(path: Path, map_location, mmap: bool):
+def load_weight_file(path: Path, map_location="cpu", mmap: bool = True):
+    """What one weight file holds (safetensors: a dict of tensors; torch.save: the unpickled
+    object, tensors and plain containers only), with CheckpointError for every way it can be
+    unusable."""
+    path = Path(path)
     try:
         size = path.stat().st_size
         kind = sniff_format(path)

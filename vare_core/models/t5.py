@@ -26,8 +26,8 @@ Attention softmax accumulates in fp32 inside scaled_dot_product_attention. No cl
 """
 import json
 import math
-import pickle
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -39,6 +39,7 @@ from safetensors import safe_open
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
 from .. import paths
+from ..checkpoints import CheckpointError, load_weight_file, read_safetensors_header, read_shard_index
 
 
 class T5WeightsError(ValueError):
@@ -287,38 +288,27 @@ def _weight_files(path: Path) -> list[Path]:
     if not path.is_file():
         raise FileNotFoundError(f"T5 weights not found: {path}")
     if path.name.endswith(".index.json"):
-        try:
-            weight_map = json.loads(path.read_text())["weight_map"]
-        except (ValueError, KeyError) as err:
-            raise T5WeightsError(f"{path}: not a checkpoint index with a 'weight_map' ({err})") from None
-        shards = [path.parent / name for name in dict.fromkeys(weight_map.values())]
-        absent = [s.name for s in shards if not s.is_file()]
-        if absent:
-            raise T5WeightsError(f"{path}: shards {absent} are missing; download every shard it lists")
-        return shards
+        with _as_t5_error():
+            return read_shard_index(path)[1]
     if path.suffix in (".safetensors", ".bin"):
         return [path]
     raise T5WeightsError(f"{path}: refused; T5 weights are read only from .safetensors, pytorch_model.bin "
                          "(plain tensors) or their .index.json. Convert the file to .safetensors.")
 
 
+@contextmanager
+def _as_t5_error():
+    """checkpoints.py's errors (they name the file and the fix) as T5WeightsError."""
+    try:
+        yield
+    except CheckpointError as err:
+        raise T5WeightsError(str(err)) from None
+
+
 def _torch_load(file: Path) -> dict:
     """A plain {name: tensor} pickle; anything carrying other Python objects is refused."""
-    try:
-        try:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            state = torch.load(file, map_location="cpu", weights_only=True)  # legacy format: no mmap
-    except pickle.UnpicklingError as err:
-        culprit = re.search(r"GLOBAL ([\w.]+)", str(err))
-        raise T5WeightsError(
-            f"{file}: refused: the pickle holds Python objects other than tensors"
-            f"{f' ({culprit.group(1)})' if culprit else ''}, and only torch.load(weights_only=True) is "
-            "allowed. Use the model's .safetensors files, or convert this one where you trust it.") from None
-    except Exception as err:
-        raise T5WeightsError(f"{file}: cannot be read as a PyTorch checkpoint ({err})") from None
+    with _as_t5_error():
+        state = load_weight_file(file)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise T5WeightsError(f"{file}: expected a flat {{name: tensor}} state dict")
     return state
@@ -330,6 +320,8 @@ def _file_tensors(file: Path):
         for key, tensor in _torch_load(file).items():
             yield key, lambda tensor=tensor: tensor
         return
+    with _as_t5_error():
+        read_safetensors_header(file)      # truncated files and absurd headers, clearly named
     try:
         handle = safe_open(str(file), framework="pt", device="cpu")
     except Exception as err:
