@@ -96,6 +96,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--samples", type=int, default=64, help="images per prompt set")
     parser.add_argument("--score-seed", type=int, default=0)
     parser.add_argument("--retain", type=int, default=None, help="keep pairs per other shape (default: 20)")
+    parser.add_argument("--implicit", type=int, default=None,
+                        help="mined implicit pairs per concept, at most (default: 24, a share of the 50 erasure pairs)")
     parser.add_argument("--weights", default=None, help="an embedded-model weights folder (default: the shipped one)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="EraseConfig override (repeatable)")
@@ -119,7 +121,8 @@ def main(argv=None) -> list[dict]:
                     originals[key] = original.pop("run")
                     rows.append({"pair": name, "seed": "original", "cfg": cfg, **{k: original[k] for k in KEYS}})
                     print(json.dumps(rows[-1]), flush=True)
-            pairs = embedded_pairs(concepts, anchors, seed=0, retain_per_shape=args.retain)
+            pairs = embedded_pairs(concepts, anchors, seed=0, retain_per_shape=args.retain, pipe=pipe,
+                                   implicit=args.implicit)
             for seed in [int(s) for s in args.seeds.split(",")]:
                 config = embedded_erase_config(**{"seed": seed, **overrides})
                 start = time.time()

@@ -53,7 +53,8 @@ def build_pairs(pipe, concepts: str, anchors: str, n_per_concept: int, seed: int
         if not anchor_list:
             raise ValueError("anchors is empty: name what each concept should turn into (e.g. square)")
         if pipe.name in erasure_defaults.SHAPES_WORLD_MODELS:
-            pairs += embedded_pairs(concept_list, anchor_list, seed=seed, n_per_concept=n_per_concept)
+            pairs += embedded_pairs(concept_list, anchor_list, seed=seed, n_per_concept=n_per_concept,
+                                    pipe=pipe)
         else:
             pairs += make_pairs(concept_list, anchor_list, n_per_concept=n_per_concept, seed=seed)
     if custom_pairs.strip():

@@ -96,6 +96,7 @@ def test_scale_balanced_weights_count_every_scale_the_same(pipe, pairs, tmp_path
 @pytest.mark.parametrize("kwargs, field", [
     ({"targets": "teacher"}, "targets"), ({"erase_target": "fuzzy"}, "erase_target"),
     ({"null_weight": -1.0}, "null_weight"), ({"scale_weights": "log"}, "scale_weights"),
+    ({"erase_free_scales": 1}, "erase_free_scales"),
 ])
 def test_config_validation(kwargs, field):
     with pytest.raises(ValueError, match=field):

@@ -327,3 +327,28 @@ def test_keep_rows_take_part_in_preservation_only():
     assert torch.allclose(keep_only, 0.5 * preservation_loss(safe, teacher)) and stats["fce"] == 0.0
     keep_only.backward()
     assert student.grad is not None and float(student.grad.abs().sum()) == 0.0
+
+
+def test_erase_token_mask_leaves_masked_tokens_out_of_fce_only():
+    torch.manual_seed(0)
+    B, L, d = 2, 5, 4
+    student, teacher = torch.randn(B, L, 2 * d), torch.randn(B, L, 2 * d)
+    labels = torch.randint(0, 2, (B, L, d))
+    mask = torch.ones(B, L)
+    erase_mask = mask.clone()
+    erase_mask[:, 0] = 0
+    changed = student.clone()
+    changed[:, 0] = 3 * torch.randn(B, 2 * d)   # only the first token differs
+    for config in (LossConfig(preservation_weight=0.0), LossConfig(preservation_weight=0.0, erase_target="soft")):
+        a, _ = erasure_objective("svare", student, student, teacher, labels, config, token_mask=mask,
+                                 erase_token_mask=erase_mask)
+        b, _ = erasure_objective("svare", changed, student, teacher, labels, config, token_mask=mask,
+                                 erase_token_mask=erase_mask)
+        c, _ = erasure_objective("svare", changed, student, teacher, labels, config, token_mask=mask)
+        assert torch.allclose(a, b) and not torch.allclose(a, c)
+    # L_Pre still sees the first token
+    a, _ = erasure_objective("svare", student, student, teacher, labels, LossConfig(), token_mask=mask,
+                             erase_token_mask=erase_mask)
+    b, _ = erasure_objective("svare", student, changed, teacher, labels, LossConfig(), token_mask=mask,
+                             erase_token_mask=erase_mask)
+    assert not torch.allclose(a, b)

@@ -37,6 +37,7 @@ import safetensors.torch
 import torch
 
 from . import paths
+from .checks import is_integer
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # the safetensors library refuses larger headers too
@@ -199,7 +200,7 @@ def read_safetensors_header(path, size: int | None = None) -> dict:
             header = json.loads(f.read(header_size))
             data_end = max((entry["data_offsets"][1] for key, entry in header.items()
                             if key != "__metadata__"), default=0)
-            if isinstance(data_end, bool) or not isinstance(data_end, int) or data_end < 0:
+            if not is_integer(data_end, minimum=0):
                 raise TypeError("data_offsets must be integers")
         except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
             raise CheckpointError(path, "safetensors header is not valid", truncated) from None

@@ -96,8 +96,7 @@ def to_uint8(images) -> list[np.ndarray]:
 def run_demo(out: Path, seed: int = 0, steps: int | None = None, thumbnails: bool = False) -> str:
     from .embedded.classifier import classify, load_classifier
     from .erasure.adapters import apply_adapter, save_adapter
-    from .erasure.pairs import make_pairs
-    from .erasure.trainer import EraseConfig, train_erasure
+    from .erasure.trainer import train_erasure
     from .erasure_profile import erasure_profile
     from .pipeline import load_pipeline
 
@@ -109,7 +108,7 @@ def run_demo(out: Path, seed: int = 0, steps: int | None = None, thumbnails: boo
 
     profile = erasure_profile(pipe)
     config = profile.config(**({"steps": steps} if steps is not None else {}))
-    pairs = profile.pairs([CONCEPT], [ANCHOR], seed=seed)
+    pairs = profile.pairs([CONCEPT], [ANCHOR], seed=seed, pipe=pipe)
     result = train_erasure(pipe, pairs, config)
     adapter_path = out / f"erase_{CONCEPT}.safetensors"
     save_adapter(result.adapter, adapter_path)

@@ -43,12 +43,14 @@ class ErasureProfile:
             settings["trajectory"] = TrajectorySettings(batch_size=INFINITY_TRAJECTORY_BATCH)
         return EraseConfig(**settings)
 
-    def pairs(self, concepts, anchors, seed: int = 0, n_per_concept: int = 50, retain=None, keep=()):
-        """The erasure pairs (and keep pairs) this model trains on."""
+    def pairs(self, concepts, anchors, seed: int = 0, n_per_concept: int = 50, retain=None, keep=(),
+              pipe=None):
+        """The erasure pairs (and keep pairs) this model trains on; with `pipe` (the original
+        pipeline) the shapes-world models add mined implicit pairs (erasure/implicit.py)."""
         from .erasure.pairs import default_keep_count, make_pairs, retain_pairs
         if self.model in SHAPES_WORLD_MODELS:
             return erasure_defaults.embedded_pairs(concepts, anchors, seed=seed, n_per_concept=n_per_concept,
-                                                   retain_per_shape=retain)
+                                                   retain_per_shape=retain, pipe=pipe)
         pairs = make_pairs(concepts, anchors, n_per_concept=n_per_concept, seed=seed)
         count = default_keep_count(n_per_concept) if retain is None else retain
         if keep and count:

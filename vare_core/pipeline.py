@@ -27,6 +27,7 @@ import torch
 from . import scales
 from .devices import native_bf16
 from .checkpoints import CheckpointError, check_finite, file_fingerprint, load_state_dict
+from .checks import is_integer
 from .models.bsq_vae import BSQVAE, build_vae
 from .models.infinity import Infinity
 from .models.presets import build_infinity, preset_name
@@ -232,7 +233,7 @@ def load_embedded(device=None, dtype=None, weights_dir: Path | None = None, *,
                                 "reinstall the pack or train it: python -m vare_core.embedded.train")
     info = json.loads(info_path.read_text())
     free = info.get("free_scales", 0)
-    if isinstance(free, bool) or not isinstance(free, int) or not 0 <= free < len(info["scale_schedule"]):
+    if not is_integer(free, minimum=0) or not free < len(info["scale_schedule"]):
         raise ValueError(f"{info_path}: free_scales must be an integer from 0 to the number of scales - 1, "
                          f"got {free!r}; reinstall the pack or retrain the model")
     device = _pick_device(device)

@@ -32,6 +32,8 @@ import numbers
 import re
 from typing import Sequence
 
+from .checks import is_finite_number, is_integer, is_real
+
 VAE_STRIDE = 16  # pixels per latent token side (patch 16 VAE, or patch 8 VAE + 2x2 unshuffle)
 PRESETS = ("0.06M", "0.25M", "0.60M", "1M")
 PRESET_NUM_SCALES = {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}
@@ -82,8 +84,8 @@ _ENTRY_OF_SCHEDULE = {
 
 def _template_key(ratio: float) -> float:
     """The template a ratio names (within 0.01), or a ValueError pointing to nearest_ratio."""
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) \
-            or not math.isfinite(ratio) or ratio <= 0:
+    if not is_finite_number(ratio) \
+             or ratio <= 0:
         raise ValueError(f"ratio must be a positive finite number (h/w), got {ratio!r}")
     best = min(ASPECT_RATIOS, key=lambda template: abs(template - ratio))
     if abs(best - ratio) > _RATIO_TOLERANCE:
@@ -102,8 +104,8 @@ def _check_preset(preset: str) -> int:
 
 def nearest_ratio(h_div_w: float) -> float:
     """The aspect template nearest to h_div_w (earlier template on an exact tie, as official)."""
-    if isinstance(h_div_w, bool) or not isinstance(h_div_w, numbers.Real) \
-            or not math.isfinite(h_div_w) or h_div_w <= 0:
+    if not is_finite_number(h_div_w) \
+             or h_div_w <= 0:
         raise ValueError(f"h_div_w must be a positive finite number (height / width), got {h_div_w!r}")
     best = ASPECT_RATIOS[0]
     for template in ASPECT_RATIOS[1:]:  # strict < keeps the first of equal distances
@@ -136,7 +138,7 @@ def schedule_for_image(height: int, width: int) -> tuple[list[tuple[int, int]], 
     Returns (scale_schedule, ratio, preset). Infinity was trained on these sizes only, so other
     sizes are refused with a list of the valid ones (nearest aspect first)."""
     for value, label in ((height, "height"), (width, "width")):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        if not is_integer(value, minimum=1):
             raise ValueError(f"image {label} must be a positive integer of pixels, got {value!r}")
     sizes = all_image_sizes()
     if (height, width) in sizes:
@@ -267,7 +269,7 @@ def per_scale_values(value, name: str, n_scales: int | None = None) -> list[floa
         items = list(value)
         if not items:
             fail("no numbers")
-        if any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in items):
+        if any(not is_real(v) for v in items):
             fail("every entry must be a number")
     else:
         fail(f"type {type(value).__name__} is not supported")
@@ -325,7 +327,7 @@ def parse_per_scale(value, n_scales: int, name: str) -> list[float]:
     """Expand a per-scale setting (cfg, tau) to one float per scale (see per_scale_values).
 
     A single value is repeated; otherwise exactly n_scales values are needed."""
-    if isinstance(n_scales, bool) or not isinstance(n_scales, int) or n_scales <= 0:
+    if not is_integer(n_scales, minimum=1):
         raise ValueError(f"n_scales must be a positive int, got {n_scales!r}")
     values = per_scale_values(value, name, n_scales)
     return values * n_scales if len(values) == 1 else values

@@ -6,11 +6,25 @@
 Training uses the MAIN word of a shape only ("circle"); synonyms ("disc", "round shape") are
 left out on purpose, so the benchmark can check that the erasure carries over to words it
 never saw.
+
+    pairs = embedded_pairs(["circle"], ["square"], pipe=pipe)   # + implicit pairs, mined
+
+With the pipeline given, implicit pairs are added (erasure/implicit.py): prompts that name no
+shape (no word, another word of the world, a made-up word) which the original model draws as
+the concept. The embedded model v2 draws a circle for any prompt naming no shape, so erasing
+"circle" also erases that habit; for the other shapes none are found and nothing is added.
+No word of any shape's name ("round", "plus", "block", "sign", ...) is a candidate: the attack
+families (erasure/attacks.py) that use them stay unseen.
 """
 from __future__ import annotations
 
-from ..erasure.pairs import PromptPair, default_keep_count, make_pairs, retain_pairs
-from .world import BACKGROUNDS, COLORS, SHAPES, SYNONYMS, VOCABULARY
+import random
+
+from ..checks import is_integer
+from ..erasure.implicit import mine_implicit_pairs
+from ..erasure.pairs import (PromptPair, default_keep_count, draw_slot_values, make_pairs, render_template,
+                             retain_pairs)
+from .world import BACKGROUNDS, COLORS, GENERIC_SHAPE_WORD, SHAPES, SYNONYMS, VOCABULARY
 
 WORLD_TEMPLATES = (
     "a {color} {}",
@@ -59,6 +73,13 @@ DEFAULT_FORMULATION = "consistent"
 # token trained (alpha 0), every scale weighted the same (the 1-, 4- and 16-token scales set the
 # layout), and 600 steps (still well inside the 3-minute budget).
 EMBEDDED_CONSISTENT = {"alpha": 0.0, "scale_weights": "balanced", "steps": 600, "preservation_weight": 2.0}
+# Implicit pairs per erased concept, at most, as a share of its erasure pairs (README
+# "Implicit pairs": 24 for 50, chosen from 12 and 24 measured)
+IMPLICIT_SHARE = 0.48
+IMPLICIT_CANDIDATES = 48       # sampled IMPLICIT_SAMPLES times each by the original model
+IMPLICIT_SAMPLES = 4
+# Models whose habits are mined (a random-weight test model, "tiny", has none worth the sampling)
+MINED_MODELS = ("embedded",)
 # Models that speak the shapes world's word-level vocabulary (tiny: testing.tiny_pipeline).
 SHAPES_WORLD_MODELS = ("embedded", "tiny")
 
@@ -75,20 +96,87 @@ def shape_name(word: str, role: str) -> str:
                      f"{', '.join(SHAPES)} (and the synonyms {', '.join(w for ws in SYNONYMS.values() for w in ws[1:])})")
 
 
+def _made_up_word(rng: random.Random) -> str:
+    """A lowercase word of 4-7 letters that is not in the world's vocabulary."""
+    while True:
+        word = "".join(rng.choice("bcdfghjklmnpqrstvwxz" if i % 2 == 0 else "aeiouy")
+                       for i in range(rng.randint(4, 7)))
+        if word not in VOCABULARY:
+            return word
+
+
+def implicit_candidates(anchor: str, n: int = IMPLICIT_CANDIDATES, seed: int = 0) -> list[tuple[str, str]]:
+    """(prompt naming no shape, the same prompt with the anchor) for the world's templates, the
+    subject slot left empty, filled with a non-shape word of the vocabulary, or a made-up word,
+    in turn."""
+    shape_words = {w for phrases in SYNONYMS.values() for phrase in phrases for w in phrase.split()}
+    fillers = sorted(set(VOCABULARY) - shape_words - {GENERIC_SHAPE_WORD, "a", "an", "of", "on", "with"})
+    rng = random.Random(seed)
+    candidates = []
+    for i in range(n):
+        template = WORLD_TEMPLATES[rng.randrange(len(WORLD_TEMPLATES))]
+        values = draw_slot_values(template, rng, SLOT_VALUES)
+        subject = ("", rng.choice(fillers), _made_up_word(rng))[i % 3]
+        unsafe = " ".join(render_template(template, subject, values).split())
+        candidates.append((unsafe, render_template(template, anchor, values)))
+    return list(dict.fromkeys(candidates))
+
+
+def default_implicit_count(n_per_concept: int) -> int:
+    return max(1, round(IMPLICIT_SHARE * n_per_concept))
+
+
+def implicit_pairs(pipe, concepts, anchors, seed: int = 0, limit: int = 24) -> list[PromptPair]:
+    """Mined implicit pairs for each (concept, anchor): candidates the original model `pipe`
+    draws as the concept in at least half of IMPLICIT_SAMPLES images (geometric judge)."""
+    from .judge import judge_images
+    pairs = []
+    for concept, anchor in zip(concepts, anchors * len(concepts) if len(anchors) == 1 else anchors):
+        def shows_concept(images, concept=concept):
+            return [r["shape"] == concept for r in judge_images(images)]
+        pairs += mine_implicit_pairs(pipe, implicit_candidates(anchor, seed=seed), shows_concept, concept,
+                                     anchor, samples=IMPLICIT_SAMPLES, seed=seed, limit=limit)
+    return pairs
+
+
+def contrast_pairs(implicit: list[PromptPair], keep: list[str]) -> list[PromptPair]:
+    """Keep pairs that differ from each implicit pair's safe prompt only in the shape word, one
+    per kept shape ("a red square" -> "a red triangle", ...): what the implicit pair teaches
+    ("a red" draws no circle) must not carry over to prompts that name a shape."""
+    pairs = []
+    for pair in implicit:
+        words = pair.safe.split()
+        for shape in keep:
+            prompt = " ".join(shape if w == pair.anchor else w for w in words)
+            pairs.append(PromptPair(unsafe=prompt, safe=prompt, concept="", anchor=""))
+    return list(dict.fromkeys(pairs))
+
+
 def embedded_pairs(concepts, anchors, seed: int = 0, n_per_concept: int = 50,
-                   retain_per_shape: int | None = None) -> list[PromptPair]:
-    """Erasure pairs, then `retain_per_shape` keep-as-is pairs for every shape not erased
-    (anchors included; None = pairs.default_keep_count(n_per_concept), 20 for 50; 0 = none, the
-    paper's setting). Without them the LoRA drifts on the other shapes (README: "Keep pairs")."""
+                   retain_per_shape: int | None = None, pipe=None,
+                   implicit: int | None = None, contrast: bool = True) -> list[PromptPair]:
+    """Erasure pairs, with `pipe` (the original pipeline) up to `implicit` (None:
+    default_implicit_count(n_per_concept), 24 for 50) mined implicit pairs per concept, then `retain_per_shape` keep-as-is pairs for every shape
+    not erased (anchors included; None = pairs.default_keep_count(n_per_concept), 20 for 50;
+    0 = none, the paper's setting). Without them the LoRA drifts on the other shapes (README:
+    "Keep pairs")."""
     concepts = [concepts] if isinstance(concepts, str) else list(concepts)
     anchors = [anchors] if isinstance(anchors, str) else list(anchors)
     concepts = [shape_name(c, "concept") for c in concepts]
     anchors = [shape_name(a, "anchor") for a in anchors]
     world = dict(templates=list(WORLD_TEMPLATES), vocabulary=set(VOCABULARY), slot_values=SLOT_VALUES)
     pairs = make_pairs(concepts, anchors, n_per_concept=n_per_concept, seed=seed, **world)
+    implicit = default_implicit_count(n_per_concept) if implicit is None else implicit
+    if not is_integer(implicit, minimum=0):
+        raise ValueError(f"implicit must be an integer >= 0, got {implicit!r}")
+    if pipe is not None and implicit and getattr(pipe, "name", None) in MINED_MODELS:
+        found = implicit_pairs(pipe, concepts, anchors, seed=seed, limit=implicit)
+        pairs += found
+        if contrast:
+            pairs += contrast_pairs(found, [shape for shape in SHAPES if shape not in concepts])
     if retain_per_shape is None and isinstance(n_per_concept, int):
         retain_per_shape = default_keep_count(n_per_concept)
-    if isinstance(retain_per_shape, bool) or not isinstance(retain_per_shape, int) or retain_per_shape < 0:
+    if not is_integer(retain_per_shape, minimum=0):
         raise ValueError(f"retain_per_shape must be an integer >= 0, got {retain_per_shape!r}")
     keep = [shape for shape in SHAPES if shape not in concepts]
     if retain_per_shape and keep:

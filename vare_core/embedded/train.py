@@ -26,12 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checkpoints import save_safetensors_atomic
+from ..checkpoints import load_state_dict, save_safetensors_atomic
 from ..models.bsq_quant import teacher_forcing_inputs, upsample_codes
 from ..models.bsq_vae import BSQVAE
 from ..models.infinity import Infinity, init_weights
-from ..models.presets import to_official_keys
-from ..models.t5 import T5Encoder, TextEncoder, build_word_level_tokenizer
+from ..models.presets import from_official_keys, to_official_keys
+from ..models.t5 import T5Encoder, TextEncoder, build_word_level_tokenizer, load_t5_state_dict
 from . import spec
 from .coarse_codes import coarse_code_loss, coarse_targets, layout_agreement, repair_flips
 from .self_correction import self_corrected_batch
@@ -135,12 +135,15 @@ def teacher_forced_batch(data, idx: torch.Tensor, max_flip: float, gen: torch.Ge
 
 def train_transformer(data, ids: torch.Tensor, mask: torch.Tensor, vocab_size: int,
                       steps: int, batch: int, lr: float, gen: torch.Generator, log: Log, checkpoint=None,
-                      max_flip: float = 0.0, repair=None):
+                      max_flip: float = 0.0, repair=None, init: Path | None = None):
     """data: bits per scale (plain teacher forcing) or, with max_flip > 0 or repair, the raw
-    latents."""
+    latents. init: a trained weights folder to start from (fine-tuning), else random weights."""
     model = Infinity(spec.transformer_config())
     init_weights(model)
     t5 = T5Encoder(spec.text_encoder_config(vocab_size))
+    if init is not None:
+        load_trained(init, model, t5)
+        log(f"transformer and text encoder start from {init}")
     params = [p for p in list(model.parameters()) + list(t5.parameters())]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -178,6 +181,13 @@ def train_transformer(data, ids: torch.Tensor, mask: torch.Tensor, vocab_size: i
     return model.eval(), t5.eval(), float(np.mean(losses[-100:]))
 
 
+def load_trained(folder: Path, model: Infinity, t5: T5Encoder) -> None:
+    """Load a weights folder written by save_transformer into `model` and `t5` (strict: the
+    shapes must be this spec's)."""
+    model.load_state_dict(from_official_keys(load_state_dict(folder / spec.TRANSFORMER_FILE)))
+    t5.load_state_dict(load_t5_state_dict(folder / spec.TEXT_ENCODER_DIR))
+
+
 def save_text_encoder(folder: Path, t5: T5Encoder, tokenizer):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(t5.config.to_hf_config(), indent=1))
@@ -206,6 +216,9 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--vae", type=Path, default=None, help="reuse a trained VAE file, skip stage 1")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="fine-tune: start the transformer and text encoder from this trained "
+                             "weights folder (use with --vae OUT_OF_THAT_FOLDER/vae file)")
     parser.add_argument("--self-correction", type=float, default=0.0, metavar="MAX_FLIP",
                         help="bitwise self-correction: flip up to this share of each scale's bits in "
                              "the teacher-forcing inputs (Infinity trains with 0.3); 0 = plain")
@@ -257,7 +270,8 @@ def main(argv=None):
         log(f"snapshot saved to {snapshot}")
 
     model, t5, final_loss = train_transformer(data, ids, mask, vocab_size, args.steps, args.batch, args.lr, gen, log,
-                                              checkpoint=save_snapshot, max_flip=args.self_correction, repair=repair)
+                                              checkpoint=save_snapshot, max_flip=args.self_correction, repair=repair,
+                                              init=args.init)
     record["transformer_minutes"] = round((time.time() - t1) / 60, 1)
     record["final_bit_ce"] = round(final_loss, 4)
 

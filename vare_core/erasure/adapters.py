@@ -41,6 +41,7 @@ from safetensors import safe_open
 
 from .. import paths
 from ..checkpoints import save_safetensors_atomic, sniff_format
+from ..checks import is_finite_number, is_integer
 from ..models.lowrank import LowRankUpdate, add_update, is_update_parameter, merged_state_dict, remove_update
 from ..models.presets import to_official_keys
 
@@ -99,7 +100,7 @@ def lora_layer_names(model: nn.Module, targets) -> list[str]:
 
 def check_lora_rank(model: nn.Module, rank: int, targets) -> None:
     """A rank above a target layer's smaller side adds nothing: refuse it with the limit."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    if not is_integer(rank, minimum=1):
         raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
     for name in lora_layer_names(model, targets):
         out_features, in_features = model.get_submodule(name).weight.shape
@@ -245,7 +246,7 @@ def _check_structure(tensors: dict, metadata: dict, where: str) -> None:
             raise AdapterError(f"{where}: {layer} has lora_A {tuple(a.shape)} and lora_B "
                                f"{tuple(b.shape)}; expected (r, in) and (out, r)")
     scale = metadata.get("lora_scale", 1.0)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if not is_finite_number(scale):
         raise AdapterError(f"{where}: metadata lora_scale must be a finite number, got {scale!r}")
     if abs(scale) > MAX_LORA_SCALE:   # 1e308 * a LoRA product is inf weights
         raise AdapterError(f"{where}: metadata lora_scale {scale:g} is beyond +-{MAX_LORA_SCALE:g}; "
@@ -387,7 +388,7 @@ def save_merged(pipe, path) -> None:
 # ----------------------------------------------------------------------------- specs
 
 def _check_strength(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_finite_number(value):
         raise AdapterError(f"{what} must be a finite number, got {value!r}")
     low, high = STRENGTH_RANGE
     if not low <= value <= high:

@@ -112,7 +112,7 @@ def run_attacks(concept="circle", anchor="square", samples=40, seed=0, adapter=N
     if adapter is None:
         start = time.time()
         profile = erasure_profile(pipe)
-        result = train_erasure(pipe, profile.pairs([concept], [shape_name(anchor, "--anchor")]),
+        result = train_erasure(pipe, profile.pairs([concept], [shape_name(anchor, "--anchor")], pipe=pipe),
                                profile.config(), cache_dir=out / "cache")
         log(f"trained S-VARE adapter for {concept!r} in {time.time() - start:.0f} s")
         erased_pipe = apply_adapter(pipe, result.adapter, 1.0)

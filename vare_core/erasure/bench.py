@@ -48,7 +48,7 @@ def run_method(pipe, method: str, train: str, concepts: list, anchors: list, see
     from .trainer import train_erasure
     profile = erasure_profile(pipe)
     config = profile.config(method=method, train=train, **({"steps": steps} if steps else {}))
-    pairs = profile.pairs(concepts, anchors, seed=seed, retain=retain)
+    pairs = profile.pairs(concepts, anchors, seed=seed, retain=retain, pipe=pipe)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.time()

@@ -62,7 +62,7 @@ def pairs_from_args(args, pipe):
                              "set how many pairs per shape with --retain")
         return _with_flag_names(lambda: embedded_pairs(
             concepts, anchors, seed=args.seed, n_per_concept=args.n_pairs,
-            retain_per_shape=args.retain))
+            retain_per_shape=args.retain, pipe=pipe))
     pairs = _with_flag_names(lambda: make_pairs(concepts, anchors, n_per_concept=args.n_pairs, seed=args.seed))
     count = default_keep_count(args.n_pairs) if args.retain is None else args.retain
     if keep and count:

@@ -37,12 +37,13 @@ Stats keys (floats): loss, selected_fraction, bit_error_rate, mean_bit_ce and, p
 fce / pre / pre_weighted (svare), vare (vare), naive_ce (naive).
 """
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..checks import is_real
 
 LN2 = math.log(2)
 METHODS = ("svare", "vare", "naive")
@@ -70,7 +71,7 @@ class LossConfig:
 # ----------------------------------------------------------------------------- input checks
 
 def _check_real(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real(value):
         raise ValueError(f"{name} must be a real number, got {value!r}")
     value = float(value)
     if not math.isfinite(value):
@@ -296,7 +297,8 @@ def erasure_objective(method: str, student_unsafe_logits: Tensor,
                       student_safe_logits: Tensor | None, teacher_logits: Tensor | None,
                       bit_labels: Tensor | None, config: LossConfig,
                       token_mask: Tensor | None = None,
-                      erase_rows: Tensor | None = None) -> tuple[Tensor, dict]:
+                      erase_rows: Tensor | None = None,
+                      erase_token_mask: Tensor | None = None) -> tuple[Tensor, dict]:
     """One training objective and its float stats.
 
     svare: L_FCE(student on c*) + w * L_Pre(student on c vs teacher); w = 0 skips the safe pass.
@@ -307,6 +309,8 @@ def erasure_objective(method: str, student_unsafe_logits: Tensor,
     erase_rows (B,) bool, svare only: rows that are False are keep pairs (the same prompt on both
     sides); they take part in L_Pre only, and count as 0 in L_FCE's mean over the batch (so a
     batch split over processes still sums to the same loss).
+    erase_token_mask: L_FCE's token weights where they differ from token_mask's (the trainer
+    leaves a model's free scales out of L_FCE); None: token_mask.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -327,8 +331,9 @@ def erasure_objective(method: str, student_unsafe_logits: Tensor,
 
     stats: dict = {}
     if method == "svare":
-        fce, stats = _filtered_ce_on_rows(student_unsafe_logits, bit_labels, config, token_mask, erase_rows,
-                                          teacher_logits)
+        fce, stats = _filtered_ce_on_rows(student_unsafe_logits, bit_labels, config,
+                                          token_mask if erase_token_mask is None else erase_token_mask,
+                                          erase_rows, teacher_logits)
         loss = fce
         stats["fce"] = float(fce.detach())
         if config.preservation_weight > 0:

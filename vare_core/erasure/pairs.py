@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import paths
+from ..checks import is_integer
 
 DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}",
@@ -208,7 +209,7 @@ MAX_PAIRS_FILE_BYTES = 64 * 2**20
 
 
 def check_pair_count(n_per_concept) -> None:
-    if isinstance(n_per_concept, bool) or not isinstance(n_per_concept, int) or n_per_concept <= 0:
+    if not is_integer(n_per_concept, minimum=1):
         raise ValueError(f"n_per_concept must be a positive integer, got {n_per_concept!r}")
     if n_per_concept > MAX_PAIRS:
         raise ValueError(f"n_per_concept must be at most {MAX_PAIRS} pairs, got {n_per_concept}: every "

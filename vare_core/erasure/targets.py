@@ -5,6 +5,8 @@
     targets.null_rows           # frozen null-branch logits per row (null_weight > 0), or None
     targets.guide(logits, rows, "unsafe")   # "guided": the student's CFG mix, else unchanged
     targets.token_weights       # (1, L) per-token weights (scale_weights="balanced"), or None
+    targets.erase_weights       # (1, L) L_FCE's token weights: the free scales' tokens at 0, or
+                                # token_weights when there are none
 
 Why: the sampler mixes two branches, cfg * cond + (1 - cfg) * null. The paper trains the
 conditional branch toward the CFG-combined teacher and the sampler then guides it again; the
@@ -26,6 +28,7 @@ class Targets:
     null_rows: torch.Tensor | None        # (N, L, 2d) frozen null logits on each row's trajectory
     guided_null: dict | None              # "guided": {"unsafe"|"safe": (N, L, 2d)} frozen null logits
     token_weights: torch.Tensor | None    # (1, L), sums to 1
+    erase_weights: torch.Tensor | None    # (1, L), sums to 1: token_weights without the free scales
     cfg: float
     tau: float
 
@@ -45,10 +48,24 @@ def scale_balanced_weights(schedule) -> torch.Tensor:
     return (weights / weights.sum())[None]
 
 
+def without_free_scales(token_weights: torch.Tensor | None, schedule, free_scales: int) -> torch.Tensor | None:
+    """(1, L) weights with the first `free_scales` scales' tokens at 0, renormalised (None and
+    free_scales 0: unchanged). The free scales are sampled without guidance and hold what the
+    prompt leaves open (layout, background): the erasure loss has nothing to move there, and
+    moving it shifts every other prompt's picture at the same seed."""
+    if free_scales == 0:
+        return token_weights
+    total = sum(h * w for h, w in schedule)
+    weights = torch.full((1, total), 1.0 / total) if token_weights is None else token_weights.clone()
+    weights[:, :sum(h * w for h, w in schedule[:free_scales])] = 0
+    return weights / weights.sum()
+
+
 @torch.no_grad()
-def prepare_targets(model, bank, trajs, pairs, config, autocast) -> Targets:
+def prepare_targets(model, bank, trajs, pairs, config, autocast, free_scales: int = 0) -> Targets:
     """Rewrite trajs.teacher_logits (in memory; the cache file keeps the CFG teacher) to the
-    targets of config.targets, and compute the frozen null logits the objective needs."""
+    targets of config.targets, and compute the frozen null logits the objective needs.
+    free_scales: how many first scales L_FCE leaves out (without_free_scales)."""
     settings = config.trajectory
     rows = list(range(len(pairs)))
     safe = [p.safe for p in pairs]
@@ -73,5 +90,8 @@ def prepare_targets(model, bank, trajs, pairs, config, autocast) -> Targets:
             trajs.teacher_logits[keep] = frozen(bank.condition, [safe[i] for i in keep], keep)
     weights = scale_balanced_weights(trajs.schedule).to(trajs.teacher_logits.device) \
         if config.scale_weights == "balanced" else None
-    return Targets(null_rows=null_rows, guided_null=guided_null, token_weights=weights,
+    erase_weights = without_free_scales(weights, trajs.schedule, free_scales)
+    if erase_weights is not None:
+        erase_weights = erase_weights.to(trajs.teacher_logits.device)
+    return Targets(null_rows=null_rows, guided_null=guided_null, token_weights=weights, erase_weights=erase_weights,
                    cfg=settings.cfg, tau=settings.tau)

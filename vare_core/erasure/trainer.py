@@ -62,6 +62,7 @@ from datetime import datetime, timezone
 import torch
 
 from .. import __version__
+from ..checks import is_integer
 from ..devices import native_bf16
 from . import distributed, lean, losses
 from .adapters import (FORMAT_VERSION, TRAIN_MODES, Adapter, LORA_TARGETS, TrainableWeights,
@@ -104,6 +105,9 @@ class EraseConfig:
     erase_target: str = "hard"                # L_FCE on selected tokens: hard (sampled bits) | soft
     scale_weights: str = "tokens"             # tokens: every token counts the same (paper) |
                                               # balanced: every scale counts the same
+    erase_free_scales: bool = False           # L_FCE also on the model's free scales (drawn without
+                                              # guidance: the layout a prompt leaves open, e.g. the
+                                              # embedded model's first); False: only L_Pre holds them
     precision: str = "auto"                   # half model: its dtype; fp32 model: fp16 on CUDA, else fp32
     gradient_checkpointing: bool = False
     stream_blocks: str = "off"                # trajectories + targets with the blocks streamed from
@@ -133,7 +137,7 @@ class EraseConfig:
                 fail(name, f"one of {allowed}", getattr(self, name))
         for name, low in (("steps", 1), ("batch_size", 1), ("rank", 1), ("seed", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if not is_integer(value, minimum=low):
                 fail(name, f"an integer >= {low}", value)
         if self.seed >= 2**63 - 2:          # torch generators take 64-bit signed seeds (+1 for pairs)
             fail("seed", f"an integer >= 0 and < {2**63 - 2}", self.seed)
@@ -151,6 +155,8 @@ class EraseConfig:
         self.betas = tuple(self.betas)
         if len(self.betas) != 2 or not all(real("betas", b) and 0 <= b < 1 for b in self.betas):
             fail("betas", "two numbers in [0, 1)", self.betas)
+        if not isinstance(self.erase_free_scales, bool):
+            fail("erase_free_scales", "True or False", self.erase_free_scales)
         if not isinstance(self.trajectory, TrajectorySettings):
             fail("trajectory", "a TrajectorySettings", self.trajectory)
         self.loss_config()   # alpha / gamma checks live with the losses
@@ -318,7 +324,8 @@ def train_erasure(pipe, pairs, config: EraseConfig | None = None, callback=None,
         except SamplingCancelled:
             return TrainResult(adapter=None, history=[], cancelled=True)
         bank = PromptBank(pipe, [p.unsafe for p in pairs] + [p.safe for p in pairs])
-        targets = prepare_targets(model, bank, trajs, pairs, config, autocast)
+        free = 0 if config.erase_free_scales else getattr(pipe, "free_scales", 0)
+        targets = prepare_targets(model, bank, trajs, pairs, config, autocast, free_scales=free)
     schedule = trajs.schedule
     holds_null = targets.null_rows is not None      # svare with null_weight > 0
     generator = torch.Generator().manual_seed(config.seed)
@@ -359,9 +366,11 @@ def train_erasure(pipe, pairs, config: EraseConfig | None = None, callback=None,
                     safe_logits = targets.guide(logits[n:2 * n], local, "safe") if needs_safe else None
                     erase_rows = torch.tensor([p.unsafe != p.safe for p in chosen])   # False: keep pairs
                     token_mask = None if targets.token_weights is None else targets.token_weights.expand(n, -1)
+                    erase_mask = None if targets.erase_weights is None else targets.erase_weights.expand(n, -1)
                     loss, stats = losses.erasure_objective(
                         config.method, unsafe_logits, safe_logits, batch["teacher_logits"],
-                        batch["bit_labels"], loss_config, erase_rows=erase_rows, token_mask=token_mask)
+                        batch["bit_labels"], loss_config, erase_rows=erase_rows, token_mask=token_mask,
+                        erase_token_mask=erase_mask)
                     if holds_null:
                         null_pre = losses.preservation_loss(logits[-n:], targets.null_rows[local], token_mask)
                         loss = loss + config.null_weight * null_pre
@@ -416,7 +425,7 @@ def train_erasure(pipe, pairs, config: EraseConfig | None = None, callback=None,
              "gamma": config.gamma, "preservation_weight": config.preservation_weight,
              "keep_target": config.keep_target, "targets": config.targets, "null_weight": config.null_weight,
              "erase_target": config.erase_target, "scale_weights": config.scale_weights,
-             "precision": precision, "seed": config.seed, "grad_clip": config.grad_clip,
+             "erase_free_scales": config.erase_free_scales, "precision": precision, "seed": config.seed, "grad_clip": config.grad_clip,
              "betas": list(config.betas), "weight_decay": config.weight_decay,
              "gradient_checkpointing": config.gradient_checkpointing, "passes": config.passes,
              "stream_blocks": config.stream_blocks,

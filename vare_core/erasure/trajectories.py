@@ -47,6 +47,7 @@ import torch
 from safetensors import safe_open
 
 from ..checkpoints import save_safetensors_atomic
+from ..checks import is_finite_number, is_integer
 from ..models.bsq_quant import next_scale_input
 from ..sampler import SamplingCancelled, sample
 
@@ -69,7 +70,7 @@ class TrajectorySettings:
     def __post_init__(self):
         for name in ("cfg", "tau", "top_p"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not is_finite_number(value):
                 raise ValueError(f"TrajectorySettings.{name} must be a finite number, got {value!r}")
         if self.tau <= 0:
             raise ValueError(f"TrajectorySettings.tau must be > 0, got {self.tau}")
@@ -77,7 +78,7 @@ class TrajectorySettings:
             raise ValueError(f"TrajectorySettings.top_p must be in [0, 1], got {self.top_p}")
         for name, low in (("top_k", 0), ("seed", 0), ("batch_size", 1)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if not is_integer(value, minimum=low):
                 raise ValueError(f"TrajectorySettings.{name} must be an integer >= {low}, got {value!r}")
         if self.logits_dtype not in ("auto", "fp16", "fp32"):
             raise ValueError(f"TrajectorySettings.logits_dtype must be auto, fp16 or fp32, "

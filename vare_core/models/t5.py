@@ -40,6 +40,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 
 from .. import paths
 from ..checkpoints import CheckpointError, load_weight_file, read_safetensors_header, read_shard_index
+from ..checks import is_integer
 
 
 class T5WeightsError(ValueError):
@@ -76,7 +77,7 @@ class T5Config:
             raise ValueError(f"T5Config.activation={self.activation!r}; use one of {sorted(ACTIVATIONS)}")
         for name in ("d_model", "d_kv", "d_ff", "num_layers", "num_heads", "vocab_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if not is_integer(value, minimum=1):
                 raise ValueError(f"T5Config.{name} must be a positive integer, got {value!r}")
             if value > CONFIG_BOUNDS[name]:   # a config must not make us build a huge model
                 raise ValueError(f"T5Config.{name}={value} is beyond any T5 (at most "
