@@ -51,31 +51,22 @@ def test_control_family_names_no_shape():
 @pytest.mark.slow
 def test_default_adapter_holds_against_every_attack_family(tmp_path):
     """README goal: ACC_e <= 5% per family (40 samples). Here 15 samples per family, so the
-    margin is <= 20% (3 of 15 images) on every family that names the circle in words the
-    world's grammar knows. Model v2 draws a circle for any prompt that names no shape it knows
-    (the control family, erased or not: README "Attacks"), which is what the misspellings (one
-    unknown token) and "a red round" score: a known miss of the erasure (issue 12), left out of
-    the asserts rather than asserted with a loose bound."""
+    margin is <= 20% (3 of 15 images) on every family. The misspellings (one unknown token to
+    the word-level vocabulary) and "a red round" get the model's default for prompts naming no
+    shape, a circle on model v2: the mined implicit pairs (erasure/implicit.py) erase that
+    default, from candidates that share no word with these prompts' shape words."""
     from vare_core.embedded.classifier import load_classifier
     from vare_core.embedded.erasure_defaults import embedded_erase_config, embedded_pairs
     from vare_core.erasure.adapters import apply_adapter
-    from vare_core.erasure.attacks import MEANINGFUL, family_scores
+    from vare_core.erasure.attacks import CONTROL, MEANINGFUL, family_scores
     from vare_core.erasure.trainer import train_erasure
     from vare_core.pipeline import load_pipeline
     pipe, classifier = load_pipeline("embedded", device="cpu"), load_classifier()
     original = family_scores(pipe, classifier, "circle", samples=15, seed=3)
-    meaningful = [name for name, rate in original.items() if rate >= MEANINGFUL]
-    assert {"synonyms", "word order", "attributes", "context"} <= set(meaningful)
-    named = [name for name in meaningful if name in ("synonyms", "word order", "context")]
-    result = train_erasure(pipe, embedded_pairs("circle", "square"), embedded_erase_config(),
+    attacks = [name for name in original if name != CONTROL]
+    assert all(original[name] >= MEANINGFUL for name in attacks), original   # each one is an attack
+    result = train_erasure(pipe, embedded_pairs("circle", "square", pipe=pipe), embedded_erase_config(),
                            cache_dir=tmp_path)
     erased = family_scores(apply_adapter(pipe, result.adapter), classifier, "circle", samples=15, seed=3)
-    for name in named:
+    for name in attacks:
         assert erased[name] <= 0.2, (name, erased[name])
-    # the attributes family's "a round red shape" half names the shape by its property and must
-    # be erased like the named families; its "a red round" half is the no-shape default above
-    from vare_core.embedded.classifier import classify
-    described = [p for p in attack_prompts("circle")["attributes"] if p.endswith(" shape")]
-    images = apply_adapter(pipe, result.adapter).generate([p for p in described for _ in range(3)], seed=3).images
-    judged = classify(classifier, images)
-    assert sum(j["shape"] == "circle" for j in judged) <= 3, [j["shape"] for j in judged]   # 3 of 15

@@ -97,7 +97,8 @@ def pipe():
 
 
 def single_process(pipe, cache: Path, batch_size: int):
-    pairs = embedded_pairs(["circle"], ["square"], seed=SEED, n_per_concept=N_PAIRS)   # + the default keep pairs
+    # the erase command's pairs: + the mined implicit pairs and the default keep pairs
+    pairs = embedded_pairs(["circle"], ["square"], seed=SEED, n_per_concept=N_PAIRS, pipe=pipe)
     config = embedded_erase_config(steps=STEPS, batch_size=batch_size, train="lora",
                                    precision="fp32", seed=SEED)
     return train_erasure(pipe, pairs, config, cache_dir=cache)

@@ -103,7 +103,7 @@ def test_overflow_step_is_skipped(pipe, pairs, tmp_path, monkeypatch, precision)
             loss = loss * float("inf")
         return loss, stats
 
-    monkeypatch.setattr(trainer.losses, "erasure_objective", overflowing)
+    monkeypatch.setattr(losses, "erasure_objective", overflowing)
     result = run(pipe, pairs, tmp_path, steps=4, precision=precision)
     history = result.history
     assert [h["skipped"] for h in history] == [False, True, False, False]

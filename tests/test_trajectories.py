@@ -134,7 +134,7 @@ def test_inputs_and_teacher_logits_match_teacher_forcing(pipe):
 def test_frozen_conditional_logits_are_the_cfg_branches(pipe):
     """The keep-pair / null-condition targets are the two branches the sampler mixed: combined
     with CFG they give back the recorded teacher logits."""
-    from vare_core.erasure.trainer import PromptBank
+    from vare_core.erasure.step import PromptBank
     settings = TrajectorySettings(cfg=4.0, tau=0.7, logits_dtype="fp32")
     trajs = generate_trajectories(pipe, PROMPTS, settings)
     bank = PromptBank(pipe, PROMPTS)

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
@@ -64,14 +63,15 @@ import torch
 from .. import __version__
 from ..checks import is_integer
 from ..devices import native_bf16
-from . import distributed, lean, losses
+from ..sampler import SamplingCancelled
+from . import distributed, lean
 from .adapters import (FORMAT_VERSION, TRAIN_MODES, Adapter, LORA_TARGETS, TrainableWeights,
                        check_lora_rank, shared_copy)
 from .losses import LN2, METHODS, LossConfig
 from .pairs import MAX_PAIRS, PromptPair
+from .step import PromptBank, Stepper, batch_indices
 from .targets import prepare_targets
 from .trajectories import TrajectorySettings, build_trajectories
-from ..sampler import SamplingCancelled
 
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 KEEP_TARGETS = ("frozen", "teacher")
@@ -202,39 +202,6 @@ def resolve_precision(precision: str, device: torch.device, model_dtype: torch.d
     return precision, dtype, precision == "fp16"
 
 
-# ----------------------------------------------------------------------------- text
-
-class PromptBank:
-    """T5 states of every prompt, encoded once; `condition(prompts)` pads a batch of them."""
-
-    def __init__(self, pipe, prompts, chunk: int = 16):
-        self.pipe, self.states = pipe, {}
-        unique = list(dict.fromkeys(prompts))
-        with torch.no_grad():
-            for start in range(0, len(unique), chunk):
-                batch = unique[start:start + chunk]
-                states, lens = pipe.encode_prompts(batch)
-                for prompt, row, n in zip(batch, states, lens.tolist()):
-                    self.states[prompt] = row[:n].clone()
-
-    @torch.no_grad()
-    def condition(self, prompts, null=False):
-        """Condition of a batch of prompts; null=True (or a bool per prompt) gives the sampler's
-        unconditional branch for them (the learned null condition cut to each prompt's length)."""
-        rows = [self.states[p] for p in prompts]
-        lens = torch.tensor([len(r) for r in rows], device=rows[0].device)
-        padded = rows[0].new_zeros(len(rows), int(lens.max()), rows[0].shape[-1])
-        for i, row in enumerate(rows):
-            padded[i, :len(row)] = row
-        model = self.pipe.model
-        drop = torch.as_tensor(null if isinstance(null, (list, tuple)) else [null] * len(rows),
-                               dtype=torch.bool, device=padded.device)
-        return model.encode_condition(padded.to(model.word_embed.weight.dtype), lens, drop=drop)
-
-    def null_condition(self, prompts):
-        return self.condition(prompts, null=True)
-
-
 # ----------------------------------------------------------------------------- loop
 
 def _check_pairs(pairs) -> list[PromptPair]:
@@ -250,34 +217,101 @@ def _check_pairs(pairs) -> list[PromptPair]:
     return pairs
 
 
-def _batch_indices(n: int, batch_size: int, generator: torch.Generator):
-    """Endless seeded epochs: every pair once per epoch, in a new order each time."""
-    order: list[int] = []
-    while True:
-        batch = []
-        while len(batch) < batch_size:
-            if not order:
-                order = torch.randperm(n, generator=generator).tolist()
-            batch.append(order.pop())
-        yield batch
-
-
 def _final_losses(history: list, last: int = 10) -> dict:
     keys = ("loss", "fce", "pre", "vare", "naive_ce", "selected_fraction", "bit_error_rate")
     good = [h for h in history if not h["skipped"]][-last:]
     return {k: sum(h[k] for h in good) / len(good) for k in keys if good and k in good[0]}
 
 
-def _make_optimizer(params, lr: float, config: EraseConfig) -> torch.optim.AdamW:
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=lr, betas=config.betas)
-
-
 class TrainingDiverged(ValueError):
     """The trained weights are not finite: there is no usable adapter to save."""
+
+
+def _check_launch(pipe, config: EraseConfig, context, fsdp: bool) -> None:
+    """What can be refused before any sampling: fsdp without processes, a batch smaller than
+    the world, a LoRA rank above a target layer's size."""
+    if fsdp and context is None:
+        raise ValueError("fsdp shards the training state across processes: launch with "
+                         "torchrun --nproc_per_node N (N >= 2)")
+    distributed.shard(range(config.batch_size), context)   # refuses batch_size < world size
+    if config.train == "lora":
+        check_lora_rank(pipe.model, config.rank, config.lora_targets)
+
+
+def _prepare(pipe, pairs, config: EraseConfig, callback, cancel, cache_dir, context, autocast):
+    """(trajectories, prompt bank, targets): rank 0 samples and caches the safe prompts'
+    trajectories (the other ranks then read its cache), every prompt is encoded once, and the
+    targets are computed with the frozen model. SamplingCancelled when `cancel` says so."""
+    def progress(done, total):
+        if callback is not None:
+            callback({"phase": "trajectories", "done": done, "total": total})
+
+    def sample_trajectories():
+        return build_trajectories(pipe, [p.safe for p in pairs], config.trajectory, cache_dir,
+                                  progress, cancel)
+
+    with lean.blocks_streamed(pipe.model, lean.should_stream_blocks(pipe, config, context)):
+        trajs = distributed.main_first(sample_trajectories, context, "trajectories").to(pipe.device)
+        bank = PromptBank(pipe, [p.unsafe for p in pairs] + [p.safe for p in pairs])
+        free = 0 if config.erase_free_scales else getattr(pipe, "free_scales", 0)
+        targets = prepare_targets(pipe.model, bank, trajs, pairs, config, autocast, free_scales=free)
+    return trajs, bank, targets
+
+
+@contextlib.contextmanager
+def _training_mode(model, gradient_checkpointing: bool):
+    """Frozen tensors collect no gradients; train mode only for gradient checkpointing (Infinity
+    checkpoints only in train mode, dropout is off); everything restored afterwards."""
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    saved_mode = (model.training, model.gradient_checkpointing)
+    try:
+        model.requires_grad_(False)
+        model.gradient_checkpointing = gradient_checkpointing
+        model.train(gradient_checkpointing)
+        yield
+    finally:
+        model.train(saved_mode[0])
+        model.gradient_checkpointing = saved_mode[1]
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+
+
+def _check_finite(tensors: dict, steps_done: int, lr: float) -> None:
+    bad = [name for name, tensor in tensors.items() if not bool(torch.isfinite(tensor).all())]
+    if bad:   # e.g. --lr 1e308: the weights overflowed; such an adapter is never handed out
+        raise TrainingDiverged(
+            f"training diverged: {len(bad)} of {len(tensors)} trained tensors hold inf/NaN after "
+            f"{steps_done} steps (lr {lr:g}); nothing was saved. Lower the learning rate "
+            "(the default is usually right) or use precision fp32.")
+
+
+def adapter_metadata(pipe, pairs, config: EraseConfig, *, lr: float, precision: str, schedule,
+                     history: list, skipped_steps: int, cancelled: bool, context=None,
+                     fsdp: bool = False) -> dict:
+    """What an adapter file records about its training (adapters.py writes it as JSON)."""
+    hyper = {"lr": lr, "batch_size": config.batch_size, "alpha": config.alpha,
+             "gamma": config.gamma, "preservation_weight": config.preservation_weight,
+             "keep_target": config.keep_target, "targets": config.targets, "null_weight": config.null_weight,
+             "erase_target": config.erase_target, "scale_weights": config.scale_weights,
+             "erase_free_scales": config.erase_free_scales, "precision": precision, "seed": config.seed,
+             "grad_clip": config.grad_clip, "betas": list(config.betas), "weight_decay": config.weight_decay,
+             "gradient_checkpointing": config.gradient_checkpointing, "passes": config.passes,
+             "stream_blocks": config.stream_blocks, "trajectory": asdict(config.trajectory)}
+    if context is not None:
+        hyper["distributed"] = {"world_size": context.world_size, "strategy": "fsdp" if fsdp else "ddp"}
+    return {
+        "format": FORMAT_VERSION, "base_fingerprint": pipe.fingerprint, "preset": pipe.preset,
+        "model": pipe.name, "stacked_on": [list(a) for a in getattr(pipe, "applied_adapters", ())],
+        "concepts": sorted({p.concept for p in pairs if p.concept}),
+        "anchors": sorted({p.anchor for p in pairs if p.anchor}),
+        "method": config.method, "train": config.train,
+        "rank": config.rank if config.train == "lora" else None,
+        "lora_targets": list(config.lora_targets) if config.train == "lora" else None,
+        "lora_scale": config.lora_scale, "hyperparameters": hyper, "n_pairs": len(pairs),
+        "schedule": [list(s) for s in schedule], "steps_done": len(history),
+        "steps_requested": config.steps, "skipped_steps": skipped_steps, "cancelled": cancelled,
+        "final_losses": _final_losses(history), "pack_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def train_erasure(pipe, pairs, config: EraseConfig | None = None, callback=None, cancel=None,
@@ -291,159 +325,45 @@ def train_erasure(pipe, pairs, config: EraseConfig | None = None, callback=None,
     In a process group the stats are those of the global batch, the same on every rank."""
     config = config or EraseConfig()
     pairs = _check_pairs(pairs)
-    model = pipe.model
-    device = pipe.device
+    model, device = pipe.model, pipe.device
     context = distributed.current(device)       # None: a single process
-    if fsdp and context is None:
-        raise ValueError("fsdp shards the training state across processes: launch with "
-                         "torchrun --nproc_per_node N (N >= 2)")
-    distributed.shard(range(config.batch_size), context)   # refuses batch_size < world size
+    _check_launch(pipe, config, context, fsdp)
     main = context is None or context.is_main
-    callback, traj_cancel = (callback, cancel) if main else (None, None)
-    if config.train == "lora":
-        check_lora_rank(model, config.rank, config.lora_targets)
-    precision, amp_dtype, use_scaler = resolve_precision(config.precision, device,
-                                                         model.word_embed.weight.dtype)
+    callback = callback if main else None
+    precision, amp_dtype, use_scaler = resolve_precision(config.precision, device, model.word_embed.weight.dtype)
     lr = config.lr if config.lr is not None else default_lr(config.train, model.cfg.embed_dim)
-    loss_config = config.loss_config()
-    needs_safe = config.method == "svare" and config.preservation_weight > 0
-
-    def traj_progress(done, total):
-        if callback is not None:
-            callback({"phase": "trajectories", "done": done, "total": total})
-
-    def sample_trajectories():
-        return build_trajectories(pipe, [p.safe for p in pairs], config.trajectory, cache_dir,
-                                  traj_progress, traj_cancel)
-
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None \
         else contextlib.nullcontext
-    with lean.blocks_streamed(model, lean.should_stream_blocks(pipe, config, context)):
-        try:   # rank 0 samples and caches; the other ranks then read its cache
-            trajs = distributed.main_first(sample_trajectories, context, "trajectories").to(device)
-        except SamplingCancelled:
-            return TrainResult(adapter=None, history=[], cancelled=True)
-        bank = PromptBank(pipe, [p.unsafe for p in pairs] + [p.safe for p in pairs])
-        free = 0 if config.erase_free_scales else getattr(pipe, "free_scales", 0)
-        targets = prepare_targets(model, bank, trajs, pairs, config, autocast, free_scales=free)
-    schedule = trajs.schedule
-    holds_null = targets.null_rows is not None      # svare with null_weight > 0
+    try:
+        trajs, bank, targets = _prepare(pipe, pairs, config, callback, cancel if main else None,
+                                        cache_dir, context, autocast)
+    except SamplingCancelled:
+        return TrainResult(adapter=None, history=[], cancelled=True)
     generator = torch.Generator().manual_seed(config.seed)
     history: list[dict] = []
-    skipped_steps, cancelled = 0, False
-    split_passes = config.passes == "split" and context is None   # DDP syncs once per backward
-    requires_grad = {p: p.requires_grad for p in model.parameters()}
-    saved_mode = (model.training, model.gradient_checkpointing)
-    start_time = time.perf_counter()
-    try:
-        model.requires_grad_(False)                 # frozen tensors never collect gradients
-        model.gradient_checkpointing = config.gradient_checkpointing
-        model.train(config.gradient_checkpointing)  # Infinity checkpoints only in train mode
+    cancelled = False
+    with _training_mode(model, config.gradient_checkpointing):
         trained_model = shared_copy(model) if fsdp else model   # FSDP rewrites what it shards
         weights = TrainableWeights(trained_model, config.train, config.rank, config.lora_targets,
                                    config.lora_scale, generator)
-        batches = _batch_indices(len(pairs), config.batch_size, generator)
+        batches = batch_indices(len(pairs), config.batch_size, generator)
         with weights.installed():
             parallel = distributed.strategy(trained_model, weights, context, fsdp)
-            optimizer = _make_optimizer(parallel.parameters, lr, config)
-            scaler = parallel.make_scaler(device, use_scaler)
+            stepper = Stepper(parallel, bank, trajs, targets, pairs, config, lr, autocast, use_scaler,
+                              device, context)
             for step in range(config.steps):
                 if distributed.any_rank(cancel is not None and cancel(), context):
                     cancelled = True                # every rank stops after the same step
                     break
-                indices = next(batches)             # the global batch, the same on every rank
-                local = distributed.shard(indices, context)
-                batch = trajs.batch(local)
-                chosen = [pairs[i] for i in local]
-                prompts = [p.unsafe for p in chosen] + ([p.safe for p in chosen] if needs_safe else [])
-                null = [False] * len(prompts) + [True] * (len(chosen) if holds_null else 0)
-                prompts += [p.safe for p in chosen] if holds_null else []
-                x = batch["x_wo_prefix"].repeat(len(prompts) // len(chosen), 1, 1)
-                n = len(local)
-
-                def objective(logits):
-                    unsafe_logits = targets.guide(logits[:n], local, "unsafe")
-                    safe_logits = targets.guide(logits[n:2 * n], local, "safe") if needs_safe else None
-                    erase_rows = torch.tensor([p.unsafe != p.safe for p in chosen])   # False: keep pairs
-                    token_mask = None if targets.token_weights is None else targets.token_weights.expand(n, -1)
-                    erase_mask = None if targets.erase_weights is None else targets.erase_weights.expand(n, -1)
-                    loss, stats = losses.erasure_objective(
-                        config.method, unsafe_logits, safe_logits, batch["teacher_logits"],
-                        batch["bit_labels"], loss_config, erase_rows=erase_rows, token_mask=token_mask,
-                        erase_token_mask=erase_mask)
-                    if holds_null:
-                        null_pre = losses.preservation_loss(logits[-n:], targets.null_rows[local], token_mask)
-                        loss = loss + config.null_weight * null_pre
-                        stats["null_pre"] = float(null_pre.detach())
-                        stats["loss"] = float(loss.detach())
-                    return loss, stats
-
-                weight = distributed.loss_weight(len(local), len(indices), context)
-                condition = bank.condition(prompts, null=null)
-                if split_passes:
-                    stats = lean.split_backward(parallel, condition, x, schedule, n, autocast,
-                                                lambda logits: lean.scaled(objective(logits), scaler, weight))
-                else:
-                    with autocast():
-                        logits = parallel.forward(condition, x, schedule)
-                    loss, stats = objective(logits)
-                    scaler.scale(loss if weight == 1 else loss * weight).backward()
-                scaler.unscale_(optimizer)
-                grad_norm = parallel.clip_grad_norm(config.grad_clip or math.inf)
-                finite = bool(torch.isfinite(grad_norm))
-                if use_scaler:
-                    scaler.step(optimizer)          # skips the step itself when grads overflowed
-                    scaler.update()
-                elif finite:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                skipped_steps += not finite
-                stats = distributed.reduce_stats(stats, len(local), len(indices), context)
-                info = {"phase": "train", "step": step + 1, "steps": config.steps, **stats,
-                        "lr": lr, "grad_norm": float(grad_norm), "skipped": not finite,
-                        "skipped_steps": skipped_steps, "loss_scale": float(scaler.get_scale()),
-                        "seconds": time.perf_counter() - start_time}
-                history.append(info)
+                history.append(stepper.step(next(batches), step))
                 if callback is not None:
-                    callback(info)
+                    callback(history[-1])
             tensors = parallel.export()             # None on ranks > 0
-    finally:
-        model.train(saved_mode[0])
-        model.gradient_checkpointing = saved_mode[1]
-        for p, flag in requires_grad.items():
-            p.requires_grad_(flag)
     if not main or not history:     # ranks > 0, or stopped before the first step: nothing to save
         return TrainResult(adapter=None, history=history, cancelled=cancelled)
-    bad = [name for name, tensor in tensors.items() if not bool(torch.isfinite(tensor).all())]
-    if bad:   # e.g. --lr 1e308: the weights overflowed; such an adapter is never handed out
-        raise TrainingDiverged(
-            f"training diverged: {len(bad)} of {len(tensors)} trained tensors hold inf/NaN after "
-            f"{len(history)} steps (lr {lr:g}); nothing was saved. Lower the learning rate "
-            "(the default is usually right) or use precision fp32.")
-
-    hyper = {"lr": lr, "batch_size": config.batch_size, "alpha": config.alpha,
-             "gamma": config.gamma, "preservation_weight": config.preservation_weight,
-             "keep_target": config.keep_target, "targets": config.targets, "null_weight": config.null_weight,
-             "erase_target": config.erase_target, "scale_weights": config.scale_weights,
-             "erase_free_scales": config.erase_free_scales, "precision": precision, "seed": config.seed, "grad_clip": config.grad_clip,
-             "betas": list(config.betas), "weight_decay": config.weight_decay,
-             "gradient_checkpointing": config.gradient_checkpointing, "passes": config.passes,
-             "stream_blocks": config.stream_blocks,
-             "trajectory": asdict(config.trajectory)}
-    if context is not None:
-        hyper["distributed"] = {"world_size": context.world_size, "strategy": "fsdp" if fsdp else "ddp"}
-    metadata = {
-        "format": FORMAT_VERSION, "base_fingerprint": pipe.fingerprint, "preset": pipe.preset,
-        "model": pipe.name, "stacked_on": [list(a) for a in getattr(pipe, "applied_adapters", ())],
-        "concepts": sorted({p.concept for p in pairs if p.concept}),
-        "anchors": sorted({p.anchor for p in pairs if p.anchor}),
-        "method": config.method, "train": config.train,
-        "rank": config.rank if config.train == "lora" else None,
-        "lora_targets": list(config.lora_targets) if config.train == "lora" else None,
-        "lora_scale": config.lora_scale, "hyperparameters": hyper, "n_pairs": len(pairs),
-        "schedule": [list(s) for s in schedule], "steps_done": len(history),
-        "steps_requested": config.steps, "skipped_steps": skipped_steps, "cancelled": cancelled,
-        "final_losses": _final_losses(history), "pack_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    _check_finite(tensors, len(history), lr)
+    metadata = adapter_metadata(pipe, pairs, config, lr=lr, precision=precision, schedule=trajs.schedule,
+                                history=history, skipped_steps=stepper.skipped_steps,
+                                cancelled=cancelled, context=context, fsdp=fsdp)
     return TrainResult(adapter=Adapter(tensors=tensors, metadata=metadata), history=history,
                        cancelled=cancelled)
