@@ -24,7 +24,8 @@ import torch
 from vare_core import paths
 from vare_core.embedded import erasure_defaults
 from vare_core.embedded.erasure_defaults import embedded_pairs
-from vare_core.erasure.adapters import TRAIN_MODES, save_adapter
+from vare_core.erasure.adapters import save_adapter
+from vare_core.erasure.trainable import TRAIN_MODES
 from vare_core.erasure.losses import METHODS
 from vare_core.erasure.memory import memory_advice
 from vare_core.erasure.pairs import make_pairs, pairs_to_text, parse_pairs_text

@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from nodes import adapters, erasure, evaluation, loaders, sampling
 from vare_core.checkpoints import load_state_dict
 from vare_core.embedded.erasure_defaults import embedded_pairs
-from vare_core.erasure.adapters import FORMAT_VERSION, Adapter, lora_layer_names, load_adapter, save_adapter
+from vare_core.erasure.adapters import FORMAT_VERSION, Adapter, load_adapter, save_adapter
+from vare_core.erasure.trainable import lora_layer_names
 from vare_core.erasure.pairs import load_pairs_file
 from vare_core.models.bsq_vae import BSQVAE, VAEConfig
 from vare_core.pipeline import load_pipeline

@@ -5,10 +5,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vare_core.erasure.adapters import (FORMAT_VERSION, Adapter, AdapterError, TrainableWeights,
-                                        apply_adapter, ca_ffn_parameter_names, check_lora_rank,
-                                        load_adapter, lora_layer_names, parse_adapter_spec,
-                                        save_adapter, save_merged)
+from vare_core.erasure.adapters import (FORMAT_VERSION, Adapter, AdapterError, apply_adapter, load_adapter,
+                                        parse_adapter_spec, save_adapter, save_merged)
+from vare_core.erasure.trainable import TrainableWeights, ca_ffn_parameter_names, check_lora_rank, lora_layer_names
 from vare_core.models.lowrank import is_update_parameter, merged_state_dict
 from vare_core.models.presets import build_infinity
 from vare_core.checkpoints import load_state_dict

@@ -3,7 +3,7 @@ dtype (half the memory of the fp32 residual stream), and the gradients stay thos
 un-checkpointed pass up to that rounding; fp32 models are unaffected."""
 import torch
 
-from vare_core.erasure.adapters import TrainableWeights
+from vare_core.erasure.trainable import TrainableWeights
 from vare_core.models import infinity
 from vare_core.testing import tiny_pipeline
 

@@ -4,7 +4,7 @@ import torch
 
 from vare_core.embedded.erasure_defaults import (DEFAULT_ALPHA, DEFAULT_LORA_TARGETS, DEFAULT_LR,
                                                  DEFAULT_PRESERVATION_WEIGHT, tuned_settings)
-from vare_core.erasure.adapters import TrainableWeights
+from vare_core.erasure.trainable import TrainableWeights
 from vare_core.erasure.memory import estimate_training_memory, memory_advice, trainable_count
 from vare_core.erasure.trainer import EraseConfig
 from vare_core.testing import tiny_pipeline

@@ -245,9 +245,12 @@ def test_conditioning_of_another_model_is_refused(model):
 
 def test_prompt_pairs(model):
     pairs, text = erasure.PromptPairs.execute(model, "circle", "square", 5, 0, "a red disc | a red box")
-    assert len(pairs) == 5 + 3 * 2 + 1 and len(text.splitlines()) == 12     # + 2 keep pairs per other shape
+    # 5 erasure pairs, 2 mined implicit pairs (a share of 5) with a contrast keep pair per kept
+    # shape each, 2 keep pairs per other shape, the custom pair
+    assert len(pairs) == 5 + 2 + 2 * 3 + 3 * 2 + 1 and len(text.splitlines()) == len(pairs)
     assert all("circle" in p.unsafe and "square" in p.safe for p in pairs[:5])
-    assert all(p.unsafe == p.safe and "circle" not in p.unsafe for p in pairs[5:8])
+    assert all(p.concept == "circle" and "circle" not in p.unsafe and "square" in p.safe for p in pairs[5:7])
+    assert all(p.unsafe == p.safe and "circle" not in p.unsafe for p in pairs[7:-1])
     assert pairs[-1].unsafe == "a red disc" and pairs[-1].concept == "circle"
     assert "anchors is empty" in erasure.PromptPairs.validate_inputs("circle", "", "")
     assert "line 1" in erasure.PromptPairs.validate_inputs("", "", "no separator here")

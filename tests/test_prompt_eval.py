@@ -11,7 +11,8 @@ from PIL import Image
 
 from vare_core.cli import CliError
 from vare_core.embedded import spec
-from vare_core.erasure.adapters import FORMAT_VERSION, Adapter, apply_adapter, lora_layer_names, save_adapter
+from vare_core.erasure.adapters import FORMAT_VERSION, Adapter, apply_adapter, save_adapter
+from vare_core.erasure.trainable import lora_layer_names
 from vare_core.judges import make_judge
 from vare_core.pipeline import load_pipeline
 from vare_core.prompt_eval import evaluate_prompt_set, read_prompt_rows, results_table

@@ -125,7 +125,7 @@ def run_bench(concepts="circle", anchors="square", samples=64, seed=0, methods=(
 
 def check_args(args) -> tuple[list, list, tuple, tuple]:
     """Every option checked before the minutes of scoring start."""
-    from .adapters import TRAIN_MODES
+    from .trainable import TRAIN_MODES
     from .losses import METHODS
     names = lambda text: [n.strip() for n in (text or "").split(",") if n.strip()]  # noqa: E731
     methods, trains = tuple(names(args.methods)), tuple(names(getattr(args, "train", "ca_ffn,lora")))

@@ -34,7 +34,7 @@ Strategies (forward(cond, x, schedule) -> logits, parameters, make_scaler, clip_
   their gradients and the AdamW state are sharded across ranks (the part that outgrows one card:
   full ca_ffn training of the 8B model holds ~5.7 B fp32 tensors, x4 with gradients and AdamW);
   the frozen weights stay whole on every rank. FSDP rewrites the modules it shards, so it works
-  on a structural copy of the model (adapters.shared_copy) and the pipeline's model is untouched.
+  on a structural copy of the model (trainable.shared_copy) and the pipeline's model is untouched.
   Peaks: the fp32 masters are made whole on each rank before sharding (then freed), and rank 0
   gathers them whole again to export the adapter.
 """
@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .adapters import TrainableWeights
+from .trainable import TrainableWeights
 from ..sampler import SamplingCancelled
 
 # Rank 0 samples every trajectory while the others wait: allow long waits.

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import torch
 
-from .adapters import ca_ffn_parameter_names, lora_layer_names
+from .trainable import ca_ffn_parameter_names, lora_layer_names
 
 # fp32 master copy + fp32 gradient + AdamW's two fp32 moments
 OPTIMIZER_BYTES_PER_WEIGHT = 16

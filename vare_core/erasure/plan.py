@@ -204,7 +204,7 @@ def training_peak(model, schedule, sequences: int, text_tokens: int, dtype, trai
     """Peak live bytes of one teacher-forced forward + backward of `sequences` sequences with the
     adapter installed (its fp32 masters/factors excluded: counted by trained_state_bytes)."""
     from ..models.infinity import Condition
-    from .adapters import TrainableWeights
+    from .trainable import TrainableWeights
     bits = model.cfg.bits
     total = sum(h * w for h, w in schedule)
     weights = TrainableWeights(model, train, rank, lora_targets)

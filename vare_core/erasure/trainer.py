@@ -13,7 +13,7 @@ What happens:
    cached on disk). Its teacher logits are cached with it, so training needs no frozen teacher
    forward pass.
 2. Every prompt is encoded by the (frozen) text encoder once, up front.
-3. Only the trained tensors get fp32 master copies (adapters.TrainableWeights); every other
+3. Only the trained tensors get fp32 master copies (trainable.TrainableWeights); every other
    tensor is shared with the pipeline's model, which is restored unchanged afterwards.
 4. Per step: a seeded batch of pairs; one teacher-forced pass over all scales on
    [unsafe prompts; safe prompts] x safe trajectory (the safe half only for svare with a
@@ -65,12 +65,12 @@ from ..checks import is_integer
 from ..devices import native_bf16
 from ..sampler import SamplingCancelled
 from . import distributed, lean
-from .adapters import (FORMAT_VERSION, TRAIN_MODES, Adapter, LORA_TARGETS, TrainableWeights,
-                       check_lora_rank, shared_copy)
+from .adapters import FORMAT_VERSION, Adapter
 from .losses import LN2, METHODS, LossConfig
 from .pairs import MAX_PAIRS, PromptPair
 from .step import PromptBank, Stepper, batch_indices
 from .targets import prepare_targets
+from .trainable import LORA_TARGETS, TRAIN_MODES, TrainableWeights, check_lora_rank, shared_copy
 from .trajectories import TrajectorySettings, build_trajectories
 
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
