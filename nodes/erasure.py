@@ -28,7 +28,8 @@ from vare_core.erasure.adapters import save_adapter
 from vare_core.erasure.trainable import TRAIN_MODES
 from vare_core.erasure.losses import METHODS
 from vare_core.erasure.memory import memory_advice
-from vare_core.erasure.pairs import make_pairs, pairs_to_text, parse_pairs_text
+from vare_core.erasure.pairs import make_pairs
+from vare_core.erasure.pairs_file import pairs_to_text, parse_pairs_text
 from vare_core.erasure.plan import check_fits
 from vare_core.erasure.trainer import PRECISIONS, EraseConfig, train_erasure
 from vare_core.erasure_profile import erasure_profile

@@ -19,7 +19,7 @@ from vare_core.checkpoints import load_state_dict
 from vare_core.embedded.erasure_defaults import embedded_pairs
 from vare_core.erasure.adapters import FORMAT_VERSION, Adapter, load_adapter, save_adapter
 from vare_core.erasure.trainable import lora_layer_names
-from vare_core.erasure.pairs import load_pairs_file
+from vare_core.erasure.pairs_file import load_pairs_file
 from vare_core.models.bsq_vae import BSQVAE, VAEConfig
 from vare_core.pipeline import load_pipeline
 from vare_core.testing import tiny_pipeline

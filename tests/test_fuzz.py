@@ -34,8 +34,8 @@ from vare_core.embedded.world import SHAPES  # noqa: E402
 from vare_core.erasure import adapters  # noqa: E402
 from vare_core.erasure.adapters import (FORMAT_VERSION, Adapter, AdapterError, load_adapter,  # noqa: E402
                                         parse_adapter_spec, save_adapter)
-from vare_core.erasure.pairs import (PromptPair, load_pairs_file, make_pairs, pairs_to_text,  # noqa: E402
-                                     parse_pairs_text)
+from vare_core.erasure.pairs import PromptPair, make_pairs  # noqa: E402
+from vare_core.erasure.pairs_file import load_pairs_file, pairs_to_text, parse_pairs_text  # noqa: E402
 from vare_core.models.bsq_vae import BSQVAE, VAEConfig, normalize_vae_keys  # noqa: E402
 from vare_core.models.infinity import Infinity, InfinityConfig  # noqa: E402
 from vare_core.models.presets import build_infinity, from_official_keys, to_official_keys  # noqa: E402

@@ -4,11 +4,10 @@ import random
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from vare_core.erasure.pairs import (
-    DEFAULT_TEMPLATES, PromptPair, check_concept_present, draw_slot_values, fill_template,
-    infer_concept_anchor, load_pairs_file, make_pairs, pairs_to_text, parse_pairs_text,
-    render_template,
-)
+from vare_core.erasure.pairs import (DEFAULT_TEMPLATES, PromptPair, draw_slot_values, fill_template,
+                                     make_pairs, render_template)
+from vare_core.erasure.pairs_file import (check_concept_present, infer_concept_anchor, load_pairs_file,
+                                          pairs_to_text, parse_pairs_text)
 
 WORLD_TEMPLATES = [
     "a {color} {} on a {background} background",

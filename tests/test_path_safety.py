@@ -175,7 +175,7 @@ def _capture(function):
 
 def test_fifo_as_weights_adapter_or_pairs_is_refused_quickly(tmp_path):
     from vare_core.checkpoints import CheckpointError, load_state_dict
-    from vare_core.erasure.pairs import load_pairs_file
+    from vare_core.erasure.pairs_file import load_pairs_file
     for name, load, error in [("model.pth", load_state_dict, CheckpointError),
                               ("vae.safetensors", load_state_dict, CheckpointError),
                               ("adapter.safetensors", load_adapter, AdapterError),

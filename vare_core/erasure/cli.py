@@ -46,7 +46,8 @@ def check_pair_flags(args) -> None:
 
 
 def pairs_from_args(args, pipe):
-    from .pairs import default_keep_count, load_pairs_file, make_pairs, retain_pairs
+    from .pairs import default_keep_count, make_pairs, retain_pairs
+    from .pairs_file import load_pairs_file
     if args.pairs:
         return load_pairs_file(args.pairs, default_concept=args.concept)
     if not args.concept or not args.anchor:
