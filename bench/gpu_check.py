@@ -32,7 +32,8 @@ from vare_core.erasure_profile import erasure_profile  # noqa: E402
 from vare_core.models.bsq_vae import BSQVAE, VAEConfig  # noqa: E402
 from vare_core.models.infinity import Infinity, InfinityConfig, init_weights  # noqa: E402
 from vare_core.models.presets import preset_config  # noqa: E402
-from vare_core.models.t5 import T5Config, T5Encoder, TextEncoder, build_word_level_tokenizer  # noqa: E402
+from vare_core.models.t5 import T5Config, T5Encoder  # noqa: E402
+from vare_core.models.text_encoder import TextEncoder, build_word_level_tokenizer  # noqa: E402
 from vare_core.pipeline import VarPipeline  # noqa: E402
 
 GiB = 2**30

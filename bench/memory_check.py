@@ -75,7 +75,8 @@ def build(case):
     from vare_core.embedded.world import VOCABULARY
     from vare_core.models.bsq_vae import BSQVAE, VAEConfig
     from vare_core.models.infinity import Infinity, InfinityConfig
-    from vare_core.models.t5 import T5Config, T5Encoder, TextEncoder, build_word_level_tokenizer
+    from vare_core.models.t5 import T5Config, T5Encoder
+    from vare_core.models.text_encoder import TextEncoder, build_word_level_tokenizer
     from vare_core.pipeline import VarPipeline
     tokenizer = build_word_level_tokenizer(VOCABULARY)
     t5 = T5Encoder(T5Config(**T5_SIZES, vocab_size=tokenizer.get_vocab_size())).eval()

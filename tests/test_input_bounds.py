@@ -58,6 +58,7 @@ def test_t5_config_asking_more_layers_than_the_weights_hold(tmp_path):
 
 def test_pair_counts_are_bounded(tmp_path):
     from vare_core.erasure import pairs as pairs_module
+    from vare_core.erasure.pairs_file import load_pairs_file
     with pytest.raises(ValueError, match="at most 20000 pairs"):
         pairs_module.make_pairs("circle", "square", n_per_concept=10**9)
     with pytest.raises(ValueError, match="at most 20000 pairs"):
@@ -65,11 +66,11 @@ def test_pair_counts_are_bounded(tmp_path):
     big = tmp_path / "pairs.txt"
     big.write_text("a circle | a square\n" * (pairs_module.MAX_PAIRS + 1))
     with pytest.raises(ValueError, match="holds 20001 pairs; at most 20000"):
-        pairs_module.load_pairs_file(big)
+        load_pairs_file(big)
     with open(tmp_path / "huge.txt", "wb") as f:
         f.truncate(pairs_module.MAX_PAIRS_FILE_BYTES + 1)       # sparse: costs no disk
     with pytest.raises(ValueError, match="MiB"):
-        pairs_module.load_pairs_file(tmp_path / "huge.txt")
+        load_pairs_file(tmp_path / "huge.txt")
 
 
 @pytest.mark.parametrize("flags, message", [(["--n-pairs", str(10**9)], "--n-pairs"),

@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from vare_core.models.t5 import (T5Config, T5Encoder, T5WeightsError, TextEncoder, build_word_level_tokenizer,
-                                 load_t5_encoder, load_t5_state_dict, relative_position_bucket)
+from vare_core.models.t5 import (T5Config, T5Encoder, T5WeightsError, load_t5_encoder, load_t5_state_dict,
+                                 relative_position_bucket)
+from vare_core.models.text_encoder import TextEncoder, build_word_level_tokenizer
 
 
 @pytest.fixture(scope="module")

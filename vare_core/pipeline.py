@@ -31,7 +31,8 @@ from .checks import is_integer
 from .models.bsq_vae import BSQVAE, build_vae
 from .models.infinity import Infinity
 from .models.presets import build_infinity, preset_name
-from .models.t5 import T5Config, TextEncoder
+from .models.t5 import T5Config
+from .models.text_encoder import TextEncoder
 from .sampler import SampleResult, sample
 
 EMBEDDED = "embedded"

@@ -10,7 +10,8 @@ import torch
 from .checkpoints import file_fingerprint
 from .models.bsq_vae import BSQVAE, VAEConfig
 from .models.infinity import Infinity, InfinityConfig, init_weights
-from .models.t5 import T5Config, T5Encoder, TextEncoder, build_word_level_tokenizer
+from .models.t5 import T5Config, T5Encoder
+from .models.text_encoder import TextEncoder, build_word_level_tokenizer
 from .pipeline import VarPipeline
 
 

@@ -31,7 +31,8 @@ from ..models.bsq_quant import teacher_forcing_inputs, upsample_codes
 from ..models.bsq_vae import BSQVAE
 from ..models.infinity import Infinity, init_weights
 from ..models.presets import from_official_keys, to_official_keys
-from ..models.t5 import T5Encoder, TextEncoder, build_word_level_tokenizer, load_t5_state_dict
+from ..models.t5 import T5Encoder, load_t5_state_dict
+from ..models.text_encoder import TextEncoder, build_word_level_tokenizer
 from . import spec
 from .coarse_codes import coarse_code_loss, coarse_targets, layout_agreement, repair_flips
 from .self_correction import self_corrected_batch
