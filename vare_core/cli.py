@@ -155,7 +155,7 @@ def check_sample_args(args) -> None:
             raise CliError(f"{flag} {value}: must be a positive number of pixels")
     if not 0 <= args.seed <= MAX_SEED - args.n:
         raise CliError(f"--seed {args.seed}: must be between 0 and {MAX_SEED - args.n} "
-                       f"(image i uses seed + i; torch seeds are 63-bit)")
+                       f"(the batch that starts at image i uses seed + i; torch seeds are 63-bit)")
     if args.n > MAX_IMAGES:
         raise CliError(f"--n {args.n}: at most {MAX_IMAGES} images per run (images are written as "
                        "they are made; run several times into the same --out for more)")
@@ -223,7 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--n", type=int, default=4, help="number of images")
     p.add_argument("--batch", type=int, default=8, help="images per forward batch")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="the batch starting at image i draws from seed + i: the same --seed and "
+                        "--batch give the same images")
     p.add_argument("--out", default="out")
     p.add_argument("--stem", default="sample", help="file name prefix")
     p.add_argument("--overwrite", action="store_true",
