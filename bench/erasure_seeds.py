@@ -28,7 +28,7 @@ from vare_core.embedded.classifier import load_classifier  # noqa: E402
 from vare_core.embedded.erasure_defaults import embedded_erase_config, embedded_pairs, shape_name  # noqa: E402
 from vare_core.embedded.world import SHAPES  # noqa: E402
 from vare_core.erasure.adapters import apply_adapter  # noqa: E402
-from vare_core.erasure.bench import score  # noqa: E402
+from vare_core.embedded.erasure_bench import score  # noqa: E402
 from vare_core.erasure.trainer import train_erasure  # noqa: E402
 from vare_core.erasure.trajectories import TrajectorySettings  # noqa: E402
 from vare_core.pipeline import load_embedded, load_pipeline  # noqa: E402

@@ -2,7 +2,7 @@
 import pytest
 
 from vare_core.embedded.world import VOCABULARY, prompt_attributes
-from vare_core.erasure.attacks import FAMILIES, attack_prompts, format_table, misspellings
+from vare_core.embedded.attacks import FAMILIES, attack_prompts, format_table, misspellings
 from vare_core.embedded.erasure_defaults import WORLD_TEMPLATES
 
 
@@ -58,7 +58,7 @@ def test_default_adapter_holds_against_every_attack_family(tmp_path):
     from vare_core.embedded.classifier import load_classifier
     from vare_core.embedded.erasure_defaults import embedded_erase_config, embedded_pairs
     from vare_core.erasure.adapters import apply_adapter
-    from vare_core.erasure.attacks import CONTROL, MEANINGFUL, family_scores
+    from vare_core.embedded.attacks import CONTROL, MEANINGFUL, family_scores
     from vare_core.erasure.trainer import train_erasure
     from vare_core.pipeline import load_pipeline
     pipe, classifier = load_pipeline("embedded", device="cpu"), load_classifier()

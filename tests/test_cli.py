@@ -13,6 +13,7 @@ from PIL import Image
 
 import vare_core.pipeline as pipeline_module
 from vare_core import cli
+from vare_core.cli import common
 from vare_core.pipeline import load_embedded
 
 SUBCOMMANDS = ["sample", "demo", "erase", "bench-erasure", "plan", "evaluate"]
@@ -184,7 +185,7 @@ def test_a_program_error_is_not_hidden_as_a_message(monkeypatch, tmp_path):
     """Only user-facing errors become exit code 2: a real bug keeps its traceback."""
     def broken(args):
         raise RuntimeError("shape mismatch in block 3")
-    monkeypatch.setattr(cli, "cmd_sample", broken)
+    monkeypatch.setattr(cli.sample, "cmd_sample", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         cli.main(["sample", "--prompt", "a circle", "--out", str(tmp_path)])
 
@@ -194,7 +195,7 @@ def test_a_program_error_is_not_hidden_as_a_message(monkeypatch, tmp_path):
 def test_save_images_writes_lossless_clamped_pngs(tmp_path):
     g = torch.Generator().manual_seed(0)
     images = torch.rand(2, 8, 6, 3, generator=g) * 1.4 - 0.2              # some values outside [0, 1]
-    paths = cli.save_images(images, tmp_path / "new" / "folder", "img")
+    paths = common.save_images(images, tmp_path / "new" / "folder", "img")
     assert [p.name for p in paths] == ["img_000.png", "img_001.png"]
     for path, image in zip(paths, images):
         with Image.open(path) as png:
@@ -205,11 +206,11 @@ def test_save_images_writes_lossless_clamped_pngs(tmp_path):
 
 def test_save_images_numbers_after_existing_files_of_its_stem_only(tmp_path):
     images = torch.zeros(2, 4, 4, 3)
-    cli.save_images(images[:1], tmp_path, "other")                     # another stem: not counted
-    first = cli.save_images(images, tmp_path, "img")
-    second = cli.save_images(images, tmp_path, "img")
+    common.save_images(images[:1], tmp_path, "other")                     # another stem: not counted
+    first = common.save_images(images, tmp_path, "img")
+    second = common.save_images(images, tmp_path, "img")
     assert [p.name for p in first + second] == [f"img_{i:03d}.png" for i in range(4)]
-    replaced = cli.save_images(torch.ones(1, 4, 4, 3), tmp_path, "img", overwrite=True)
+    replaced = common.save_images(torch.ones(1, 4, 4, 3), tmp_path, "img", overwrite=True)
     assert [p.name for p in replaced] == ["img_000.png"]
     assert len(list(tmp_path.glob("img_*.png"))) == 4
     with Image.open(tmp_path / "img_000.png") as png:
@@ -222,7 +223,7 @@ def test_sampling_kwargs_turn_flags_into_pipeline_settings():
     parser = cli.build_parser()
 
     def kwargs(*flags):
-        return cli.sampling_kwargs(parser.parse_args(["sample", "--prompt", "x", *flags]), 5)
+        return common.sampling_kwargs(parser.parse_args(["sample", "--prompt", "x", *flags]), 5)
     assert kwargs() == {}
     assert kwargs("--cfg", "4") == {"cfg": 4.0}
     assert kwargs("--cfg", "[1, 2, 3, 4, 5]", "--tau", "0.5 0.5 1 1 1") == {

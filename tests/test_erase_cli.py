@@ -10,7 +10,7 @@ from vare_core.embedded.world import prompt_attributes
 from vare_core.erasure import losses
 from vare_core.erasure.adapters import load_adapter
 from vare_core.embedded import erasure_defaults
-from vare_core.erasure.cli import config_from_args, pairs_from_args
+from vare_core.cli.erase import config_from_args, pairs_from_args
 from vare_core.erasure.trainer import EraseConfig
 from vare_core.testing import tiny_pipeline
 
@@ -19,7 +19,7 @@ from vare_core.testing import tiny_pipeline
 def tiny(monkeypatch):
     torch.set_num_threads(1)
     pipe = tiny_pipeline(seed=0)
-    monkeypatch.setattr(main_cli, "load_from_args", lambda args, **kwargs: pipe)
+    monkeypatch.setattr(main_cli.erase, "load_from_args", lambda args, **kwargs: pipe)
     return pipe
 
 

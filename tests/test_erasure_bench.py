@@ -11,7 +11,7 @@ so the margins are stated in images (see each assert).
 import pytest
 
 from vare_core.embedded.classifier import load_classifier
-from vare_core.erasure.bench import run_method, score
+from vare_core.embedded.erasure_bench import run_method, score
 from vare_core.pipeline import load_pipeline
 
 SAMPLES, SEED, CFG = 16, 7, 4.0

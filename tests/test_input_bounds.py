@@ -160,7 +160,7 @@ def test_cpu_out_of_memory_is_recognised_and_reported(tmp_path, capsys, monkeypa
 
     def refuse(*args, **kwargs):
         raise error
-    monkeypatch.setattr(cli, "cmd_sample", refuse)
+    monkeypatch.setattr(cli.sample, "cmd_sample", refuse)
     parser_main = cli.main(["sample", "--prompt", "a circle", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert parser_main == 2 and "out of memory" in err and "--batch" in err and "Traceback" not in err

@@ -5,7 +5,7 @@ import pytest
 from nodes import erasure as erasure_nodes
 from vare_core import cli as main_cli
 from vare_core.embedded.erasure_defaults import embedded_erase_config
-from vare_core.erasure.cli import config_from_args
+from vare_core.cli.erase import config_from_args
 from vare_core.erasure_profile import INFINITY_SETTINGS, erasure_profile, profile_name
 from vare_core.testing import tiny_pipeline
 

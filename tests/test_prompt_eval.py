@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vare_core.cli import CliError
+
 from vare_core.embedded import spec
 from vare_core.erasure.adapters import FORMAT_VERSION, Adapter, apply_adapter, save_adapter
 from vare_core.erasure.trainable import lora_layer_names
@@ -46,7 +46,7 @@ def test_rows_read_i2p_columns(tmp_path):
     for text, message in (("text\nhello\n", "'prompt' column"), ("prompt\n\n", "no prompts"),
                           ("prompt,sd_seed\na cat,x\n", "line 2: sd_seed 'x'"), ("prompt\n \n", "line 2")):
         path.write_text(text)
-        with pytest.raises(CliError, match=message):
+        with pytest.raises(ValueError, match=message):
             read_prompt_rows(path, 0)
 
 
@@ -92,7 +92,7 @@ def test_same_seeds_resume_and_table(pipe, tmp_path, monkeypatch):
     assert [json.loads(line)["key"] for line in state_file.read_text().splitlines()[1:]] == \
         ["base/0", "base/1", "adapter/0", "adapter/1"]
     # another run's folder is not mixed in
-    with pytest.raises(CliError, match="other settings.*n_per_prompt"):
+    with pytest.raises(ValueError, match="other settings.*n_per_prompt"):
         evaluate_prompt_set(pipes, rows, judge, tmp_path, 1, {**settings, "n_per_prompt": 1})
 
 

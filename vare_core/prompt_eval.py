@@ -36,20 +36,19 @@ MAX_ROWS = 100_000
 
 def read_prompt_rows(path: Path, seed: int) -> list[dict]:
     """CSV -> [{"prompt", "seed", "cfg" (None: the sampler's)}]; seeds default to seed + row."""
-    from .cli import CliError
     try:
         text = Path(path).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
-        raise CliError(f"--prompts {path}: cannot read it as a UTF-8 CSV file ({err})") from None
+        raise ValueError(f"--prompts {path}: cannot read it as a UTF-8 CSV file ({err})") from None
     reader = csv.DictReader(io.StringIO(text))
     if not reader.fieldnames or "prompt" not in reader.fieldnames:
-        raise CliError(f"--prompts {path}: needs a header row with a 'prompt' column "
+        raise ValueError(f"--prompts {path}: needs a header row with a 'prompt' column "
                        f"(found: {', '.join(reader.fieldnames or []) or 'nothing'})")
     rows = []
     for number, record in enumerate(reader, start=2):          # line 1 is the header
         prompt = (record.get("prompt") or "").strip()
         if not prompt:
-            raise CliError(f"--prompts {path}, line {number}: the prompt is empty; fill it in or remove the line")
+            raise ValueError(f"--prompts {path}, line {number}: the prompt is empty; fill it in or remove the line")
         row = {"prompt": prompt, "seed": seed + len(rows), "cfg": None}
         for column, key, kind in (("sd_seed", "seed", int), ("sd_guidance_scale", "cfg", float)):
             value = (record.get(column) or "").strip()
@@ -57,14 +56,14 @@ def read_prompt_rows(path: Path, seed: int) -> list[dict]:
                 try:
                     row[key] = kind(float(value)) if kind is int else kind(value)
                 except ValueError:
-                    raise CliError(f"--prompts {path}, line {number}: {column} {value!r} is not a number") from None
+                    raise ValueError(f"--prompts {path}, line {number}: {column} {value!r} is not a number") from None
         if not 0 <= row["seed"] < 2**62:
-            raise CliError(f"--prompts {path}, line {number}: seed {row['seed']} must be between 0 and 2^62")
+            raise ValueError(f"--prompts {path}, line {number}: seed {row['seed']} must be between 0 and 2^62")
         rows.append(row)
         if len(rows) > MAX_ROWS:
-            raise CliError(f"--prompts {path}: more than {MAX_ROWS} rows; split the file")
+            raise ValueError(f"--prompts {path}: more than {MAX_ROWS} rows; split the file")
     if not rows:
-        raise CliError(f"--prompts {path}: no prompts after the header")
+        raise ValueError(f"--prompts {path}: no prompts after the header")
     return rows
 
 
@@ -80,7 +79,6 @@ def load_state(out: Path, settings: dict) -> dict:
     verdicts.jsonl: line 1 the settings, then one line per judged (side, row), appended and
     fsynced as each is made (a whole-file rewrite per row would grow with the prompt set). A
     line cut short by a crash is dropped, so that row is sampled again."""
-    from .cli import CliError
     path = out / STATE_FILE
     if not path.is_file():
         write_bytes_atomic(path, (json.dumps({"settings": settings}) + "\n").encode())
@@ -88,18 +86,18 @@ def load_state(out: Path, settings: dict) -> dict:
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as err:
-        raise CliError(f"--out {out}: {STATE_FILE} cannot be read ({err}); remove it to start over") from None
+        raise ValueError(f"--out {out}: {STATE_FILE} cannot be read ({err}); remove it to start over") from None
     complete, _, torn = text.rpartition("\n")
     if torn:                                      # a crash mid-line: keep the whole lines only
         write_bytes_atomic(path, (complete + "\n").encode() if complete else b"")
     try:
         records = [json.loads(line) for line in complete.splitlines() if line.strip()]
     except ValueError as err:
-        raise CliError(f"--out {out}: {STATE_FILE} is damaged ({err}); remove it to start over") from None
+        raise ValueError(f"--out {out}: {STATE_FILE} is damaged ({err}); remove it to start over") from None
     saved = records[0].get("settings", {}) if records else {}
     if saved != settings:
         changed = sorted(k for k in set(settings) | set(saved) if settings.get(k) != saved.get(k))
-        raise CliError(f"--out {out} holds an evaluation with other settings ({', '.join(changed)}); "
+        raise ValueError(f"--out {out} holds an evaluation with other settings ({', '.join(changed)}); "
                        "give another --out, or delete that folder to start over")
     return {"settings": settings, "done": {r["key"]: r["verdicts"] for r in records[1:]}}
 
@@ -179,66 +177,3 @@ def results_table(summary: dict) -> str:
         f"{summary['sides'][s]['flagged']} of {summary['sides'][s]['images']} "
         f"({summary['sides'][s]['flagged'] / max(1, summary['sides'][s]['images']):.1%})" for s in sides) + " |")
     return "\n".join(lines)
-
-
-def register(subparsers) -> None:
-    from .cli import add_model_args, add_sampling_args
-    from .judges import JUDGES
-    p = subparsers.add_parser("evaluate", help="a prompt set (CSV) with and without an adapter, judged (shapes or NudeNet)")
-    add_model_args(p)
-    add_sampling_args(p)
-    p.add_argument("--prompts", required=True, help="CSV with a 'prompt' column (I2P's sd_seed, sd_guidance_scale read too)")
-    p.add_argument("--judge", required=True, choices=JUDGES,
-                   help="shapes: the embedded world (needs --concept); nudenet: exposed body parts (optional package)")
-    p.add_argument("--concept", default=None, help="shapes judge: the shape or colour counted")
-    p.add_argument("--threshold", type=float, default=None, help="nudenet: detection score threshold (default 0.6)")
-    p.add_argument("--n-per-prompt", type=int, default=1, help="images per prompt and side")
-    p.add_argument("--seed", type=int, default=0, help="row i uses seed + i unless its sd_seed is given")
-    p.add_argument("--out", required=True, help="folder for images, verdicts and the results table (resumable)")
-    p.set_defaults(func=cmd_evaluate)
-
-
-def cmd_evaluate(args):
-    from tqdm import tqdm
-
-    from .cli import CliError, apply_adapter_args, load_from_args, sampling_kwargs
-    from .judges import make_judge
-    if not 1 <= args.n_per_prompt <= 1000:
-        raise CliError(f"--n-per-prompt {args.n_per_prompt}: between 1 and 1000 images per prompt")
-    if not 0 <= args.seed < 2**62 - MAX_ROWS:
-        raise CliError(f"--seed {args.seed}: must be between 0 and 2^62")
-    if args.judge == "shapes" and not args.concept:
-        raise CliError("--judge shapes needs --concept: the shape or colour to count, e.g. --concept circle")
-    if args.judge != "nudenet" and args.threshold is not None:
-        raise CliError("--threshold is the nudenet judge's; leave it out with --judge shapes")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CliError(f"--out {out} is a file; give a folder")
-    rows = read_prompt_rows(Path(args.prompts), args.seed)
-    try:     # before the (slow) model load: a missing optional package or a bad concept fails now
-        judge = make_judge(args.judge, concept=args.concept, threshold=args.threshold)
-    except ImportError as err:
-        raise CliError(str(err)) from None
-    except ValueError as err:
-        raise CliError(f"--{'concept' if args.judge == 'shapes' else 'threshold'}: {err}") from None
-    base = load_from_args(args)
-    pipes = {"base": base}
-    if args.adapter:
-        pipes["adapter"] = apply_adapter_args(base, args.adapter)
-    sampling = sampling_kwargs(args, len(base.schedule_for(args.height, args.width)))
-    if args.height is not None:
-        sampling.update(height=args.height, width=args.width)
-    if args.negative and args.negative.strip():
-        sampling["negative_prompt"] = args.negative
-    from .erasure.adapters import parse_adapter_spec
-    settings = {"model": args.model, "adapters": args.adapter,
-                "adapter_sha256": fingerprint([parse_adapter_spec(spec)[0] for spec in args.adapter]),
-                "judge": args.judge, "concept": args.concept, "threshold": getattr(judge, "threshold", None),
-                "n_per_prompt": args.n_per_prompt, "seed": args.seed, "rows": len(rows),
-                "prompts": Path(args.prompts).name, "prompts_sha256": hashlib.sha256(
-                    json.dumps(rows).encode()).hexdigest()[:16],
-                "sampling": sampling}
-    with tqdm(total=len(rows) * len(pipes), desc="evaluate", unit="prompt") as bar:
-        summary = evaluate_prompt_set(pipes, rows, judge, out, args.n_per_prompt, settings, sampling, bar.update)
-    print(results_table(summary))
-    print(f"\nwrote {out / 'results.md'}, {out / 'results.json'} and the images under {out / 'images'}")

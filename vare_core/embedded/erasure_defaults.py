@@ -14,7 +14,7 @@ shape (no word, another word of the world, a made-up word) which the original mo
 the concept. The embedded model v2 draws a circle for any prompt naming no shape, so erasing
 "circle" also erases that habit; for the other shapes none are found and nothing is added.
 No word of any shape's name ("round", "plus", "block", "sign", ...) is a candidate: the attack
-families (erasure/attacks.py) that use them stay unseen.
+families (embedded/attacks.py) that use them stay unseen.
 """
 from __future__ import annotations
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 
-from .plan import GiB, plan_memory
+from ..erasure.plan import GiB, plan_memory
 
 PRESET_MODELS = ("infinity_2b", "infinity_8b")
 
 
 def register(subparsers) -> None:
-    from .cli import add_training_args
+    from .erase import add_training_args
     p = subparsers.add_parser("plan", help="memory plan of sampling or erasure training (no weights needed)")
     p.add_argument("--model", default="infinity_2b", choices=PRESET_MODELS + ("embedded",),
                    help="an Infinity preset (built on the meta device) or the embedded model")
@@ -56,7 +56,7 @@ def model_sizes(name: str, height: int, width: int):
 
 def cmd_plan(args) -> None:
     from ..erasure_profile import erasure_profile
-    from .cli import config_from_args
+    from .erase import config_from_args
     if args.model == "embedded" and args.device == "cuda":
         args.device = "cpu"                        # the embedded model is a CPU model
     dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")

@@ -30,7 +30,7 @@ def score(pipe, classifier, concepts, samples: int, seed: int, cfg=None, referen
     """Fidelity scores of one model at one cfg (embedded/fidelity.py). reference: the original
     model's SampledSets for the same prompts, seed and cfg (same-seed preservation); returns
     the scores plus "run", this model's SampledSets, so an original row can be the reference."""
-    from ..embedded.fidelity import fidelity_scores, sample_sets
+    from .fidelity import fidelity_scores, sample_sets
     cfg = pipe.defaults.get("cfg", 4.0) if cfg is None else cfg
     run = sample_sets(pipe, concepts, samples, seed, cfg)
     return {**fidelity_scores(run, classifier, reference=reference if reference is not None else run),
@@ -43,12 +43,11 @@ def peak_rss_mib() -> float:
 
 def run_method(pipe, method: str, train: str, concepts: list, anchors: list, seed: int, steps: int | None,
                out: Path, retain: int | None = None):
-    from ..erasure_profile import erasure_profile
-    from .adapters import apply_adapter, save_adapter
-    from .trainer import train_erasure
-    profile = erasure_profile(pipe)
-    config = profile.config(method=method, train=train, **({"steps": steps} if steps else {}))
-    pairs = profile.pairs(concepts, anchors, seed=seed, retain=retain, pipe=pipe)
+    from ..erasure.adapters import apply_adapter, save_adapter
+    from ..erasure.trainer import train_erasure
+    from .erasure_defaults import embedded_erase_config, embedded_pairs
+    config = embedded_erase_config(method=method, train=train, **({"steps": steps} if steps else {}))
+    pairs = embedded_pairs(concepts, anchors, seed=seed, retain_per_shape=retain, pipe=pipe)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.time()
@@ -89,8 +88,10 @@ def _public(row: dict) -> dict:
 def run_bench(concepts="circle", anchors="square", samples=64, seed=0, methods=("svare", "vare", "naive"),
               trains=("lora",), steps=None, out: Path | str = "out/bench-erasure", log=print,
               retain: int | None = None, cfgs=(4.0,)) -> list[dict]:
-    from ..embedded.classifier import load_classifier
-    from ..embedded.erasure_defaults import shape_name
+    from .classifier import load_classifier
+    from .erasure_defaults import shape_name
+    # the one import up the layers: the shapes world's commands load their model
+    # (pipeline.load_embedded reads embedded/spec.py)
     from ..pipeline import load_pipeline
     split = lambda names: [names] if isinstance(names, str) else list(names)  # noqa: E731
     concepts = [shape_name(c, "--concept") for c in split(concepts)]
@@ -125,8 +126,8 @@ def run_bench(concepts="circle", anchors="square", samples=64, seed=0, methods=(
 
 def check_args(args) -> tuple[list, list, tuple, tuple]:
     """Every option checked before the minutes of scoring start."""
-    from .trainable import TRAIN_MODES
-    from .losses import METHODS
+    from ..erasure.losses import METHODS
+    from ..erasure.trainable import TRAIN_MODES
     names = lambda text: [n.strip() for n in (text or "").split(",") if n.strip()]  # noqa: E731
     methods, trains = tuple(names(args.methods)), tuple(names(getattr(args, "train", "ca_ffn,lora")))
     for flag, given, allowed in (("--methods", methods, METHODS), ("--train", trains, TRAIN_MODES)):

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from .. import paths
 from ..embedded.erasure_defaults import SHAPES_WORLD_MODELS
+from .common import add_model_args, load_from_args
 
 TRAINING_OPTIONS = ("method", "train", "rank", "steps", "lr", "batch_size", "alpha", "gamma",
                     "preservation_weight", "keep_target", "targets", "erase_target", "precision", "seed",
@@ -36,7 +37,7 @@ TRAINING_OPTIONS = ("method", "train", "rank", "steps", "lr", "batch_size", "alp
 
 def check_pair_flags(args) -> None:
     """--n-pairs / --retain, checked before the model loads."""
-    from .pairs import MAX_PAIRS, check_pair_count
+    from ..erasure.pairs import MAX_PAIRS, check_pair_count
     if args.retain is not None and args.retain < 0:
         raise ValueError(f"--retain must be >= 0 (keep pairs per kept concept), got {args.retain}")
     if args.retain is not None and args.retain > MAX_PAIRS:
@@ -46,8 +47,8 @@ def check_pair_flags(args) -> None:
 
 
 def pairs_from_args(args, pipe):
-    from .pairs import default_keep_count, make_pairs, retain_pairs
-    from .pairs_file import load_pairs_file
+    from ..erasure.pairs import default_keep_count, make_pairs, retain_pairs
+    from ..erasure.pairs_file import load_pairs_file
     if args.pairs:
         return load_pairs_file(args.pairs, default_concept=args.concept)
     if not args.concept or not args.anchor:
@@ -75,7 +76,7 @@ def config_from_args(args):
     """EraseConfig from the options given; the rest from the model's erasure profile
     (erasure_profile.py: the same defaults as the Train Erasure node)."""
     from ..erasure_profile import erasure_profile
-    from .trajectories import TrajectorySettings
+    from ..erasure.trajectories import TrajectorySettings
     given = {name: getattr(args, name) for name in TRAINING_OPTIONS if getattr(args, name) is not None}
     if args.lora_targets is not None:
         given["lora_targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
@@ -126,7 +127,7 @@ class _StopFlag:
 
 
 def cmd_erase(args):
-    from . import distributed
+    from ..erasure import distributed
     # checked before anything loads: a bad path must not cost a training run, and a device
     # node, FIFO or folder at --out is never replaced
     out = paths.check_output_file(Path(args.out), "--out")
@@ -148,13 +149,12 @@ def _erase(args, config, out: Path, main: bool):
 
     import torch
 
-    from .. import cli as main_cli
-    from . import memory
-    from .adapters import save_adapter
-    from .trainer import train_erasure
+    from ..erasure import memory
+    from ..erasure.adapters import save_adapter
+    from ..erasure.trainer import train_erasure
     from ..erasure_profile import erasure_profile
     # the profile's memory plan: Infinity keeps its T5 in CPU memory between encodes
-    pipe = main_cli.load_from_args(args, offload_text_encoder=erasure_profile(args.model).offload_text_encoder)
+    pipe = load_from_args(args, offload_text_encoder=erasure_profile(args.model).offload_text_encoder)
     pairs = pairs_from_args(args, pipe)
     if main:
         print(f"{len(pairs)} pairs, e.g. {pairs[0].unsafe!r} -> {pairs[0].safe!r}")
@@ -210,14 +210,13 @@ def _erase(args, config, out: Path, main: bool):
 
 
 def cmd_bench(args):
-    from . import bench      # implemented separately (vare_core/erasure/bench.py)
+    from ..embedded import erasure_bench as bench   # the shapes world's benchmark
     return bench.main(args)
 
 
 def register(subparsers) -> None:
-    from .. import cli as main_cli
     p = subparsers.add_parser("erase", help="train a concept-erasure adapter")
-    main_cli.add_model_args(p)
+    add_model_args(p)
     g = p.add_argument_group("pairs")
     g.add_argument("--concept", help="what to erase, e.g. circle (several: comma separated)")
     g.add_argument("--anchor", help="what to draw instead, e.g. square")
