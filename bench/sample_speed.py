@@ -26,7 +26,7 @@ from bench.common import median_seconds  # noqa: E402
 
 from vare_core.models.bsq_quant import codes_from_bits, next_scale_input, upsample_codes  # noqa: E402
 from vare_core.models.infinity import Infinity, InfinityConfig, init_weights  # noqa: E402
-from vare_core.sampler import filter_logits, sample  # noqa: E402
+from vare_core.sampler import SamplingSettings, filter_logits, sample  # noqa: E402
 from vare_core.scales import rope_reference_grid, scale_schedule  # noqa: E402
 
 
@@ -88,7 +88,7 @@ def run(name, cfg: InfinityConfig, schedule, batch, dtype, device, repeats, refe
         pass
 
     def ours():
-        return sample(model, NoVAE(), text, lens, schedule, cfg=3.0, tau=1.0, decode=False,
+        return sample(model, NoVAE(), text, lens, schedule, SamplingSettings(cfg=3.0, tau=1.0), decode=False,
                       generator=torch.Generator(device).manual_seed(0)).summed_codes
 
     rows = []

@@ -67,9 +67,9 @@ def per_scale(text: str, n_scales: int, name: str):
 def generate_from_conditioning(pipe, cond, *, seed, cfg, tau, top_k, top_p, height, width,
                                callback=None, cancel=None):
     """VarPipeline.generate for prompts already encoded (same defaults, same seeding)."""
-    return pipe.generate_encoded(cond.states, cond.lens, negative_states=cond.negative_states,
-                                 negative_lens=cond.negative_lens, seed=seed, cfg=cfg, tau=tau,
-                                 top_k=top_k, top_p=top_p, height=height, width=width,
+    settings = pipe.sampling_settings(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p)
+    return pipe.generate_encoded(cond.states, cond.lens, settings=settings, negative_states=cond.negative_states,
+                                 negative_lens=cond.negative_lens, seed=seed, height=height, width=width,
                                  callback=callback, cancel=cancel)
 
 

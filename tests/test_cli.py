@@ -137,18 +137,20 @@ def test_sample_settings_reach_the_pipeline(cli_uses, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     (call,) = cli_uses
     assert call["prompts"] == [PROMPT] and call["seed"] == 9
-    assert call["cfg"] == [3.0, 3.0, 4.0, 4.0, 5.0] and call["tau"] == 0.7     # one number stays one
-    assert call["top_k"] == 1 and call["top_p"] == 0.9
+    settings = call["settings"]                                  # one SamplingSettings for the run
+    assert settings.cfg == (3.0, 3.0, 4.0, 4.0, 5.0) and settings.tau == 0.7   # one number stays one
+    assert settings.top_k == 1 and settings.top_p == 0.9
     assert call["negative_prompt"] == "a yellow cross"
     assert (call["height"], call["width"]) == (64, 64)
 
 
-def test_unset_settings_are_left_to_the_model_and_a_blank_negative_is_none(cli_uses, tmp_path, capsys):
+def test_unset_settings_are_left_to_the_model_and_a_blank_negative_is_none(cli_uses, embedded, tmp_path,
+                                                                           capsys):
     assert cli.main(["sample", "--prompt", PROMPT, "--n", "1", "--negative", "   ",
                      "--out", str(tmp_path)]) == 0, capsys.readouterr().err
     (call,) = cli_uses
     assert call["negative_prompt"] is None
-    assert not {"cfg", "tau", "top_k", "top_p"} & set(call)
+    assert call["settings"] == embedded.sampling_settings()          # the model's defaults
     assert call["height"] is None and call["width"] is None
 
 

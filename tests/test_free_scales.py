@@ -19,7 +19,9 @@ def captured_settings(monkeypatch, module, pipe, run):
     real = module.sample
 
     def spy(*args, **kwargs):
-        seen.update(cfg=kwargs["cfg"], tau=kwargs["tau"])
+        settings = kwargs["settings"] if "settings" in kwargs else args[5]     # the SamplingSettings
+        seen.update({name: list(v) if isinstance(v, tuple) else v
+                     for name, v in (("cfg", settings.cfg), ("tau", settings.tau))})
         return real(*args, **kwargs)
     monkeypatch.setattr(module, "sample", spy)
     run(pipe)

@@ -11,7 +11,7 @@ from vare_core.models.infinity import Infinity
 from vare_core.models.presets import (build_infinity, detect_infinity_config, preset_config,
                                       preset_name, to_official_keys)
 from vare_core.models.rope import rope_table
-from vare_core.sampler import filter_logits, sample
+from vare_core.sampler import SamplingSettings, filter_logits, sample
 
 SCHEDULE = [(1, 1), (2, 2), (4, 4), (6, 6), (8, 8), (12, 12), (16, 16)]
 OFFSETS = [0, 1, 5, 21, 57, 121, 265, 521]
@@ -89,7 +89,7 @@ def test_sampling_fp32_cross_attention_matches_exactly(files, golden):
     raw = []
     original = model.forward_scale
     model.forward_scale = lambda state, k, x=None: raw.append(original(state, k, x)) or raw[-1]
-    result = sample(model, vae, text, lens, SCHEDULE, cfg=3.0, tau=0.5,
+    result = sample(model, vae, text, lens, SCHEDULE, SamplingSettings(cfg=3.0, tau=0.5),
                     generator=torch.Generator().manual_seed(42))
     assert (torch.cat(raw, 1) - ref["head_out_raw"]).abs().max() <= 1e-4
     bits = torch.cat([b.reshape(2, -1, 16) for b in result.bits], 1)
@@ -103,7 +103,7 @@ def test_sampling_official_defaults_top_p(files, golden):
     model = build_infinity(files["weights"], ca_bf16_rounding=True)
     vae = build_vae(files["vae"])
     text, lens = padded_text(files["forward"])
-    result = sample(model, vae, text, lens, SCHEDULE, cfg=4.0, tau=0.5, top_k=900, top_p=0.97,
+    result = sample(model, vae, text, lens, SCHEDULE, SamplingSettings(cfg=4.0, tau=0.5, top_k=900, top_p=0.97),
                     generator=torch.Generator().manual_seed(0))
     bits = torch.cat([b.reshape(2, -1, 16) for b in result.bits], 1)
     assert torch.equal(bits, ref["bits"])

@@ -212,8 +212,8 @@ def test_sampler_settings_change_the_images_and_bad_ones_are_explained(model):
     assert not torch.equal(base, sample(model, cond, batch_size=1, seed=1))
     # one number is laid out over the scales by the model (the embedded model draws its first
     # scale without guidance: free_scales); the same layout typed per scale is the same image
-    layout = model.laid_out(3.0, n)
-    per_scale = ",".join(f"{v:g}" for v in (layout if isinstance(layout, list) else [layout] * n))
+    layout = model.sampling_settings(cfg=3.0).laid_out(n, model.free_scales).cfg
+    per_scale = ",".join(f"{v:g}" for v in (layout if isinstance(layout, tuple) else [layout] * n))
     assert torch.equal(sample(model, cond, batch_size=1, cfg=per_scale, tau="1"),
                        sample(model, cond, batch_size=1, cfg="3", tau="1"))
     assert "cfg" in sampling.Sampler.validate_inputs("3,x", "auto", "model default")

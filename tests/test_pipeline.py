@@ -81,13 +81,16 @@ def test_embedded_free_scales_come_from_its_json(embedded):
     info = json.loads((spec.WEIGHTS_DIR / spec.INFO_FILE).read_text())
     free, n = embedded.free_scales, len(embedded.default_schedule)
     assert free == info.get("free_scales", 0) and 0 <= free < n
-    assert embedded.laid_out(4.0, n) == [1.0] * free + [4.0] * (n - free)
-    assert embedded.laid_out([2, 3, 4, 5, 6], n) == [2, 3, 4, 5, 6]     # per scale: as given
+    settings = embedded.sampling_settings(cfg=4.0, tau=0.5)
+    laid = settings.laid_out(n, free)
+    assert laid.cfg == tuple([1.0] * free + [4.0] * (n - free)) and laid.tau == tuple([1.0] * free + [0.5] * (n - free))
+    per_scale = embedded.sampling_settings(cfg=[2, 3, 4, 5, 6]).laid_out(n, free)
+    assert per_scale.cfg == (2, 3, 4, 5, 6)                                  # per scale: as given
 
 
 def test_without_free_scales_a_number_stays_a_number(tiny):
     assert tiny.free_scales == 0
-    assert tiny.laid_out(4.0, 3) == 4.0
+    assert tiny.sampling_settings(cfg=4.0).laid_out(3, tiny.free_scales).cfg == 4.0
 
 
 # ----------------------------------------------------------------------------- generate

@@ -7,7 +7,7 @@ import torch
 
 from vare_core.models.bsq_quant import codes_from_bits, unpatchify_tokens, upsample_codes
 from vare_core.models.infinity import Infinity, InfinityConfig, init_weights
-from vare_core.sampler import (SampleResult, SamplingCancelled, ScaleStep, decode_images,
+from vare_core.sampler import (SampleResult, SamplingCancelled, SamplingSettings, ScaleStep, decode_images,
                                filter_logits, sample)
 from vare_core.testing import tiny_pipeline
 
@@ -25,11 +25,10 @@ def text(tiny):
     return tiny.encode_prompts(PROMPTS)
 
 
-def run(pipe, text, seed=0, **kwargs) -> SampleResult:
+def run(pipe, text, seed=0, cfg=3.0, tau=1.0, top_k=0, top_p=0.0, **kwargs) -> SampleResult:
     states, lens = text
-    kwargs.setdefault("cfg", 3.0)
-    kwargs.setdefault("tau", 1.0)
-    return sample(pipe.model, pipe.vae, states, lens, pipe.default_schedule,
+    settings = SamplingSettings(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p)
+    return sample(pipe.model, pipe.vae, states, lens, pipe.default_schedule, settings,
                   generator=torch.Generator().manual_seed(seed), **kwargs)
 
 
@@ -271,8 +270,8 @@ def test_spatial_patchify_sums_codes_at_twice_the_schedule_size(tiny):
             p.add_(torch.randn_like(p) * 0.02)
     states, lens = torch.randn(2, 5, 32), torch.tensor([5, 2])
     schedule = [(1, 1), (2, 2), (3, 3)]
-    result = sample(model, tiny.vae, states, lens, schedule, cfg=2.0, tau=1.0, spatial_patchify=True,
-                    generator=torch.Generator().manual_seed(0))
+    result = sample(model, tiny.vae, states, lens, schedule, SamplingSettings(cfg=2.0, tau=1.0),
+                    spatial_patchify=True, generator=torch.Generator().manual_seed(0))
     assert [tuple(b.shape) for b in result.bits] == [(2, h, w, 64) for h, w in schedule]
     assert result.summed_codes.shape == (2, 16, 6, 6)
     expected = summed_from_bits([unpatchify_tokens(b) for b in result.bits], (6, 6))
@@ -300,3 +299,43 @@ def test_decode_images_maps_minus_one_one_to_zero_one_channels_last(dtype):
     expected = ((codes.to(dtype).float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
     assert torch.equal(images, expected)
     assert images.min() == 0 and images.max() == 1
+
+
+# ----------------------------------------------------------------------------- SamplingSettings
+
+def test_settings_read_numbers_lists_and_text_alike():
+    assert SamplingSettings(cfg="3,3,4").cfg == (3.0, 3.0, 4.0) == SamplingSettings(cfg=[3, 3, 4]).cfg
+    assert SamplingSettings(cfg="4").cfg == 4.0 and SamplingSettings(tau=[0.5]).tau == 0.5
+    assert SamplingSettings(cfg=[3, 4]) == SamplingSettings(cfg=(3.0, 4.0))     # equal and hashable
+    assert len({SamplingSettings(), SamplingSettings()}) == 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"cfg": True}, "cfg"), ({"cfg": 1e6}, "outside"), ({"tau": 0}, "tau must be > 0"),
+    ({"tau": "1,0,1"}, "tau must be > 0"), ({"top_k": -1}, "top_k"), ({"top_k": 1.5}, "top_k"),
+    ({"top_p": 1.5}, "top_p"), ({"top_p": float("nan")}, "top_p"), ({"cfg": "3,x"}, "cfg"),
+])
+def test_settings_refuse_bad_values_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingSettings(**kwargs)
+
+
+def test_settings_replace_keeps_what_is_not_given():
+    base = SamplingSettings(cfg=4.0, tau=0.5, top_p=0.9)
+    assert base.replace(cfg=None, tau=1.0) == SamplingSettings(cfg=4.0, tau=1.0, top_p=0.9)
+    assert base.replace() == base
+
+
+def test_laid_out_frees_the_first_scales_of_one_number_only():
+    settings = SamplingSettings(cfg=4.0, tau=0.5)
+    assert settings.laid_out(4, 0) is settings
+    laid = settings.laid_out(4, 1)
+    assert laid.cfg == (1.0, 4.0, 4.0, 4.0) and laid.tau == (1.0, 0.5, 0.5, 0.5)
+    listed = SamplingSettings(cfg=[2, 3, 4, 5]).laid_out(4, 1)
+    assert listed.cfg == (2.0, 3.0, 4.0, 5.0) and listed.tau == (1.0, 0.5, 0.5, 0.5)
+
+
+def test_per_scale_expands_one_number_and_checks_the_count():
+    assert SamplingSettings(cfg=3.0, tau=0.5).per_scale(3) == ([3.0] * 3, [0.5] * 3)
+    with pytest.raises(ValueError, match="2 values for 3 scales"):
+        SamplingSettings(cfg=[3, 4]).per_scale(3)

@@ -33,7 +33,7 @@ from .models.infinity import Infinity
 from .models.presets import build_infinity, preset_name
 from .models.t5 import T5Config
 from .models.text_encoder import TextEncoder
-from .sampler import SampleResult, sample
+from .sampler import SampleResult, SamplingSettings, sample
 
 EMBEDDED = "embedded"
 OFFLOAD_DEVICE = torch.device("cpu")   # where offloaded weights wait
@@ -125,43 +125,47 @@ class VarPipeline:
         """Leading scales drawn at cfg 1 / tau 1 when cfg or tau is one number (embedded.json)."""
         return int(self.defaults.get("free_scales", 0))
 
-    def laid_out(self, value, n_scales: int):
-        """A cfg / tau as the sampler gets it: one number laid out over this model's scales."""
-        return scales.with_free_scales(value, n_scales, self.free_scales)
+    def sampling_settings(self, cfg=None, tau=None, top_k: int | None = None,
+                          top_p: float | None = None) -> SamplingSettings:
+        """This model's sampling defaults (embedded.json, or the sampler's) with the given values
+        in their place."""
+        d = self.defaults
+        return SamplingSettings(cfg=d.get("cfg", 3.0), tau=d.get("tau", 0.5), top_k=d.get("top_k", 0),
+                                top_p=d.get("top_p", 0.0)).replace(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p)
 
     def generate(self, prompts: list[str] | str, *, seed: int = 0, negative_prompt: str | None = None,
-                 cfg=None, tau=None, top_k: int | None = None, top_p: float | None = None,
-                 height: int | None = None, width: int | None = None, callback=None,
-                 cancel=None) -> SampleResult:
-        """One image per prompt, deterministic for (seed, prompts, settings, device)."""
+                 settings: SamplingSettings | None = None, cfg=None, tau=None, top_k: int | None = None,
+                 top_p: float | None = None, height: int | None = None, width: int | None = None,
+                 callback=None, cancel=None) -> SampleResult:
+        """One image per prompt, deterministic for (seed, prompts, settings, device). settings:
+        a SamplingSettings, or None for the model's defaults; cfg / tau / top_k / top_p given
+        here replace the matching fields."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         for i, p in enumerate(prompts):
             if not isinstance(p, str) or not p.strip():
                 raise ValueError(f"prompt {i} is empty; write what the image should show")
+        settings = (settings or self.sampling_settings()).replace(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p)
         states, lens = self.encode_prompts(prompts)
         neg_states = neg_lens = None
         if negative_prompt:
             neg_states, neg_lens = self.encode_prompts([negative_prompt] * len(prompts))
         return self.generate_encoded(states, lens, negative_states=neg_states, negative_lens=neg_lens,
-                                     seed=seed, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p,
-                                     height=height, width=width, callback=callback, cancel=cancel)
+                                     seed=seed, settings=settings, height=height, width=width,
+                                     callback=callback, cancel=cancel)
 
-    def generate_encoded(self, states, lens, *, negative_states=None, negative_lens=None, seed: int = 0,
-                         cfg=None, tau=None, top_k: int | None = None, top_p: float | None = None,
+    def generate_encoded(self, states, lens, *, settings: SamplingSettings | None = None,
+                         negative_states=None, negative_lens=None, seed: int = 0,
                          height: int | None = None, width: int | None = None, callback=None,
                          cancel=None) -> SampleResult:
-        """`generate` for prompts already encoded (e.g. a ComfyUI conditioning); unset
-        settings take the model's defaults."""
+        """`generate` for prompts already encoded (e.g. a ComfyUI conditioning); settings None:
+        the model's defaults. One cfg / tau number is laid out over the model's scales (its
+        free scales at 1: free_scales)."""
         schedule = self.schedule_for(height, width)
         if negative_states is not None:
             negative_states, negative_lens = negative_states.to(self.device), negative_lens.to(self.device)
         generator = torch.Generator(self.device).manual_seed(int(seed))
-        d = self.defaults
-        return sample(self.model, self.vae, states.to(self.device), lens.to(self.device), schedule,
-                      cfg=self.laid_out(d.get("cfg", 3.0) if cfg is None else cfg, len(schedule)),
-                      tau=self.laid_out(d.get("tau", 0.5) if tau is None else tau, len(schedule)),
-                      top_k=d.get("top_k", 0) if top_k is None else top_k,
-                      top_p=d.get("top_p", 0.0) if top_p is None else top_p,
+        settings = (settings or self.sampling_settings()).laid_out(len(schedule), self.free_scales)
+        return sample(self.model, self.vae, states.to(self.device), lens.to(self.device), schedule, settings,
                       negative_states=negative_states, negative_lens=negative_lens, generator=generator,
                       callback=callback, cancel=cancel, spatial_patchify=self.spatial_patchify)
 

@@ -2,8 +2,9 @@
 
 Usage::
 
-    result = sample(model, vae, text_states, text_lens, scale_schedule, cfg=4.0, tau=0.5,
-                    top_p=0.97, generator=torch.Generator().manual_seed(0))
+    settings = SamplingSettings(cfg=4.0, tau=0.5, top_p=0.97)      # or cfg="1,4,4,4,4"
+    result = sample(model, vae, text_states, text_lens, scale_schedule, settings,
+                    generator=torch.Generator().manual_seed(0))
     result.images        # (B, H, W, 3) float in [0, 1], RGB
     result.bits          # per scale (B, h, w, bits) int64
 
@@ -15,18 +16,60 @@ and added to the running sum; the VAE decodes that sum at the end.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
+from .checks import is_finite_number, is_integer
 from .models.bsq_quant import codes_from_bits, next_scale_input, unpatchify_tokens, upsample_codes
 from .models.infinity import Infinity
-from .scales import check_setting_range, parse_per_scale
+from .scales import check_setting_range, parse_per_scale, per_scale_values, with_free_scales
 
 
 class SamplingCancelled(RuntimeError):
     """Raised between scales when the cancel check returns True."""
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How bits are drawn; checked once, here (the per-scale count against a schedule in
+    per_scale). cfg and tau: one number, or one per scale (a list, or text "3,3,4"; kept as a
+    tuple); logits are divided by tau, then mixed cfg * cond + (1 - cfg) * uncond. top_k: 0
+    (off), 1 (greedy); top_p: 0 (off) to 1, the nucleus of each bit's two values."""
+    cfg: float | tuple = 3.0
+    tau: float | tuple = 0.5
+    top_k: int = 0
+    top_p: float = 0.0
+
+    def __post_init__(self):
+        for name in ("cfg", "tau"):
+            values = per_scale_values(getattr(self, name), name)
+            if name == "tau" and any(t <= 0 for t in values):
+                raise ValueError(f"tau must be > 0 on every scale, got {values}")
+            check_setting_range(values, name)
+            object.__setattr__(self, name, values[0] if len(values) == 1 else tuple(values))
+        if not is_integer(self.top_k, minimum=0):
+            raise ValueError(f"top_k must be an integer >= 0 (0: off, 1: greedy), got {self.top_k!r}")
+        if not (is_finite_number(self.top_p) and 0 <= self.top_p <= 1):
+            raise ValueError(f"top_p must be a number from 0 (off) to 1, got {self.top_p!r}")
+
+    def replace(self, **changes) -> "SamplingSettings":
+        """A copy with the given fields (None: left as it is)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def laid_out(self, n_scales: int, free_scales: int) -> "SamplingSettings":
+        """One cfg / tau number over n_scales with the first `free_scales` at 1.0 (no guidance,
+        the model's own temperature: scales.with_free_scales); per-scale lists stay as given."""
+        if free_scales <= 0:
+            return self
+        return dataclasses.replace(self, cfg=with_free_scales(self.cfg, n_scales, free_scales),
+                                   tau=with_free_scales(self.tau, n_scales, free_scales))
+
+    def per_scale(self, n_scales: int) -> tuple[list[float], list[float]]:
+        """(cfg, tau), one float per scale."""
+        return parse_per_scale(self.cfg, n_scales, "cfg"), parse_per_scale(self.tau, n_scales, "tau")
 
 
 @dataclass
@@ -73,24 +116,21 @@ def _pad_rows(states: torch.Tensor, length: int) -> torch.Tensor:
 
 @torch.no_grad()
 def sample(model: Infinity, vae, text_states: torch.Tensor, text_lens: torch.Tensor,
-           scale_schedule: Sequence[tuple[int, int]], *, cfg=3.0, tau=0.5, top_k: int = 0,
-           top_p: float = 0.0, negative_states: torch.Tensor | None = None,
+           scale_schedule: Sequence[tuple[int, int]], settings: SamplingSettings | None = None, *,
+           negative_states: torch.Tensor | None = None,
            negative_lens: torch.Tensor | None = None, generator: torch.Generator | None = None,
            callback: Callable[[ScaleStep], None] | None = None,
            cancel: Callable[[], bool] | None = None, rope_grid=None,
            spatial_patchify: bool = False, decode: bool = True) -> SampleResult:
     """Sample one image per prompt. text_states (B, T, C) / text_lens (B,) come from the text
     encoder; without a negative prompt the unconditional half uses the learned null condition
-    cut to each prompt's length. cfg and tau are a number or one per scale.
+    cut to each prompt's length. settings: SamplingSettings() when None.
     spatial_patchify (Infinity-8B): each token holds the bits of a 2x2 block of VAE cells, so
     codes are summed and resized at twice the schedule's size."""
     schedule = [tuple(map(int, s)) for s in scale_schedule]
     n_scales = len(schedule)
-    cfgs, taus = parse_per_scale(cfg, n_scales, "cfg"), parse_per_scale(tau, n_scales, "tau")
-    if any(t <= 0 for t in taus):
-        raise ValueError(f"tau must be > 0 on every scale, got {taus}")
-    check_setting_range(cfgs, "cfg")
-    check_setting_range(taus, "tau")
+    settings = SamplingSettings() if settings is None else settings
+    cfgs, taus = settings.per_scale(n_scales)
     device = model.word_embed.weight.device
     dtype = model.word_embed.weight.dtype
     batch = text_states.shape[0]
@@ -128,7 +168,7 @@ def sample(model: Infinity, vae, text_states: torch.Tensor, text_lens: torch.Ten
         if guided:
             logits = cfgs[k] * logits[:batch] + (1 - cfgs[k]) * logits[batch:]
         combined = logits                      # what the callback sees (erasure teacher targets)
-        logits = filter_logits(logits.view(batch, h * w * bits_per_token, 2), top_k, top_p)
+        logits = filter_logits(logits.view(batch, h * w * bits_per_token, 2), settings.top_k, settings.top_p)
         probs = logits.softmax(dim=-1)
         bits = torch.multinomial(probs.view(-1, 2), 1, replacement=True, generator=generator)
         bits = bits.view(batch, h, w, bits_per_token)

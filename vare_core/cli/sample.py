@@ -45,7 +45,7 @@ def cmd_sample(args):
     negative = args.negative if args.negative and args.negative.strip() else None
     pipe = apply_adapter_args(load_from_args(args), args.adapter)
     schedule = pipe.schedule_for(args.height, args.width)
-    kwargs = sampling_kwargs(args, len(schedule))
+    settings = pipe.sampling_settings(**sampling_kwargs(args, len(schedule)))
     written, batches = [], -(-args.n // args.batch)
     started = time.perf_counter()
     with tqdm(total=len(schedule) * batches, desc="sampling", unit="scale") as bar:
@@ -53,7 +53,7 @@ def cmd_sample(args):
             count = min(args.batch, args.n - start)
             result = pipe.generate([args.prompt] * count, seed=args.seed + start,
                                    negative_prompt=negative, height=args.height, width=args.width,
-                                   callback=lambda step: bar.update(1), **kwargs)
+                                   settings=settings, callback=lambda step: bar.update(1))
             # written as they are made: a stop or a full disk keeps every finished image
             written += save_images(result.images, Path(args.out), args.stem, args.overwrite)
             if start == 0 and batches > 1:

@@ -185,7 +185,7 @@ def _meta(builder):
 def sampling_peak(model, vae, schedule, batch: int, text_tokens: int, dtype, cfg: float = 4.0,
                   decode: bool = True, record: bool = False, patchify: bool = False) -> int:
     """Peak live bytes (beyond the weights) of sampling `batch` images on meta."""
-    from ..sampler import sample
+    from ..sampler import SamplingSettings, sample
     meter = LiveBytes()
     kept = []
 
@@ -194,7 +194,7 @@ def sampling_peak(model, vae, schedule, batch: int, text_tokens: int, dtype, cfg
     with meter, efficient_attention(), torch.no_grad():
         states = torch.empty(batch, text_tokens, model.cfg.text_channels, device="meta", dtype=dtype)
         lens = torch.full((batch,), text_tokens, dtype=torch.long)
-        sample(model, vae, states, lens, schedule, cfg=cfg, tau=1.0, top_p=0.97,
+        sample(model, vae, states, lens, schedule, SamplingSettings(cfg=cfg, tau=1.0, top_p=0.97),
                callback=keep if record else None, decode=decode, spatial_patchify=patchify)
     return meter.peak
 

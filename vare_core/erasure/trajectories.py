@@ -49,7 +49,7 @@ from safetensors import safe_open
 from ..checkpoints import save_safetensors_atomic
 from ..checks import is_finite_number, is_integer
 from ..models.bsq_quant import next_scale_input
-from ..sampler import SamplingCancelled, sample
+from ..sampler import SamplingCancelled, SamplingSettings, sample
 
 log = logging.getLogger(__name__)
 
@@ -68,21 +68,25 @@ class TrajectorySettings:
     logits_dtype: str = "auto"  # teacher_logits on disk: auto (fp16 for half models), fp16, fp32
 
     def __post_init__(self):
-        for name in ("cfg", "tau", "top_p"):
+        for name in ("cfg", "tau"):        # one number each: they are part of the cache key
             value = getattr(self, name)
             if not is_finite_number(value):
                 raise ValueError(f"TrajectorySettings.{name} must be a finite number, got {value!r}")
-        if self.tau <= 0:
-            raise ValueError(f"TrajectorySettings.tau must be > 0, got {self.tau}")
-        if not 0.0 <= self.top_p <= 1.0:
-            raise ValueError(f"TrajectorySettings.top_p must be in [0, 1], got {self.top_p}")
-        for name, low in (("top_k", 0), ("seed", 0), ("batch_size", 1)):
+        try:
+            self.sampling()                # the sampler's own checks (ranges, top_k, top_p)
+        except ValueError as err:
+            raise ValueError(f"TrajectorySettings: {err}") from None
+        for name, low in (("seed", 0), ("batch_size", 1)):
             value = getattr(self, name)
             if not is_integer(value, minimum=low):
                 raise ValueError(f"TrajectorySettings.{name} must be an integer >= {low}, got {value!r}")
         if self.logits_dtype not in ("auto", "fp16", "fp32"):
             raise ValueError(f"TrajectorySettings.logits_dtype must be auto, fp16 or fp32, "
                              f"got {self.logits_dtype!r}")
+
+    def sampling(self) -> SamplingSettings:
+        """How the trajectories' bits are drawn (before the model's free scales are laid out)."""
+        return SamplingSettings(cfg=self.cfg, tau=self.tau, top_k=self.top_k, top_p=self.top_p)
 
 
 @dataclass
@@ -260,9 +264,8 @@ def _sample_batch(pipe, prompts: list[str], schedule, settings: TrajectorySettin
     states, lens = pipe.encode_prompts(prompts)
     generator = torch.Generator(pipe.device).manual_seed(seed)
     sample(pipe.model, pipe.vae, states, lens, schedule,            # drawn as the sampler draws them
-           cfg=pipe.laid_out(settings.cfg, len(schedule)), tau=pipe.laid_out(settings.tau, len(schedule)),
-           top_k=settings.top_k, top_p=settings.top_p, generator=generator, callback=record,
-           cancel=cancel, spatial_patchify=pipe.spatial_patchify, decode=False)
+           settings.sampling().laid_out(len(schedule), pipe.free_scales), generator=generator,
+           callback=record, cancel=cancel, spatial_patchify=pipe.spatial_patchify, decode=False)
     d = labels[0].shape[-1]
     x = torch.cat(inputs, dim=1) if inputs else torch.zeros(len(prompts), 0, d, device=pipe.device)
     return {"x_wo_prefix": x.float().cpu(), "bit_labels": torch.cat(labels, 1).to(torch.uint8).cpu(),
