@@ -77,7 +77,9 @@ class PromptPairs(io.ComfyNode):
                         "anchor) that Train Erasure learns from.",
             inputs=[
                 VareModel.Input("model", tooltip="decides the templates: shapes-world prompts for the "
-                                "embedded model, photo/painting templates for Infinity"),
+                                "embedded model (plus keep pairs and mined implicit pairs: prompts "
+                                "naming no shape that it draws as the concept), photo/painting "
+                                "templates for Infinity"),
                 io.String.Input("concepts", default="circle",
                                 tooltip="what to erase; several: comma separated (church, van gogh painting)"),
                 io.String.Input("anchors", default="square",
