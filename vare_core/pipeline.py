@@ -129,9 +129,8 @@ class VarPipeline:
                           top_p: float | None = None) -> SamplingSettings:
         """This model's sampling defaults (embedded.json, or the sampler's) with the given values
         in their place."""
-        d = self.defaults
-        return SamplingSettings(cfg=d.get("cfg", 3.0), tau=d.get("tau", 0.5), top_k=d.get("top_k", 0),
-                                top_p=d.get("top_p", 0.0)).replace(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p)
+        model_defaults = {k: self.defaults[k] for k in ("cfg", "tau", "top_k", "top_p") if k in self.defaults}
+        return SamplingSettings(**model_defaults).replace(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p)
 
     def generate(self, prompts: list[str] | str, *, seed: int = 0, negative_prompt: str | None = None,
                  settings: SamplingSettings | None = None, cfg=None, tau=None, top_k: int | None = None,
