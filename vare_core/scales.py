@@ -208,27 +208,6 @@ def vae_schedule(schedule: Sequence, patchify: bool) -> list[tuple[int, int]]:
     return [(2 * h, 2 * w) for h, w in pairs] if patchify else pairs
 
 
-def custom_schedule(sizes: Sequence) -> list[tuple[int, int]]:
-    """A schedule for small models: ints give square scales ([1, 2, 4, 6, 8]), pairs give (h, w).
-
-    Scales must grow: h and w never shrink and no scale repeats the previous one."""
-    if isinstance(sizes, (str, bytes)) or len(sizes) == 0:
-        raise ValueError(f"custom schedule must be a non-empty list of sizes, got {sizes!r}")
-    pairs = []
-    for size in sizes:
-        pair = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
-        try:
-            pairs.extend(_check_schedule([pair]))
-        except ValueError:
-            raise ValueError(f"custom schedule {list(sizes)!r}: entry {size!r} is not a positive int "
-                             "or an (h, w) pair of positive ints") from None
-    for (h0, w0), (h1, w1) in zip(pairs, pairs[1:]):
-        if h1 < h0 or w1 < w0 or (h1, w1) == (h0, w0):
-            raise ValueError(f"custom schedule {list(sizes)!r} must grow coarse to fine: "
-                             f"{(h1, w1)} follows {(h0, w0)}")
-    return pairs
-
-
 def per_scale_values(value, name: str, n_scales: int | None = None) -> list[float]:
     """The finite numbers of a per-scale setting (cfg, tau) as given, not yet expanded.
 

@@ -226,7 +226,7 @@ def filtered_ce_loss(student_logits: Tensor, bit_labels: Tensor, gamma: float = 
     gamma, alpha = _check_gamma(gamma), _check_alpha(alpha)
     bit_ce = bit_cross_entropy(student_logits, bit_labels)
     wrong = bit_error_mask(bit_ce, gamma)
-    selected = wrong.mean(dim=-1) >= alpha          # detached: selection never carries gradient
+    selected = token_selection(bit_ce, gamma, alpha)  # detached: selection never carries gradient
     loss = _token_average(token_mean_bit_ce(bit_ce) * selected.float(), token_mask)
     return loss, _selection_stats(bit_ce, selected, wrong, token_mask)
 
@@ -242,7 +242,7 @@ def soft_filtered_ce_loss(student_logits: Tensor, target_logits: Tensor, bit_lab
     _check_same_shape(student_logits, target_logits, "student_logits", "target_logits")
     bit_ce = bit_cross_entropy(student_logits, bit_labels)
     wrong = bit_error_mask(bit_ce, gamma)
-    selected = wrong.mean(dim=-1) >= alpha
+    selected = token_selection(bit_ce, gamma, alpha)  # detached: selection never carries gradient
     soft_ce = -(bit_probs(target_logits.detach()) * bit_log_probs(student_logits)).sum(-1).mean(-1)
     loss = _token_average(soft_ce * selected.float(), token_mask)
     return loss, _selection_stats(bit_ce, selected, wrong, token_mask)
