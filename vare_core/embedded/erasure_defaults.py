@@ -126,7 +126,7 @@ def default_implicit_count(n_per_concept: int) -> int:
     return max(1, round(IMPLICIT_SHARE * n_per_concept))
 
 
-def implicit_pairs(pipe, concepts, anchors, seed: int = 0, limit: int = 24) -> list[PromptPair]:
+def implicit_pairs(pipe, concepts, anchors, limit: int, seed: int = 0) -> list[PromptPair]:
     """Mined implicit pairs for each (concept, anchor): candidates the original model `pipe`
     draws as the concept in at least half of IMPLICIT_SAMPLES images (geometric judge)."""
     from .judge import judge_images
@@ -154,12 +154,12 @@ def contrast_pairs(implicit: list[PromptPair], keep: list[str]) -> list[PromptPa
 
 def embedded_pairs(concepts, anchors, seed: int = 0, n_per_concept: int = 50,
                    retain_per_shape: int | None = None, pipe=None,
-                   implicit: int | None = None, contrast: bool = True) -> list[PromptPair]:
-    """Erasure pairs, with `pipe` (the original pipeline) up to `implicit` (None:
-    default_implicit_count(n_per_concept), 24 for 50) mined implicit pairs per concept, then `retain_per_shape` keep-as-is pairs for every shape
-    not erased (anchors included; None = pairs.default_keep_count(n_per_concept), 20 for 50;
-    0 = none, the paper's setting). Without them the LoRA drifts on the other shapes (README:
-    "Keep pairs")."""
+                   implicit: int | None = None) -> list[PromptPair]:
+    """Erasure pairs; with `pipe` (the original embedded pipeline) up to `implicit` (None:
+    default_implicit_count(n_per_concept), 24 for 50) mined implicit pairs per concept and their
+    contrast keep pairs; then `retain_per_shape` keep-as-is pairs for every shape not erased
+    (anchors included; None = pairs.default_keep_count(n_per_concept), 20 for 50; 0 = none, the
+    paper's setting). Without them the LoRA drifts on the other shapes (README: "Keep pairs")."""
     concepts = [concepts] if isinstance(concepts, str) else list(concepts)
     anchors = [anchors] if isinstance(anchors, str) else list(anchors)
     concepts = [shape_name(c, "concept") for c in concepts]
@@ -170,10 +170,8 @@ def embedded_pairs(concepts, anchors, seed: int = 0, n_per_concept: int = 50,
     if not is_integer(implicit, minimum=0):
         raise ValueError(f"implicit must be an integer >= 0, got {implicit!r}")
     if pipe is not None and implicit and getattr(pipe, "name", None) in MINED_MODELS:
-        found = implicit_pairs(pipe, concepts, anchors, seed=seed, limit=implicit)
-        pairs += found
-        if contrast:
-            pairs += contrast_pairs(found, [shape for shape in SHAPES if shape not in concepts])
+        found = implicit_pairs(pipe, concepts, anchors, limit=implicit, seed=seed)
+        pairs += found + contrast_pairs(found, [shape for shape in SHAPES if shape not in concepts])
     if retain_per_shape is None and isinstance(n_per_concept, int):
         retain_per_shape = default_keep_count(n_per_concept)
     if not is_integer(retain_per_shape, minimum=0):

@@ -43,7 +43,7 @@ def mine_implicit_pairs(pipe, candidates: Sequence[tuple[str, str]], shows_conce
     in at least `min_share` of `samples` images, in the candidates' order, at most `limit`."""
     if not 0 < min_share <= 1:
         raise ValueError(f"min_share must be in (0, 1], got {min_share!r}")
-    if limit is not None and (not is_integer(limit, minimum=0)):
+    if limit is not None and not is_integer(limit, minimum=0):
         raise ValueError(f"limit must be an integer >= 0 or None, got {limit!r}")
     if not candidates or limit == 0:
         return []
