@@ -45,3 +45,18 @@ def test_first_scale_flips_feed_the_flipped_code_and_keep_its_label():
     assert torch.equal(x[:, :4], next_scale_input(fed, (2, 2)))  # scale 1 sees the flipped code
     assert torch.equal(x[[0, 2, 3]], clean_x[[0, 2, 3]])         # the others are untouched
     assert not torch.equal(labels[1, 1:], clean_labels[1, 1:])   # later scales correct from it
+
+
+def test_layout_scales_are_never_flipped_at_random():
+    # the first scale of the embedded model is a freely drawn layout code: self-correction must
+    # leave it as it is (and so the inputs of scale 1), while later scales still get flips
+    features = torch.randn(64, 16, 8, 8, generator=torch.Generator().manual_seed(4))
+    clean_x, clean_labels = self_corrected_batch(features, SCHEDULE, max_flip=0.0)
+    x, labels = self_corrected_batch(features, SCHEDULE, max_flip=0.3, generator=torch.Generator().manual_seed(5),
+                                     layout_scales=1)
+    assert torch.equal(x[:, :4], clean_x[:, :4])                 # scale 1 sees the true layout code
+    assert torch.equal(labels[:, :1 + 4], clean_labels[:, :1 + 4])
+    assert not torch.equal(x[:, 4:], clean_x[:, 4:])             # scale 1 onwards is still flipped
+    # without the layout rule the same seed does flip the first scale's code
+    flipped, _ = self_corrected_batch(features, SCHEDULE, max_flip=0.3, generator=torch.Generator().manual_seed(5))
+    assert not torch.equal(flipped[:, :4], clean_x[:, :4])

@@ -96,13 +96,18 @@ def evaluate(pipe, classifier, samples: int = 32, seed: int = 0, **sampling) -> 
     results["cleanliness"] = cleanliness(geometric)
     results["shape"] = _accuracy(judged, expected, "shape")
     results["color"] = _accuracy(judged, expected, "color")
-    per_combo = {}
+    per_combo, per_combo_geometric = {}, {}
     for i, (shape, color) in enumerate(itertools.product(SHAPES, COLORS)):
         chunk = slice(i * samples, (i + 1) * samples)
         per_combo[f"{color} {shape}"] = (_accuracy(judged[chunk], expected[chunk], "shape"),
                                          _accuracy(judged[chunk], expected[chunk], "color"))
+        per_combo_geometric[f"{color} {shape}"] = (_accuracy(geometric[chunk], expected[chunk], "shape"),
+                                                   _accuracy(geometric[chunk], expected[chunk], "color"))
     results["worst_combo_shape"] = min(per_combo.items(), key=lambda kv: kv[1][0])
     results["worst_combo_color"] = min(per_combo.items(), key=lambda kv: kv[1][1])
+    # the target holds on every prompt, by both judges: the geometric judge's worst prompt too
+    results["worst_combo_shape_geometric"] = min(per_combo_geometric.items(), key=lambda kv: kv[1][0])
+    results["worst_combo_color_geometric"] = min(per_combo_geometric.items(), key=lambda kv: kv[1][1])
     results["per_shape"] = {s: sum(per_combo[f"{c} {s}"][0] for c in COLORS) / len(COLORS) for s in SHAPES}
     results["per_shape_geometric"] = {
         s: round(_accuracy([g for g, e in zip(geometric, expected) if e["shape"] == s],

@@ -22,10 +22,14 @@ from ..models.bsq_quant import _sign_quantize, codes_from_bits, next_scale_input
 
 def self_corrected_batch(features: torch.Tensor, schedule, max_flip: float = 0.3,
                          generator: torch.Generator | None = None, noisy_scales: int | None = None,
-                         first_scale_flips: torch.Tensor | None = None):
+                         first_scale_flips: torch.Tensor | None = None, layout_scales: int = 0):
     """features (B, d, H, W) raw VAE latents -> (x_wo_prefix (B, L - 1, d), labels (B, L, d)).
 
     noisy_scales: flip bits on the first N scales only (default: all).
+    layout_scales: the first N scales are never flipped at random. They hold a layout code that
+    the sampler draws freely (coarse_codes.py): a random flip there is a new layout for the later
+    scales to follow, not a mistake to correct, and correcting it would tie the layout to the
+    image instead of the drawn code.
     first_scale_flips: (B, d) bool, bits of the 1x1 first scale flipped on purpose (on top of
     any random flips), so later scales learn to continue that code (coarse_codes.repair_flips)."""
     if not 0.0 <= max_flip <= 1.0:
@@ -45,7 +49,7 @@ def self_corrected_batch(features: torch.Tensor, schedule, max_flip: float = 0.3
         codes, bits = _sign_quantize(residual)
         labels.append(bits.reshape(batch, h * w, bits_n))
         flip = torch.zeros(bits.shape, dtype=torch.bool)
-        if k < noisy_scales and max_flip > 0:
+        if layout_scales <= k < noisy_scales and max_flip > 0:
             share = int(torch.randint(0, int(round(100 * max_flip)) + 1, (1,), generator=generator)) / 100
             flip = torch.rand(bits.shape, generator=generator) < share
         if k == 0 and first_scale_flips is not None:

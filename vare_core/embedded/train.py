@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoints import load_state_dict, save_safetensors_atomic
-from ..models.bsq_quant import teacher_forcing_inputs, upsample_codes
+from ..models.bsq_quant import summed_codes_from_bits, teacher_forcing_inputs, upsample_codes
 from ..models.bsq_vae import BSQVAE
 from ..models.infinity import Infinity, init_weights
 from ..models.presets import from_official_keys, to_official_keys
@@ -106,6 +106,33 @@ def train_vae(images: torch.Tensor, steps: int, batch: int, lr: float, gen: torc
     return vae.eval()
 
 
+def finetune_decoder(vae: BSQVAE, images: torch.Tensor, steps: int, batch: int, lr: float,
+                     gen: torch.Generator, log: Log) -> BSQVAE:
+    """Train the decoder alone on the frozen encoder's quantised codes (the sampler's decode
+    path). The encoder, and so every code the transformer learned, stays as it was; only how
+    codes are drawn as pixels improves (stage 1 is short, and its decoder rounds small crosses)."""
+    vae.encoder.requires_grad_(False)
+    vae.decoder.requires_grad_(True)     # a loaded VAE comes frozen for inference
+    opt = torch.optim.AdamW(vae.decoder.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    vae.decoder.train()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, steps, lr, warmup=100)
+        x = images[torch.randint(0, images.shape[0], (batch,), generator=gen)]
+        with torch.no_grad():
+            codes = summed_codes_from_bits(vae.encode_bits(x, spec.SCHEDULE), spec.SCHEDULE[-1])
+        recon = vae.decoder(codes)
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.decoder.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            psnr = 10 * math.log10(4 / max(F.mse_loss(recon.detach().clamp(-1, 1), x).item(), 1e-10))
+            log(f"decoder step {step}/{steps} loss {loss.item():.4f} psnr {psnr:.2f} dB")
+    return vae.eval()
+
+
 @torch.no_grad()
 def encode_bits(vae: BSQVAE, images: torch.Tensor, chunk: int = 256) -> list[torch.Tensor]:
     """Bits per scale for the whole set, uint8 to keep memory small."""
@@ -128,7 +155,10 @@ def teacher_forced_batch(data, idx: torch.Tensor, max_flip: float, gen: torch.Ge
     repair flips (repair = (coarse targets of every image, share))."""
     if max_flip > 0 or repair is not None:
         flips = None if repair is None else repair_flips(repair[0][idx], repair[1], gen)
-        return self_corrected_batch(data[idx], spec.SCHEDULE, max_flip, gen, first_scale_flips=flips)
+        # with coarse codes the first scale is the freely drawn layout: random flips skip it
+        layout = 0 if repair is None else spec.DEFAULT_FREE_SCALES
+        return self_corrected_batch(data[idx], spec.SCHEDULE, max_flip, gen, first_scale_flips=flips,
+                                    layout_scales=layout)
     batch_bits = [b[idx].long() for b in data]
     labels = torch.cat([b.reshape(len(idx), -1, b.shape[-1]) for b in batch_bits], dim=1)
     return teacher_forcing_inputs(batch_bits, spec.SCHEDULE), labels
@@ -211,12 +241,17 @@ def main(argv=None):
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--vae-lr", type=float, default=1.5e-3)
     parser.add_argument("--vae-images", type=int, default=8000)
-    parser.add_argument("--steps", type=int, default=2500, help="transformer steps")
+    parser.add_argument("--steps", type=int, default=2500, help="transformer steps (0: stop after the VAE)")
     parser.add_argument("--images", type=int, default=40000, help="transformer training images")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--vae", type=Path, default=None, help="reuse a trained VAE file, skip stage 1")
+    parser.add_argument("--decoder-steps", type=int, default=0,
+                        help="with --vae: fine-tune its decoder this many steps on the frozen encoder's "
+                             "codes (--vae-images images, --vae-batch, --decoder-lr); every code, and "
+                             "so any transformer trained on them, stays valid")
+    parser.add_argument("--decoder-lr", type=float, default=5e-4)
     parser.add_argument("--init", type=Path, default=None,
                         help="fine-tune: start the transformer and text encoder from this trained "
                              "weights folder (use with --vae OUT_OF_THAT_FOLDER/vae file)")
@@ -250,9 +285,16 @@ def main(argv=None):
         from ..models.bsq_vae import build_vae
         from safetensors.torch import load_file
         vae = build_vae(load_file(args.vae))
-        if args.vae.resolve() != (args.out / spec.VAE_FILE).resolve():   # the folder is a whole model
+        if args.decoder_steps > 0:
+            images, _, _ = make_dataset(args.vae_images, seed=args.seed + 1)
+            vae = finetune_decoder(vae, to_model_images(images), args.decoder_steps, args.vae_batch,
+                                   args.decoder_lr, gen, log)
+        if args.decoder_steps > 0 or args.vae.resolve() != (args.out / spec.VAE_FILE).resolve():
             save_safetensors_atomic({k: v.contiguous() for k, v in vae.state_dict().items()}, args.out / spec.VAE_FILE)
     record["vae_minutes"] = round((time.time() - t0) / 60, 1)
+    if args.steps == 0:
+        log(f"done (VAE only): {record}")
+        return
 
     t1 = time.time()
     images, prompts, scenes = make_dataset(args.images, seed=args.seed + 2)

@@ -1,0 +1,37 @@
+"""Pieces of the embedded model's training script (embedded/train.py) that a retrain relies on."""
+import torch
+import torch.nn.functional as F
+
+from vare_core.embedded import spec
+from vare_core.embedded.train import Log, finetune_decoder, to_model_images
+from vare_core.embedded.world import make_dataset
+from vare_core.models.bsq_quant import summed_codes_from_bits
+from vare_core.models.bsq_vae import BSQVAE, VAEConfig
+
+
+def _reconstruction_loss(vae, images):
+    with torch.no_grad():
+        codes = summed_codes_from_bits(vae.encode_bits(images, spec.SCHEDULE), spec.SCHEDULE[-1])
+        return F.l1_loss(vae.decode(codes), images).item()
+
+
+def test_decoder_finetune_keeps_every_code_and_improves_the_pictures(tmp_path):
+    torch.manual_seed(0)
+    vae = BSQVAE(VAEConfig(bits=spec.VAE.bits, patch_size=8, base_channels=8, channel_mult=(1, 1, 2, 2),
+                           num_res_blocks=1, norm="none")).eval().requires_grad_(False)
+    images = to_model_images(make_dataset(12, seed=3)[0])
+    encoder_before = {k: v.clone() for k, v in vae.encoder.state_dict().items()}
+    decoder_before = {k: v.clone() for k, v in vae.decoder.state_dict().items()}
+    bits_before = vae.encode_bits(images, spec.SCHEDULE)
+    loss_before = _reconstruction_loss(vae, images)
+
+    finetune_decoder(vae, images, steps=80, batch=12, lr=1e-3, gen=torch.Generator().manual_seed(0),
+                     log=Log(tmp_path / "train.log"))
+
+    # the encoder, and so every code a transformer was trained on, is unchanged
+    assert all(torch.equal(v, encoder_before[k]) for k, v in vae.encoder.state_dict().items())
+    assert all(torch.equal(a, b) for a, b in zip(vae.encode_bits(images, spec.SCHEDULE), bits_before))
+    assert not vae.training
+    assert any(not torch.equal(v, decoder_before[k]) for k, v in vae.decoder.state_dict().items())
+    assert _reconstruction_loss(vae, images) < 0.8 * loss_before
+    assert "decoder step 79/80" in (tmp_path / "train.log").read_text()
