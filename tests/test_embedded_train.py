@@ -35,3 +35,31 @@ def test_decoder_finetune_keeps_every_code_and_improves_the_pictures(tmp_path):
     assert any(not torch.equal(v, decoder_before[k]) for k, v in vae.decoder.state_dict().items())
     assert _reconstruction_loss(vae, images) < 0.8 * loss_before
     assert "decoder step 79/80" in (tmp_path / "train.log").read_text()
+
+
+def test_recipe_fine_tunes_both_halves_from_the_base_and_assembles_them(tmp_path):
+    import json
+
+    from vare_core.embedded import recipe
+    stages = recipe.stage_commands(tmp_path)
+    assert [len(stage) for stage in stages] == [1, 2]          # base, then two runs side by side
+    base_vae = str(tmp_path / "base" / spec.VAE_FILE)
+    decoder, transformer = stages[1]
+    # both fine-tunes start from the base: the decoder keeps its encoder, the transformer its weights
+    assert decoder[decoder.index("--vae") + 1] == base_vae and "--decoder-steps" in decoder
+    assert decoder[decoder.index("--steps") + 1] == "0"
+    assert transformer[transformer.index("--init") + 1] == str(tmp_path / "base")
+    assert transformer[transformer.index("--vae") + 1] == base_vae
+    assert transformer[transformer.index("--out") + 1] == str(tmp_path)
+    # assembling: the decoder's VAE file, every stage's record
+    (tmp_path / "base").mkdir()
+    (tmp_path / "decoder").mkdir()
+    (tmp_path / "decoder" / spec.VAE_FILE).write_bytes(b"decoder")
+    (tmp_path / spec.VAE_FILE).write_bytes(b"base")
+    (tmp_path / "base" / spec.INFO_FILE).write_text(json.dumps({"training": {"seed": 0, "final_bit_ce": 0.17}}))
+    (tmp_path / spec.INFO_FILE).write_text(json.dumps({"cfg": 4.0, "training": {"seed": 1}}))
+    recipe.assemble(tmp_path)
+    assert (tmp_path / spec.VAE_FILE).read_bytes() == b"decoder"
+    info = json.loads((tmp_path / spec.INFO_FILE).read_text())
+    assert info["cfg"] == 4.0 and info["training"]["seed"] == 0
+    assert info["training"]["base"]["final_bit_ce"] == 0.17 and info["training"]["transformer"]["seed"] == 1

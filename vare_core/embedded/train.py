@@ -11,6 +11,9 @@ Two stages, logged to OUT/train.log:
 With --coarse-codes (embedded model v2) the VAE's first-scale token is held to a layout in which
 the attributes a prompt may leave open have bits of their own (coarse_codes.py), the transformer
 learns to continue the one unused code, and embedded.json records free_scales = 1.
+With --vae FILE --decoder-steps N the decoder of that VAE is fine-tuned alone on its frozen
+encoder's codes (--steps 0 stops there); with --init a trained transformer is fine-tuned, with
+--self-correction as Infinity trains. The shipped model chains these: embedded/recipe.py.
 Weights are saved in the official layouts (transformer with `block_chunks` keys, VAE, a
 Hugging Face style T5 folder), so the pack loads them with the same code as real checkpoints.
 """
