@@ -3,9 +3,9 @@
 Targets (README, full benchmark over 12 pairs x 2 seeds at 64 samples): ACC_e <= 3%; erased
 prompts keep colour / background / style at the original's rate minus 3 points and stay intact;
 other prompts within 1 point of the original; >= 90% of them the same picture at the same seed.
-Measured on embedded model v2 at 64 samples (defaults of 2026-12-02, mined implicit pairs): the
-worst single (pair, seed) at cfg 4 has ACC_e 1.6%, 92.7% the same picture, erased prompts 96.9%
-intact (circle pairs; circle -> square here passed at 16 samples). Here 16 samples per prompt set: one
+Measured on embedded model v2.1 at 64 samples (defaults of 2026-12-02, mined implicit pairs): the
+worst single pair at cfg 4 has ACC_e 1.6% (circle -> cross), 94.8% the same picture (circle ->
+square), erased prompts 100% intact (v2: 1.6%, 92.7%, 96.9%). Here 16 samples per prompt set: one
 image is 6.2 points of ACC_e (16 images) and 2.1 points of the other prompts' scores (48 images),
 so the margins are stated in images (see each assert).
 """
