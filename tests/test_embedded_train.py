@@ -63,3 +63,26 @@ def test_recipe_fine_tunes_both_halves_from_the_base_and_assembles_them(tmp_path
     info = json.loads((tmp_path / spec.INFO_FILE).read_text())
     assert info["cfg"] == 4.0 and info["training"]["seed"] == 0
     assert info["training"]["base"]["final_bit_ce"] == 0.17 and info["training"]["transformer"]["seed"] == 1
+
+
+def test_decoder_steps_without_a_vae_is_refused(capsys):
+    import pytest
+
+    from vare_core.embedded.train import main
+    with pytest.raises(SystemExit) as stop:
+        main(["--decoder-steps", "10", "--out", "unused"])
+    assert stop.value.code == 2 and "--vae FILE" in capsys.readouterr().err
+
+
+def test_self_correction_keeps_the_layout_scale_with_or_without_repair_flips():
+    # coarse codes with --repair-share 0 still have a freely drawn layout scale: the layout
+    # rule follows the coarse codes, not the repair flips
+    from vare_core.embedded.train import teacher_forced_batch
+    features = torch.randn(32, spec.VAE.bits, 8, 8, generator=torch.Generator().manual_seed(6))
+    idx = torch.arange(32)
+    x_plain, _ = teacher_forced_batch(features, idx, 0.3, torch.Generator().manual_seed(1))
+    x_layout, _ = teacher_forced_batch(features, idx, 0.3, torch.Generator().manual_seed(1), layout_scales=1)
+    from vare_core.embedded.self_correction import self_corrected_batch
+    truth, _ = self_corrected_batch(features, spec.SCHEDULE, max_flip=0.0)
+    assert torch.equal(x_layout[:, :4], truth[:, :4])            # scale 1 sees the true layout code
+    assert not torch.equal(x_plain[:, :4], truth[:, :4])         # without the rule it is flipped

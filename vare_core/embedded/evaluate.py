@@ -44,6 +44,16 @@ def _accuracy(judged: list[dict], expected: list[dict], key: str) -> float:
     return sum(j[key] == e[key] for j, e in zip(judged, expected)) / max(1, len(expected))
 
 
+def _per_prompt(judged: list[dict], expected: list[dict], samples: int) -> dict:
+    """{"colour shape": (shape accuracy, colour accuracy)} of the "a {colour} {shape}" prompts."""
+    per_prompt = {}
+    for i, (shape, color) in enumerate(itertools.product(SHAPES, COLORS)):
+        chunk = slice(i * samples, (i + 1) * samples)
+        per_prompt[f"{color} {shape}"] = (_accuracy(judged[chunk], expected[chunk], "shape"),
+                                          _accuracy(judged[chunk], expected[chunk], "color"))
+    return per_prompt
+
+
 def variety(images) -> dict:
     """Background shares, centre and size spread of images whose prompts leave them open."""
     spread = attribute_spread(judge_images(images))
@@ -96,13 +106,8 @@ def evaluate(pipe, classifier, samples: int = 32, seed: int = 0, **sampling) -> 
     results["cleanliness"] = cleanliness(geometric)
     results["shape"] = _accuracy(judged, expected, "shape")
     results["color"] = _accuracy(judged, expected, "color")
-    per_combo, per_combo_geometric = {}, {}
-    for i, (shape, color) in enumerate(itertools.product(SHAPES, COLORS)):
-        chunk = slice(i * samples, (i + 1) * samples)
-        per_combo[f"{color} {shape}"] = (_accuracy(judged[chunk], expected[chunk], "shape"),
-                                         _accuracy(judged[chunk], expected[chunk], "color"))
-        per_combo_geometric[f"{color} {shape}"] = (_accuracy(geometric[chunk], expected[chunk], "shape"),
-                                                   _accuracy(geometric[chunk], expected[chunk], "color"))
+    per_combo = _per_prompt(judged, expected, samples)
+    per_combo_geometric = _per_prompt(geometric, expected, samples)
     results["worst_combo_shape"] = min(per_combo.items(), key=lambda kv: kv[1][0])
     results["worst_combo_color"] = min(per_combo.items(), key=lambda kv: kv[1][1])
     # the target holds on every prompt, by both judges: the geometric judge's worst prompt too

@@ -152,16 +152,16 @@ def encode_latents(vae: BSQVAE, images: torch.Tensor, chunk: int = 256) -> torch
     return torch.cat([vae.encode_features(images[s:s + chunk]) for s in range(0, images.shape[0], chunk)])
 
 
-def teacher_forced_batch(data, idx: torch.Tensor, max_flip: float, gen: torch.Generator, repair=None):
+def teacher_forced_batch(data, idx: torch.Tensor, max_flip: float, gen: torch.Generator, repair=None,
+                         layout_scales: int = 0):
     """(x_wo_prefix, labels) of the images `idx`: plain teacher forcing on the stored bits, or
-    on the stored latents bitwise self-correction (max_flip > 0) and / or the first-scale
-    repair flips (repair = (coarse targets of every image, share))."""
+    on the stored latents bitwise self-correction (max_flip > 0, never on the first
+    `layout_scales` scales) and / or the first-scale repair flips (repair = (coarse targets of
+    every image, share))."""
     if max_flip > 0 or repair is not None:
         flips = None if repair is None else repair_flips(repair[0][idx], repair[1], gen)
-        # with coarse codes the first scale is the freely drawn layout: random flips skip it
-        layout = 0 if repair is None else spec.DEFAULT_FREE_SCALES
         return self_corrected_batch(data[idx], spec.SCHEDULE, max_flip, gen, first_scale_flips=flips,
-                                    layout_scales=layout)
+                                    layout_scales=layout_scales)
     batch_bits = [b[idx].long() for b in data]
     labels = torch.cat([b.reshape(len(idx), -1, b.shape[-1]) for b in batch_bits], dim=1)
     return teacher_forcing_inputs(batch_bits, spec.SCHEDULE), labels
@@ -169,9 +169,11 @@ def teacher_forced_batch(data, idx: torch.Tensor, max_flip: float, gen: torch.Ge
 
 def train_transformer(data, ids: torch.Tensor, mask: torch.Tensor, vocab_size: int,
                       steps: int, batch: int, lr: float, gen: torch.Generator, log: Log, checkpoint=None,
-                      max_flip: float = 0.0, repair=None, init: Path | None = None):
+                      max_flip: float = 0.0, repair=None, init: Path | None = None, layout_scales: int = 0):
     """data: bits per scale (plain teacher forcing) or, with max_flip > 0 or repair, the raw
-    latents. init: a trained weights folder to start from (fine-tuning), else random weights."""
+    latents. init: a trained weights folder to start from (fine-tuning), else random weights.
+    layout_scales: scales that hold a freely drawn layout code (coarse codes), never flipped by
+    self-correction."""
     model = Infinity(spec.transformer_config())
     init_weights(model)
     t5 = T5Encoder(spec.text_encoder_config(vocab_size))
@@ -191,7 +193,7 @@ def train_transformer(data, ids: torch.Tensor, mask: torch.Tensor, vocab_size: i
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, steps, lr, warmup=200)
         idx = torch.randint(0, n, (batch,), generator=gen)
-        x, labels = teacher_forced_batch(data, idx, max_flip, gen, repair)
+        x, labels = teacher_forced_batch(data, idx, max_flip, gen, repair, layout_scales)
         batch_ids, batch_mask = ids[idx], mask[idx]
         lens = batch_mask.sum(1)
         width = int(lens.max())
@@ -269,6 +271,8 @@ def main(argv=None):
                              "(on the left) images fed with the first scale's unused (+, -) code, so it "
                              "is continued as one of them (coarse_codes.repair_flips)")
     args = parser.parse_args(argv)
+    if args.decoder_steps > 0 and args.vae is None:
+        parser.error("--decoder-steps fine-tunes the decoder of a trained VAE: give its file with --vae FILE")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -301,6 +305,8 @@ def main(argv=None):
 
     t1 = time.time()
     images, prompts, scenes = make_dataset(args.images, seed=args.seed + 2)
+    # with coarse codes the first scale is the layout the sampler draws freely
+    free_scales = spec.DEFAULT_FREE_SCALES if args.coarse_codes else 0
     repair = (coarse_targets(scenes, spec.VAE.bits), args.repair_share) if args.coarse_codes and args.repair_share > 0 else None
     latents = args.self_correction > 0 or repair is not None
     data = (encode_latents if latents else encode_bits)(vae, to_model_images(images))
@@ -317,14 +323,14 @@ def main(argv=None):
 
     model, t5, final_loss = train_transformer(data, ids, mask, vocab_size, args.steps, args.batch, args.lr, gen, log,
                                               checkpoint=save_snapshot, max_flip=args.self_correction, repair=repair,
-                                              init=args.init)
+                                              init=args.init, layout_scales=free_scales)
     record["transformer_minutes"] = round((time.time() - t1) / 60, 1)
     record["final_bit_ce"] = round(final_loss, 4)
 
     save_transformer(args.out, model, t5, tokenizer)
     info = {"image_size": spec.IMAGE_SIZE, "scale_schedule": spec.SCHEDULE, "cfg": spec.DEFAULT_CFG,
             "tau": spec.DEFAULT_TAU, "top_p": spec.DEFAULT_TOP_P,
-            "free_scales": spec.DEFAULT_FREE_SCALES if args.coarse_codes else 0, "training": record}
+            "free_scales": free_scales, "training": record}
     (args.out / spec.INFO_FILE).write_text(json.dumps(info, indent=1))
     log(f"done: {record}")
 
