@@ -153,7 +153,7 @@ def evaluate(pipe, classifier, samples: int = 32, seed: int = 0, **sampling) -> 
 def main(argv=None):
     # the one import up the layers: the shapes world's commands load their model
     # (pipeline.load_embedded reads embedded/spec.py)
-    from ..pipeline import load_pipeline
+    from ..pipeline import load_embedded, load_pipeline
     from .classifier import load_classifier
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=32)
@@ -166,9 +166,6 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    # the one import up the layers: the shapes world's commands load their model
-    # (pipeline.load_embedded reads embedded/spec.py)
-    from ..pipeline import load_embedded
     pipe = load_embedded("cpu", weights_dir=args.weights) if args.weights else load_pipeline("embedded", device="cpu")
     classifier = load_classifier()
     grid = [(args.cfg, args.tau)]
