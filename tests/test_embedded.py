@@ -27,7 +27,8 @@ def test_weights_are_small_and_load_with_the_normal_loaders(pipe):
     assert pipe.resolutions() == [(64, 64)]
     info = json.loads((spec.WEIGHTS_DIR / spec.INFO_FILE).read_text())
     assert info["training"]["seed"] == 0
-    assert "recipe" in info["training"]     # v2.1: base + decoder + transformer fine-tunes, one command
+    # v2.2: base + two decoder passes + transformer fine-tune, one command (embedded/recipe.py)
+    assert {"recipe", "base", "decoder", "decoder_hard", "transformer"} <= set(info["training"])
 
 
 def test_same_seed_same_image_and_prompt_matters(pipe):
@@ -40,7 +41,7 @@ def test_same_seed_same_image_and_prompt_matters(pipe):
 
 @pytest.mark.slow
 def test_quality_bar_reduced(pipe):
-    """Embedded model v2.1's targets (README "The embedded model"), measured on 8 samples per
+    """Embedded model v2.2's targets (README "The embedded model"), measured on 8 samples per
     (shape, colour) instead of 32; the margins are for the smaller sample (160 images: one
     image is 0.6 points)."""
     from vare_core.embedded.classifier import load_classifier
@@ -49,8 +50,10 @@ def test_quality_bar_reduced(pipe):
     # shape and colour as prompted, by the classifier and by the geometric judge
     assert result["shape"] >= 0.97 and result["color"] >= 0.97
     assert result["synonym_shape"] >= 0.97 and result["synonym_color"] >= 0.97
-    # geometric shape: 99.4-99.5% on three score seeds at 32 samples (v2: 98.3%); 4 images of margin
+    # geometric shape: 99.5-100% on five score seeds at 32 samples (v2: 98.3%); 4 images of margin
     assert result["shape_geometric"] >= 0.97 and result["color_geometric"] >= 0.97
+    # every prompt: v2.2 misses 0-3 of 640 images at 32 samples; at 8 one image of margin
+    assert result["worst_combo_shape_geometric"][1][0] >= 7 / 8, result["worst_combo_shape_geometric"]
     assert result["shape_both"] <= min(result["shape"], result["shape_geometric"])
     assert result["style"] >= 0.95 and result["background_named"] >= 0.95
     # variety of what the prompt leaves open: each background 20-47% (5-point margin), the
@@ -62,7 +65,7 @@ def test_quality_bar_reduced(pipe):
     assert result["variety"]["centre_spread"] >= 0.07
     assert abs(result["variety"]["size_spread"] - data["size_spread"]) <= 0.35 * data["size_spread"]
     # clean pictures: within 10% of the VAE's own renders (intact 100%, stray 0); measured
-    # intact 99.2-99.8% at 32 samples, so 4 images of margin
+    # intact 99.2-100% at 32 samples, so 4 images of margin
     clean = result["cleanliness"]
     assert clean["intact"] >= 0.97 and clean["stray"] <= 0.02
     assert 0 <= clean["clean"] <= clean["intact"]
@@ -80,6 +83,29 @@ def test_vae_reference_is_clean_and_the_judge_sees_damage(pipe):
         for p in damaged.decoder.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     assert vae_reference(damaged, n=48)["intact"] < 0.5
+
+
+def test_vae_draws_small_yellow_crosses_on_gray_as_crosses(pipe):
+    """The hardest case for the decoder (the dark stripe shade of yellow is near gray): v2.1's
+    decoder drew 22% of small yellow crosses on gray as four-point stars; v2.2's hard-example
+    pass (train.py --decoder-hard) draws about 2%. Measured here on 50 renders: 3 misses allowed."""
+    from vare_core.embedded.judge import judge_images
+    from vare_core.embedded.world import Scene, render
+    from vare_core.models.bsq_quant import summed_codes_from_bits
+    from vare_core.sampler import decode_images
+    rng = np.random.default_rng(0)
+    scenes = []
+    for _ in range(50):
+        size = int(rng.integers(26, 38))
+        low, high = size / 2 + 1, 64 - size / 2 - 1
+        scenes.append(Scene("cross", "yellow", "gray", ("solid", "striped")[int(rng.integers(2))], size,
+                            float(rng.uniform(low, high)), float(rng.uniform(low, high))))
+    renders = torch.from_numpy(np.stack([render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        bits = pipe.vae.encode_bits(renders, spec.SCHEDULE)
+        drawn = decode_images(pipe.vae, summed_codes_from_bits(bits, spec.SCHEDULE[-1]))
+    assert [j["shape"] for j in judge_images(renders.permute(0, 2, 3, 1) / 2 + 0.5)] == ["cross"] * 50
+    assert sum(j["shape"] == "cross" for j in judge_images(drawn)) >= 47
 
 
 def test_variety_of_the_training_data():
