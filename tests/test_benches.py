@@ -179,3 +179,20 @@ def test_same_picture_sensitivity_is_exact_without_noise_and_drops_with_it(capsy
     (_, same_clean, diff_clean), (_, same_noisy, diff_noisy) = rows
     assert float(same_clean) == 100.0 and float(diff_clean) == 0.0
     assert float(same_noisy) < 100.0 and float(diff_noisy) > 0.0
+
+
+def test_embedded_misses_counts_every_image_and_flags_what_a_judge_rejects(capsys, monkeypatch):
+    bench = load_bench("embedded_misses")
+    bench.main(["--seeds", "0", "--samples", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "20 images, " in out and "seed 0: " in out
+    per_code = re.findall(r"\(\d, \d\) (\d+)/(\d+)", out.splitlines()[-1])
+    assert sum(int(total) for _, total in per_code) == 20
+    # a judge that reads no shape: every image is a miss, on every prompt
+    judge = bench.judge_images
+    monkeypatch.setattr(bench, "judge_images", lambda images: [dict(j, shape=None) for j in judge(images)])
+    bench.main(["--seeds", "0", "--samples", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "20 images, 20 misses; every prompt 1 of 1 on 0 of 1 seeds" in out
+    assert out.count("miss: seed 0") == 20
+    assert sum(int(missed) for missed, _ in re.findall(r"\(\d, \d\) (\d+)/(\d+)", out.splitlines()[-1])) == 20
