@@ -90,6 +90,7 @@ def test_vae_draws_small_yellow_crosses_on_gray_as_crosses(pipe):
     decoder drew 22% of small yellow crosses on gray as four-point stars; v2.2's hard-example
     pass (train.py --decoder-hard) draws about 2%. Measured here on 50 renders: 3 misses allowed."""
     from vare_core.embedded.judge import judge_images
+    from vare_core.embedded.train import to_model_images
     from vare_core.embedded.world import Scene, render
     from vare_core.models.bsq_quant import summed_codes_from_bits
     from vare_core.sampler import decode_images
@@ -100,11 +101,11 @@ def test_vae_draws_small_yellow_crosses_on_gray_as_crosses(pipe):
         low, high = size / 2 + 1, 64 - size / 2 - 1
         scenes.append(Scene("cross", "yellow", "gray", ("solid", "striped")[int(rng.integers(2))], size,
                             float(rng.uniform(low, high)), float(rng.uniform(low, high))))
-    renders = torch.from_numpy(np.stack([render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    renders = np.stack([render(s) for s in scenes])
     with torch.no_grad():
-        bits = pipe.vae.encode_bits(renders, spec.SCHEDULE)
+        bits = pipe.vae.encode_bits(to_model_images(renders), spec.SCHEDULE)
         drawn = decode_images(pipe.vae, summed_codes_from_bits(bits, spec.SCHEDULE[-1]))
-    assert [j["shape"] for j in judge_images(renders.permute(0, 2, 3, 1) / 2 + 0.5)] == ["cross"] * 50
+    assert [j["shape"] for j in judge_images(renders)] == ["cross"] * 50
     assert sum(j["shape"] == "cross" for j in judge_images(drawn)) >= 47
 
 

@@ -84,14 +84,19 @@ def test_hard_renders_are_the_ones_the_round_trip_draws_badly_and_fill_their_bat
 
     # a perfect round trip: nothing is hard (the judge reads every clean render as its shape)
     class Identity(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dtype_probe = torch.nn.Parameter(torch.zeros(1))   # decode_images reads the dtype
+
         def encode_bits(self, x, schedule):
             self.images = x
             return []
+
         def decode(self, codes):
             return self.images
     renders, _, scenes = make_dataset(6, seed=1)
     assert [j["shape"] for j in judge_images(renders)] == [s.shape for s in scenes]
-    monkeypatch.setattr(train, "summed_codes_from_bits", lambda bits, size: None)
+    monkeypatch.setattr(train, "summed_codes_from_bits", lambda bits, size: torch.zeros(1))
     assert len(train.mine_hard_renders(Identity(), 6, seed=1, log=log, chunk=4)) == 0
     monkeypatch.undo()
 
@@ -100,7 +105,11 @@ def test_hard_renders_are_the_ones_the_round_trip_draws_badly_and_fill_their_bat
     seen = []
     vae.decoder.register_forward_hook(lambda module, args, out: seen.append(out.shape[0]))
     original_encode = vae.encode_bits
-    vae.encode_bits = lambda x, schedule: (seen.append(float((x == 1).flatten(1).all(1).sum())), original_encode(x, schedule))[1]
+
+    def encode_counting_hard_images(x, schedule):
+        seen.append(float((x == 1).flatten(1).all(1).sum()))      # the hard images are all ones
+        return original_encode(x, schedule)
+    vae.encode_bits = encode_counting_hard_images
     finetune_decoder(vae, general, steps=3, batch=8, lr=1e-3, gen=torch.Generator().manual_seed(0), log=log,
                      hard=torch.ones(2, 3, 64, 64), hard_share=0.25)
     assert seen == [2.0, 8] * 3

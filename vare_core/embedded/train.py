@@ -121,14 +121,14 @@ def mine_hard_renders(vae: BSQVAE, n: int, seed: int, log: Log, chunk: int = 500
     shape, or draws with a fit under HARD_FIT_IOU, as model images. The data's mix shows these
     too rarely: v2.1's decoder drew 22% of small yellow crosses on gray as four-point stars
     (the dark stripe shade of yellow is near gray), against none of the other colours on black."""
+    from ..sampler import decode_images
     from .judge import judge_images
     images, _, scenes = make_dataset(n, seed=seed)
     hard = []
     for start in range(0, n, chunk):
         x = to_model_images(images[start:start + chunk])
         codes = summed_codes_from_bits(vae.encode_bits(x, spec.SCHEDULE), spec.SCHEDULE[-1])
-        drawn = ((vae.decode(codes).clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
-        hard += [start + i for i, judged in enumerate(judge_images(drawn))
+        hard += [start + i for i, judged in enumerate(judge_images(decode_images(vae, codes)))
                  if judged["shape"] != scenes[start + i].shape or judged["shape_iou"] < HARD_FIT_IOU]
     kinds = Counter(f"{scenes[i].color} {scenes[i].shape} on {scenes[i].background}" for i in hard)
     log(f"mined {len(hard)} hard renders of {n}; most common: {kinds.most_common(5)}")
