@@ -5,14 +5,12 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN = Path(os.environ.get("VARE_GOLDEN", REPO.parent / "shared" / "golden"))
+GOLDEN = REPO / "tests" / "golden"
 
 
 @pytest.fixture(scope="session")
 def golden() -> Path:
-    """Folder of the official implementation's golden tensors (../shared/golden)."""
-    if not GOLDEN.is_dir():
-        raise FileNotFoundError(f"golden folder not found at {GOLDEN}; set VARE_GOLDEN")
+    """Folder of the official implementation's golden tensors (tests/golden, see its README)."""
     return GOLDEN
 
 
