@@ -4,7 +4,7 @@
     python bench/embedded_misses.py --seeds 6000,7000,8000 --weights DIR --cfg 1,4,4,2,2
 
 For each score seed, the evaluation's main set (evaluate.py: 32 samples of each "a {colour}
-{shape}" prompt, batches of 160 at seed + offset, so seed 1000 is the README's run) is judged
+{shape}" prompt, batches of 160 at seed + offset, so seed 1000 is the run in docs/embedded_model.md) is judged
 by the geometric judge and the shapes classifier. A miss is an image either judge reads with
 another shape or colour. Printed: every miss (seed, index, prompt, the judge's fit IoU, the
 first-scale layout code), per seed whether every prompt was 32 of 32, the pooled per-prompt
@@ -16,19 +16,15 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import sys
 from collections import Counter
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vare_core.embedded.classifier import classify, load_classifier  # noqa: E402
-from vare_core.embedded.judge import judge_images  # noqa: E402
-from vare_core.embedded.world import COLORS, SHAPES  # noqa: E402
-from vare_core.pipeline import load_embedded, load_pipeline  # noqa: E402
-from vare_core.scales import parse_setting  # noqa: E402
+from vare_core.embedded.classifier import classify, load_classifier
+from vare_core.embedded.judge import judge_images
+from vare_core.embedded.world import COLORS, SHAPES
+from vare_core.pipeline import load_embedded, load_pipeline
+from vare_core.scales import parse_setting
 
 BATCH = 160   # evaluate._generate's batch: the same images as the evaluation for a seed
 

@@ -16,22 +16,20 @@ import argparse
 import itertools
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vare_core.embedded.classifier import load_classifier  # noqa: E402
-from vare_core.embedded.erasure_defaults import embedded_erase_config, embedded_pairs, shape_name  # noqa: E402
-from vare_core.embedded.world import SHAPES  # noqa: E402
-from vare_core.erasure.adapters import apply_adapter  # noqa: E402
-from vare_core.embedded.erasure_bench import score  # noqa: E402
-from vare_core.erasure.trainer import train_erasure  # noqa: E402
-from vare_core.erasure.trajectories import TrajectorySettings  # noqa: E402
-from vare_core.pipeline import load_embedded, load_pipeline  # noqa: E402
+from vare_core.embedded.classifier import load_classifier
+from vare_core.embedded.erasure_defaults import embedded_erase_config, embedded_pairs, shape_name
+from vare_core.embedded.world import SHAPES
+from vare_core.erasure.adapters import apply_adapter
+from vare_core.embedded.erasure_bench import score
+from vare_core.erasure.trainer import train_erasure
+from vare_core.erasure.trajectories import TrajectorySettings
+from vare_core.pipeline import load_embedded, load_pipeline
 
 KEYS = ("ACC_e", "ACC_e_synonym", "ACC_e_context", "ACC_i", "erased_color", "erased_background",
         "erased_style", "erased_intact", "others_color", "others_background", "others_style",

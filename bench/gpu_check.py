@@ -15,26 +15,23 @@ row; with one it says so.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vare_core import scales  # noqa: E402
-from vare_core.embedded.world import VOCABULARY  # noqa: E402
-from vare_core.erasure.plan import CUDA_RESERVE, CPU_RESERVE, plan_memory  # noqa: E402
-from vare_core.erasure.trainer import train_erasure  # noqa: E402
-from vare_core.erasure_profile import erasure_profile  # noqa: E402
-from vare_core.models.bsq_vae import BSQVAE, VAEConfig  # noqa: E402
-from vare_core.models.infinity import Infinity, InfinityConfig, init_weights  # noqa: E402
-from vare_core.models.presets import preset_config  # noqa: E402
-from vare_core.models.t5 import T5Config, T5Encoder  # noqa: E402
-from vare_core.models.text_encoder import TextEncoder, build_word_level_tokenizer  # noqa: E402
-from vare_core.pipeline import VarPipeline  # noqa: E402
+from vare_core import scales
+from vare_core.embedded.world import VOCABULARY
+from vare_core.erasure.plan import CUDA_RESERVE, CPU_RESERVE, plan_memory
+from vare_core.erasure.trainer import train_erasure
+from vare_core.erasure_profile import erasure_profile
+from vare_core.models.bsq_vae import BSQVAE, VAEConfig
+from vare_core.models.infinity import Infinity, InfinityConfig, init_weights
+from vare_core.models.presets import preset_config
+from vare_core.models.t5 import T5Config, T5Encoder
+from vare_core.models.text_encoder import TextEncoder, build_word_level_tokenizer
+from vare_core.pipeline import VarPipeline
 
 GiB = 2**30
 PROMPT = "a red circle on a white background"

@@ -40,12 +40,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import PeakPoller, run_row_isolated  # noqa: E402
-from vare_core.models.infinity import Infinity, InfinityConfig  # noqa: E402
-from vare_core.models.presets import from_official_keys, preset_config, to_official_keys  # noqa: E402
-from vare_core.pipeline import load_transformer  # noqa: E402
+from common import PeakPoller, run_row_isolated
+from vare_core.models.infinity import Infinity, InfinityConfig
+from vare_core.models.presets import from_official_keys, preset_config, to_official_keys
+from vare_core.pipeline import load_transformer
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 GIB = 2 ** 30

@@ -23,10 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.common import PeakPoller  # noqa: E402
+from common import PeakPoller
 
 # Held out from nothing: the plan's constants come from counting the code's tensors (plan.py),
 # not from these runs. Schedules are token grids; 16 pixels per token.

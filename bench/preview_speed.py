@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import median_seconds  # noqa: E402
-from vare_core.models.bsq_vae import BSQVAE, VAEConfig  # noqa: E402
-from vare_core.preview import SHOWN_SIDE, decode_preview  # noqa: E402
-from vare_core.sampler import decode_images  # noqa: E402
+from common import median_seconds
+from vare_core.models.bsq_vae import BSQVAE, VAEConfig
+from vare_core.preview import SHOWN_SIDE, decode_preview
+from vare_core.sampler import decode_images
 
 
 def speed(vae_cfg: VAEConfig, size: int, max_side: int, scales: int, repeats: int, device, dtype):

@@ -11,15 +11,12 @@ absolute pixel difference is under fidelity.SAME_PICTURE.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vare_core.embedded.fidelity import SAME_PICTURE, mean_abs_difference, sample_sets  # noqa: E402
-from vare_core.pipeline import load_pipeline  # noqa: E402
+from vare_core.embedded.fidelity import SAME_PICTURE, mean_abs_difference, sample_sets
+from vare_core.pipeline import load_pipeline
 
 
 def main(argv=None):

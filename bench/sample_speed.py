@@ -16,18 +16,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import median_seconds
 
-from bench.common import median_seconds  # noqa: E402
-
-from vare_core.models.bsq_quant import codes_from_bits, next_scale_input, upsample_codes  # noqa: E402
-from vare_core.models.infinity import Infinity, InfinityConfig, init_weights  # noqa: E402
-from vare_core.sampler import SamplingSettings, filter_logits, sample  # noqa: E402
-from vare_core.scales import rope_reference_grid, scale_schedule  # noqa: E402
+from vare_core.models.bsq_quant import codes_from_bits, next_scale_input, upsample_codes
+from vare_core.models.infinity import Infinity, InfinityConfig, init_weights
+from vare_core.sampler import SamplingSettings, filter_logits, sample
+from vare_core.scales import rope_reference_grid, scale_schedule
 
 
 @torch.no_grad()

@@ -30,20 +30,18 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import run_row_isolated  # noqa: E402
-from vare_core import scales  # noqa: E402
-from vare_core.embedded.erasure_defaults import embedded_pairs  # noqa: E402
-from vare_core.embedded.world import VOCABULARY  # noqa: E402
-from vare_core.erasure.trainer import EraseConfig, train_erasure  # noqa: E402
-from vare_core.erasure.trajectories import TrajectorySettings  # noqa: E402
-from vare_core.models.bsq_vae import BSQVAE, VAEConfig  # noqa: E402
-from vare_core.models.infinity import Infinity, InfinityConfig, init_weights  # noqa: E402
-from vare_core.models.presets import preset_config  # noqa: E402
-from vare_core.models.t5 import T5Config, T5Encoder  # noqa: E402
-from vare_core.models.text_encoder import TextEncoder, build_word_level_tokenizer  # noqa: E402
-from vare_core.pipeline import VarPipeline  # noqa: E402
+from common import run_row_isolated
+from vare_core import scales
+from vare_core.embedded.erasure_defaults import embedded_pairs
+from vare_core.embedded.world import VOCABULARY
+from vare_core.erasure.trainer import EraseConfig, train_erasure
+from vare_core.erasure.trajectories import TrajectorySettings
+from vare_core.models.bsq_vae import BSQVAE, VAEConfig
+from vare_core.models.infinity import Infinity, InfinityConfig, init_weights
+from vare_core.models.presets import preset_config
+from vare_core.models.t5 import T5Config, T5Encoder
+from vare_core.models.text_encoder import TextEncoder, build_word_level_tokenizer
+from vare_core.pipeline import VarPipeline
 
 TRAIN_MODES = ("ca_ffn", "lora")
 PRECISIONS = ("fp16", "bf16", "fp32")

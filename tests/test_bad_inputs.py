@@ -15,7 +15,6 @@ import io
 import json
 import os
 import shutil
-import sys
 from functools import cached_property
 from pathlib import Path
 from typing import Callable
@@ -25,12 +24,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import vare_core.pipeline as pipeline_module
+from bad_inputs_rows import ROWS, Row, displayed
+from vare_core.cli import main
 
-import vare_core.pipeline as pipeline_module  # noqa: E402
-from bad_inputs_rows import ROWS, Row, displayed  # noqa: E402
-from vare_core.cli import main  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 DOC = REPO / "docs" / "bad_inputs.md"
 MESSAGES: dict[str, str] = {}        # row id -> message, shared with the doc test

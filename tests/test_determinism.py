@@ -3,7 +3,6 @@ same adapter, bit for bit, through the Python API, the CLI and the sampler node.
 
     python -m pytest tests/test_determinism.py -q        # ~20 s, embedded model
 """
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,15 +11,14 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import vare_core.pipeline as pipeline_module
+from nodes import loaders, sampling
+from vare_core.cli import main
+from vare_core.embedded.erasure_defaults import embedded_pairs
+from vare_core.erasure.trainer import EraseConfig, train_erasure
+from vare_core.pipeline import load_pipeline
 
-import vare_core.pipeline as pipeline_module  # noqa: E402
-from nodes import loaders, sampling  # noqa: E402
-from vare_core.cli import main  # noqa: E402
-from vare_core.embedded.erasure_defaults import embedded_pairs  # noqa: E402
-from vare_core.erasure.trainer import EraseConfig, train_erasure  # noqa: E402
-from vare_core.pipeline import load_pipeline  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 PROMPTS = ["a red circle on a white background", "a striped blue square", "a green triangle on black"]
 

@@ -12,7 +12,6 @@ import json
 import math
 import string
 import struct
-import sys
 import tempfile
 from pathlib import Path
 
@@ -22,23 +21,22 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from nodes import adapters as adapter_nodes  # noqa: E402
-from nodes import sampling as sampling_nodes  # noqa: E402
-from vare_core import scales  # noqa: E402
-from vare_core.checkpoints import load_state_dict  # noqa: E402
-from vare_core.embedded.erasure_defaults import shape_name  # noqa: E402
-from vare_core.embedded.world import SHAPES  # noqa: E402
-from vare_core.erasure import adapters  # noqa: E402
-from vare_core.erasure.adapters import (FORMAT_VERSION, Adapter, AdapterError, load_adapter,  # noqa: E402
+from nodes import adapters as adapter_nodes
+from nodes import sampling as sampling_nodes
+from vare_core import scales
+from vare_core.checkpoints import load_state_dict
+from vare_core.embedded.erasure_defaults import shape_name
+from vare_core.embedded.world import SHAPES
+from vare_core.erasure import adapters
+from vare_core.erasure.adapters import (FORMAT_VERSION, Adapter, AdapterError, load_adapter,
                                         parse_adapter_spec, save_adapter)
-from vare_core.erasure.pairs import PromptPair, make_pairs  # noqa: E402
-from vare_core.erasure.pairs_file import load_pairs_file, pairs_to_text, parse_pairs_text  # noqa: E402
-from vare_core.models.bsq_vae import BSQVAE, VAEConfig, normalize_vae_keys  # noqa: E402
-from vare_core.models.infinity import Infinity, InfinityConfig  # noqa: E402
-from vare_core.models.presets import build_infinity, from_official_keys, to_official_keys  # noqa: E402
+from vare_core.erasure.pairs import PromptPair, make_pairs
+from vare_core.erasure.pairs_file import load_pairs_file, pairs_to_text, parse_pairs_text
+from vare_core.models.bsq_vae import BSQVAE, VAEConfig, normalize_vae_keys
+from vare_core.models.infinity import Infinity, InfinityConfig
+from vare_core.models.presets import build_infinity, from_official_keys, to_official_keys
+
+REPO = Path(__file__).resolve().parents[1]
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FILES = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
