@@ -1,6 +1,7 @@
 """Pictures the evaluation nodes return: loss curves, labelled images, side-by-side grids (PIL).
 
     plot_losses(steps, "svare: erase circle")                 # PIL image of loss / fce / pre
+    ema(losses, smoothing(600))                               # the smoothed curve drawn over them
     label_image(image, "square 97%", good=True)               # image with a caption bar
     side_by_side([before, after], ["before", "after"], row_labels)
     to_tensor(pil) / to_pils(images)                          # ComfyUI IMAGE <-> PIL
@@ -16,6 +17,36 @@ from PIL import Image, ImageDraw, ImageFont
 CURVES = (("loss", (31, 119, 180)), ("fce", (214, 39, 40)), ("pre", (44, 160, 44)),
           ("vare", (148, 103, 189)), ("naive_ce", (255, 127, 14)))
 GOOD, BAD = (30, 140, 60), (200, 40, 40)
+RAW_ALPHA = 0.3                        # the per-step curves: this much of the term's colour on white
+LABEL_CHARS = 200                      # longer titles and labels are cut before PIL measures them
+
+# The loss curves' smoothing is decided here, for both pictures of it: this Loss Plot and the
+# live chart on Train Erasure (web/vare.js), which gets the factor in the node's vare.train events
+# (nodes/erasure.py sends smoothing(steps)) and applies the same bias-corrected EMA.
+SMOOTHING_SHARE = 1 / 20               # the average reaches back about this share of the run ...
+SMOOTHING_WINDOW = (5, 50)             # ... but never fewer or more steps than these
+
+
+def smoothing(steps: int) -> float:
+    """The EMA factor for a run of `steps` training steps: 1 - 1/window, where the window is a
+    twentieth of the run, 5 to 50 steps (600 steps: 30, factor 0.967)."""
+    low, high = SMOOTHING_WINDOW
+    window = min(high, max(low, steps * SMOOTHING_SHARE))
+    return 1.0 - 1.0 / window
+
+
+def ema(values, factor: float) -> list[float]:
+    """Bias-corrected exponential moving average: m_t = factor * m_(t-1) + (1 - factor) * x_t
+    from m_0 = 0, divided by 1 - factor^t so that the first points are not pulled toward 0
+    (the first smoothed value is the first value)."""
+    if not 0.0 <= factor < 1.0:
+        raise ValueError(f"smoothing factor must be in [0, 1), got {factor}")
+    out, mean, weight = [], 0.0, 1.0
+    for value in values:
+        mean = factor * mean + (1.0 - factor) * value
+        weight *= factor
+        out.append(mean / (1.0 - weight))
+    return out
 
 
 def font(size: int = 14):
@@ -37,6 +68,28 @@ def to_tensor(pils) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(p.convert("RGB"), dtype=np.float32) / 255 for p in pils]))
 
 
+def fit_text(draw, text: str, width: float, font_) -> str:
+    """`text` cut (with '...') to at most `width` pixels; a huge string is cut to LABEL_CHARS
+    characters before PIL measures or renders it."""
+    text = str(text)
+    if len(text) > LABEL_CHARS:
+        text = text[:LABEL_CHARS] + "..."
+    if draw.textlength(text, font=font_) <= width:
+        return text
+    low, high = 0, len(text)                # the longest prefix that fits with the ellipsis
+    while low < high:
+        mid = (low + high + 1) // 2
+        if draw.textlength(text[:mid] + "...", font=font_) <= width:
+            low = mid
+        else:
+            high = mid - 1
+    return text[:low] + "..." if low else ""
+
+
+def _faint(color) -> tuple:
+    return tuple(round(RAW_ALPHA * c + (1 - RAW_ALPHA) * 255) for c in color)
+
+
 def _ticks(low: float, high: float, count: int = 5) -> list[float]:
     if high <= low:
         return [low]
@@ -48,11 +101,13 @@ def _ticks(low: float, high: float, count: int = 5) -> list[float]:
 
 
 def plot_losses(steps: list[dict], title: str, width: int = 768, height: int = 384) -> Image.Image:
-    """Every loss term of the history against the step; skipped steps (no finite loss) left out."""
+    """Every loss term of the history against the step: the per-step values faint, their
+    smoothed curve (ema) solid in the same colour, the last smoothed value in the legend;
+    skipped steps (no finite loss) left out."""
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     left, right, top, bottom = 64, width - 16, 52, height - 40
-    draw.text((left, 10), title, fill="black", font=font(16))
+    draw.text((left, 10), fit_text(draw, title, right - left, font(16)), fill="black", font=font(16))
     series = {}
     for key, color in CURVES:
         # |loss| beyond 1e30 is divergence, not a curve: plotting it overflows the axis maths
@@ -63,6 +118,35 @@ def plot_losses(steps: list[dict], title: str, width: int = 768, height: int = 3
     if not series:
         draw.text((left, height // 2), "no finished training steps yet", fill="gray", font=font())
         return image
+    # the run's length (the trainer's `steps` in each entry), as the live chart has it
+    total = max([s["steps"] for s in steps if isinstance(s.get("steps"), int)]
+                or [max(x for pts, _ in series.values() for x, _ in pts)])
+    factor = smoothing(total)
+    smoothed = {key: ema([y for _, y in points], factor) for key, (points, _) in series.items()}
+
+    small = font(12)
+    # the legend: the last smoothed value of each term (and its last step's value while there is
+    # room), in rows that wrap at the right edge and take at most a third of the plot's height
+    max_rows = max(1, (bottom - top) // 3 // 16)
+    for with_last in (True, False):
+        legend, x, row = [], left + 8, 0        # (x, row, text, colour)
+        for key, (points, color) in series.items():
+            text = f"{key} {smoothed[key][-1]:.4f}" + (f" (last {points[-1][1]:.4f})" if with_last else "")
+            text = fit_text(draw, text, right - left - 8, small)
+            advance = draw.textlength(text, font=small) + 16
+            if x + advance > right and x > left + 8:
+                x, row = left + 8, row + 1
+            if row >= max_rows:
+                break
+            legend.append((x, row, text, color))
+            x += advance
+        if len(legend) == len(series):
+            break
+    row = max(r for _, r, _, _ in legend)
+    top += 16 * row
+    note = fit_text(draw, "faint: each step, solid: smoothed", right - left - 48, small)
+    draw.text((left, bottom + 22), note, fill="gray", font=small)
+
     xs = [x for pts, _ in series.values() for x, _ in pts]
     ys = [y for pts, _ in series.values() for _, y in pts]
     x0, x1 = min(xs), max(max(xs), min(xs) + 1)
@@ -74,22 +158,25 @@ def plot_losses(steps: list[dict], title: str, width: int = 768, height: int = 3
     for y in _ticks(y0, y1):
         _, yy = px(x0, y)
         draw.line([(left, yy), (right, yy)], fill=(230, 230, 230))
-        draw.text((6, yy - 7), f"{y:.3g}", fill="black", font=font(12))
+        draw.text((6, yy - 7), f"{y:.3g}", fill="black", font=small)
     for x in _ticks(x0, x1):
         xx, _ = px(x, y0)
-        draw.text((xx - 8, bottom + 6), f"{x:g}", fill="black", font=font(12))
+        draw.text((xx - 8, bottom + 6), f"{x:g}", fill="black", font=small)
     draw.rectangle([left, top, right, bottom], outline="black")
-    draw.text((right - 40, bottom + 22), "step", fill="black", font=font(12))
-    legend_x = left + 8
-    for key, (points, color) in series.items():
+    draw.text((right - 40, bottom + 22), "step", fill="black", font=small)
+    for key, (points, color) in series.items():      # every term's raw values first, under ...
         coords = [px(x, y) for x, y in points]
         if len(coords) > 1:
-            draw.line(coords, fill=color, width=2)
+            draw.line(coords, fill=_faint(color), width=1)
+    for key, (points, color) in series.items():      # ... the smoothed curves
+        coords = [px(x, y) for (x, _), y in zip(points, smoothed[key])]
+        if len(coords) > 1:
+            draw.line(coords, fill=color, width=2, joint="curve")
         else:
             cx, cy = coords[0]
             draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=color)
-        draw.text((legend_x, top - 18), f"{key} {points[-1][1]:.4f}", fill=color, font=font(12))
-        legend_x += 110
+    for x, row, text, color in legend:
+        draw.text((x, 34 + 16 * row), text, fill=color, font=small)
     return image
 
 

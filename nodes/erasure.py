@@ -2,7 +2,10 @@
 
 Training reports one progress step per training step (after a first phase that samples the
 safe prompts' trajectories) and sends `vare.train` events that web/vare.js draws as a live loss
-chart on the node: {node, phase: start | trajectories | train | done | cancelled, ...}.
+chart on the node: {node, phase: start | trajectories | train | done | cancelled, steps, smoothing,
+...}. `steps` is the number of steps the run trains (the resolved EraseConfig's: the widget's 0
+means the model's profile decides), `smoothing` the factor of the chart's smoothed loss curve
+(nodes/drawing.py decides it for the chart and the Loss Plot alike).
 
 Cancel: training stops after the current step; the adapter trained so far is written to
 models/vare/partial/ (listed by Load Adapter) with its loss history beside it as JSON, the node
@@ -35,7 +38,7 @@ from vare_core.erasure.trainer import PRECISIONS, EraseConfig, train_erasure
 from vare_core.erasure_profile import erasure_profile
 from vare_core.models import rope
 
-from . import host
+from . import drawing, host
 from .compat import CATEGORY, VareAdapter, VareLossHistory, VareModel, VarePairs, io, node_id
 from .types import LossHistory
 
@@ -169,15 +172,17 @@ def finite(value):
 
 
 class _Reporter:
-    """Trainer callback -> progress bar + throttled vare.train events with the new loss points."""
+    """Trainer callback -> progress bar + throttled vare.train events with the new loss points.
+    `config` is the resolved EraseConfig: its steps are the chart's step total."""
 
-    def __init__(self, node, steps: int, method: str):
-        self.node, self.steps, self.method = node, steps, method
+    def __init__(self, node, config: EraseConfig):
+        self.node, self.steps, self.method = node, config.steps, config.method
+        self.smoothing = drawing.smoothing(config.steps)
         self.points, self.last_sent, self.last_step = [], 0.0, 0
 
     def send(self, phase: str, **data):
         host.send_event(EVENT, {"node": self.node, "phase": phase, "steps": self.steps,
-                                "method": self.method, **data})
+                                "method": self.method, "smoothing": self.smoothing, **data})
 
     def __call__(self, info: dict):
         if host.interrupted():              # the progress hook would raise and lose the adapter
@@ -292,7 +297,7 @@ class TrainErasure(io.ComfyNode):
                                  gradient_checkpointing=gradient_checkpointing, seed=seed,
                                  lora_targets=lora_targets, formulation=formulation, passes=passes)
         concepts = sorted({p.concept for p in pairs if p.concept})
-        reporter = _Reporter(node, steps, method)
+        reporter = _Reporter(node, config)
         host.free_accelerator_memory()      # ComfyUI's other models out, ...
         host.use_models(pipe)               # ... this one (back) in
         # ComfyUI runs nodes under torch.inference_mode(); training needs autograd back, and
@@ -327,7 +332,7 @@ class TrainErasure(io.ComfyNode):
                 host.raise_interrupted()
             path = save_partial(result.adapter, history, config)
             host.log.warning("VARE training cancelled after %d of %d steps; partial adapter saved to %s",
-                             len(result.history), steps, path)
+                             len(result.history), config.steps, path)
             reporter.send("cancelled", step=len(result.history), path=path)
             host.raise_interrupted()
         final = result.history[-1] if result.history else {}

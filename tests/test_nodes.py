@@ -13,16 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import nodes
+from nodes import adapters, drawing, erasure, evaluation, host, loaders, sampling
+from nodes.compat import io
+from nodes.types import LossHistory, VareConditioning
+from vare_core.erasure.adapters import Adapter, load_adapter
+from vare_core.pipeline import VarPipeline
 
-import nodes  # noqa: E402
-from nodes import adapters, erasure, evaluation, host, loaders, sampling  # noqa: E402
-from nodes.compat import io  # noqa: E402
-from nodes.types import LossHistory, VareConditioning  # noqa: E402
-from vare_core.embedded import spec  # noqa: E402
-from vare_core.erasure.adapters import Adapter, load_adapter  # noqa: E402
-from vare_core.pipeline import VarPipeline  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 
@@ -302,6 +300,32 @@ def test_cancel_saves_the_partial_adapter_and_ends_interrupted(model, pairs, eve
     assert "partial/" + path.name in adapters.adapter_choices()
 
 
+@pytest.mark.parametrize("steps_widget", [0, 7])
+def test_chart_and_cancel_message_count_the_steps_the_run_trains(model, pairs, events, monkeypatch, caplog,
+                                                                  steps_widget):
+    """steps 0 leaves the count to the model's profile (embedded: its tuned 600): the chart's
+    events and the cancel message carry the resolved count, never the widget's 0."""
+    from vare_core.erasure_profile import erasure_profile
+    expected = steps_widget or erasure_profile(model).config().steps
+    assert expected > 0
+    steps_seen = []
+    original = erasure._Reporter.__call__
+
+    def reporter(self, info):
+        original(self, info)
+        if info["phase"] == "train":
+            steps_seen.append(info["step"])
+    monkeypatch.setattr(erasure._Reporter, "__call__", reporter)
+    monkeypatch.setattr(host, "interrupted", lambda: len(steps_seen) >= 2)
+    with caplog.at_level("WARNING", logger="vare"), pytest.raises(host.Interrupted):
+        train(model, pairs, steps=steps_widget)
+    sent = [d for name, d in events["events"] if name == "vare.train"]
+    assert [d["phase"] for d in sent][0] == "start" and sent[-1]["phase"] == "cancelled"
+    assert {d["steps"] for d in sent} == {expected}
+    assert f"after 2 of {expected} steps" in caplog.text
+    assert {d["smoothing"] for d in sent} == {drawing.smoothing(expected)}
+
+
 def test_out_of_memory_names_the_settings_to_change(model, pairs, monkeypatch):
     """... after the failed run's tensors are gone: memory is freed with nothing of the training
     state left alive (an `except` block would still hold it through the traceback)."""
@@ -382,6 +406,51 @@ def test_loss_plot_is_an_image(trained):
     out = run(evaluation.LossPlot, loss_history=trained[1], width=512, height=256)
     assert out[0].shape == (1, 256, 512, 3) and out.ui is not None
     assert out[0].std() > 0.01                # curves and text, not a blank canvas
+
+
+def test_loss_plot_draws_the_smoothed_loss_over_the_faint_steps(monkeypatch):
+    """The per-step loss in a faint tint of its colour, the smoothed curve solid in the colour,
+    the last smoothed value in the legend; with no smoothing (factor 0) the solid curve is the
+    raw one and the picture differs."""
+    import numpy as np
+    from PIL import ImageDraw
+    rng = np.random.default_rng(0)
+    noisy = [{"step": i, "steps": 200, "loss": float(0.05 + 0.2 * np.exp(-i / 40) + rng.uniform(0, 0.1))}
+             for i in range(1, 201)]
+    noisy[-1]["loss"] = 0.3                                 # a last spike: smoothed, it stays low
+    history = LossHistory(steps=noisy, method="svare", concepts=["circle"])
+    texts = []
+    original_text = ImageDraw.ImageDraw.text
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text",
+                        lambda self, xy, text, *a, **k: texts.append(text) or original_text(self, xy, text, *a, **k))
+    plot = (run(evaluation.LossPlot, loss_history=history, width=512, height=256)[0][0].numpy() * 255).round()
+    colour = dict(drawing.CURVES)["loss"]
+
+    def count(image, rgb):
+        return int((np.abs(image[60:210, 70:490] - np.asarray(rgb)).max(axis=-1) <= 2).sum())
+    assert count(plot, colour) > 300 and count(plot, drawing._faint(colour)) > 300
+    last = drawing.ema([s["loss"] for s in noisy], drawing.smoothing(200))[-1]
+    assert last < 0.15
+    assert f"loss {last:.4f} (last 0.3000)" in texts
+    monkeypatch.setattr(drawing, "smoothing", lambda steps: 0.0)
+    raw_only = np.asarray(drawing.plot_losses(noisy, history.title, 512, 256), dtype=float)
+    assert (np.abs(raw_only - plot).max(axis=-1) > 30).sum() > 200
+
+
+def test_loss_plot_cuts_huge_titles_and_term_names():
+    """A megabyte concept name (the title) or term name draws a normal plot, quickly."""
+    import time
+    huge = "x" * 2**20
+    history = LossHistory(steps=[{"step": i, "loss": 1 / i, "fce": 0.5 / i, huge: 1.0} for i in range(1, 30)],
+                          method=huge, concepts=[huge, huge])
+    start = time.monotonic()
+    out = run(evaluation.LossPlot, loss_history=history, width=256, height=128)[0]
+    assert out.shape == (1, 128, 256, 3) and time.monotonic() - start < 5
+    from PIL import Image, ImageDraw
+    draw = ImageDraw.Draw(Image.new("RGB", (10, 10)))
+    text = drawing.fit_text(draw, huge, 300, drawing.font(16))
+    assert text.endswith("...") and 0 < draw.textlength(text, font=drawing.font(16)) <= 300
+    assert drawing.fit_text(draw, "short", 300, drawing.font(16)) == "short"
 
 
 def test_erasure_check_scores_rendered_shapes():

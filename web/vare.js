@@ -15,6 +15,22 @@ const COLOURS = {               // [title bar, body] per category
   "VARE/evaluation": ["#2e5a3c", "#1f3d29"],
 };
 const CURVES = [["loss", "#4ea1ff"], ["fce", "#ff6b6b"], ["pre", "#5fd068"], ["vare", "#b48cff"], ["naive_ce", "#ffa94d"]];
+// The smoothed loss curve's EMA factor comes in every vare.train event ("smoothing"): Python
+// decides it (nodes/drawing.py smoothing(), which the Loss Plot uses too). This is only the
+// stand-in for an event without it.
+const SMOOTHING_FALLBACK = 0.9;
+const RAW_ALPHA = 0.3;          // the per-step loss, drawn faint under the smoothed curve
+
+// One step of nodes/drawing.py ema(): a bias-corrected exponential moving average
+// (m = f*m + (1-f)*x from m = 0, shown as m / (1 - f^t)).
+function emaPush(st, value) {
+  const f = st.smoothing;
+  st.ema.mean = f * st.ema.mean + (1 - f) * value;
+  st.ema.weight *= f;
+  const smoothed = st.ema.mean / (1 - st.ema.weight);
+  st.smooth.push(smoothed);
+  return smoothed;
+}
 
 function fmtTime(s) {
   if (s == null || !isFinite(s)) return "–";
@@ -24,7 +40,8 @@ function fmtTime(s) {
 }
 
 function chartState(node) {
-  node.vareTrain ??= { points: [], terms: {}, step: 0, steps: 0, phase: "idle", updates: 0 };
+  node.vareTrain ??= { points: [], smooth: [], ema: { mean: 0, weight: 1 }, smoothing: SMOOTHING_FALLBACK,
+                       terms: {}, step: 0, steps: 0, phase: "idle", updates: 0 };
   return node.vareTrain;
 }
 
@@ -41,11 +58,17 @@ function onTrainEvent({ detail }) {
   }
   st.phase = detail.phase;
   st.steps = detail.steps ?? st.steps;
+  const f = Number(detail.smoothing);
+  if (isFinite(f) && f >= 0 && f < 1 && st.points.length === 0) st.smoothing = f;
   st.updates += 1;
   if (detail.phase === "trajectories") {
     st.done = detail.done; st.total = detail.total;
   } else if (detail.phase === "train") {
-    for (const p of detail.points || []) if (p[1] != null) st.points.push(p);
+    for (const p of detail.points || []) {
+      if (p[1] == null) continue;        // a skipped step: no loss, left out as in the Loss Plot
+      st.points.push(p);
+      emaPush(st, p[1]);
+    }
     Object.assign(st, { step: detail.step, loss: detail.loss, seconds: detail.seconds, eta: detail.eta,
                         skipped: detail.skipped });
     for (const [k, v] of Object.entries(detail.terms || {})) if (v != null) st.terms[k] = v;
@@ -97,16 +120,23 @@ function drawChart(node, ctx) {
     ctx.fillStyle = "#aaa";
     ctx.fillText(hi.toPrecision(3), x0 + 2, py0 + 10);
     ctx.fillText(lo.toPrecision(3), x0 + 2, py0 + ph);
-    ctx.strokeStyle = CURVES[0][1]; ctx.lineWidth = 1.5;
-    ctx.beginPath();
-    pts.forEach((p, i) => (i ? ctx.lineTo(X(p[0]), Y(p[1])) : ctx.moveTo(X(p[0]), Y(p[1]))));
-    ctx.stroke();
+    const line = (values) => {
+      ctx.beginPath();
+      pts.forEach((p, i) => (i ? ctx.lineTo(X(p[0]), Y(values[i])) : ctx.moveTo(X(p[0]), Y(values[i]))));
+      ctx.stroke();
+    };
+    ctx.strokeStyle = CURVES[0][1];
+    ctx.globalAlpha = RAW_ALPHA; ctx.lineWidth = 1;          // each step's loss, faint ...
+    line(pts.map(p => p[1]));
+    ctx.globalAlpha = 1; ctx.lineWidth = 2;                  // ... under the smoothed loss, solid
+    line(st.smooth);
     let lx = px0 + 4;
     for (const [k, colour] of CURVES) {
       const v = k === "loss" ? st.loss : st.terms[k];
       if (v == null) continue;
       ctx.fillStyle = colour;
-      const label = `${k} ${v.toFixed(4)}`;
+      const smoothed = k === "loss" ? st.smooth[st.smooth.length - 1] : null;
+      const label = smoothed == null ? `${k} ${v.toFixed(4)}` : `${k} ${smoothed.toFixed(4)} smoothed`;
       ctx.fillText(label, lx, py0 + 12);
       lx += ctx.measureText(label).width + 10;
     }
