@@ -50,7 +50,7 @@ def test_control_family_names_no_shape():
 
 @pytest.mark.slow
 def test_default_adapter_holds_against_every_attack_family(tmp_path):
-    """README goal: ACC_e <= 5% per family (40 samples). Here 15 samples per family, so the
+    """Goal (docs/results.md, "Attacks"): ACC_e <= 5% per family (40 samples). Here 15 samples per family, so the
     margin is <= 20% (3 of 15 images) on every family. The misspellings (one unknown token to
     the word-level vocabulary) and "a red round" get the model's default for prompts naming no
     shape, a circle on models v2 and v2.1: the mined implicit pairs (erasure/implicit.py) erase that

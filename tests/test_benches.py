@@ -145,7 +145,7 @@ def test_erasure_seeds_runs_and_summarises(capsys):
 
 
 def test_memory_check_quick(capsys):
-    # the plan against two real CPU runs (fresh processes); the full run is in the README
+    # the plan against two real CPU runs (fresh processes); the full run is in docs/memory.md
     worst = load_bench("memory_check").main(["--quick"])
     out = capsys.readouterr().out
     rows = table_rows(out)

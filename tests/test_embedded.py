@@ -41,7 +41,7 @@ def test_same_seed_same_image_and_prompt_matters(pipe):
 
 @pytest.mark.slow
 def test_quality_bar_reduced(pipe):
-    """Embedded model v2.2's targets (README "The embedded model"), measured on 8 samples per
+    """Embedded model v2.2's targets (docs/embedded_model.md), measured on 8 samples per
     (shape, colour) instead of 32; the margins are for the smaller sample (160 images: one
     image is 0.6 points)."""
     from vare_core.embedded.classifier import load_classifier

@@ -1,6 +1,6 @@
 """The fidelity benchmark's S-VARE row on the embedded model: two pairs, reduced samples, cfg 4.
 
-Targets (README, full benchmark over 12 pairs x 2 seeds at 64 samples): ACC_e <= 3%; erased
+Targets (docs/results.md, full benchmark over 12 pairs x 2 seeds at 64 samples): ACC_e <= 3%; erased
 prompts keep colour / background / style at the original's rate minus 3 points and stay intact;
 other prompts within 1 point of the original; >= 90% of them the same picture at the same seed.
 Measured on embedded model v2.1 at 64 samples (defaults of 2026-12-02, mined implicit pairs): the

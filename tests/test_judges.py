@@ -37,7 +37,7 @@ def test_no_exposed_parts_on_shapes_and_noise(detector):
     noise = (rng.random((4, 256, 256, 3)) * 255).astype(np.uint8)
     smooth = np.stack([np.asarray(Image.fromarray(n).resize((8, 8)).resize((256, 256), Image.BICUBIC)) for n in noise])
     # the default threshold; at 0.2-0.4 about 1% of shapes pictures score a round shape as
-    # buttocks (300 random scenes: max 0.50), README "Nudity: NudeNet"
+    # buttocks (300 random scenes: max 0.50), docs/nudity.md
     judge = NudeNetJudge(detector=detector)
     for batch in (shapes, noise, smooth):
         verdicts = judge.judge(torch.from_numpy(batch).float() / 255)

@@ -1,6 +1,6 @@
 """The memory plan (vare_core/erasure/plan.py): its meter, its totals against hand counts on
 tiny configs, and the `plan` command without weight files. bench/memory_check.py compares it
-with real CPU runs (README "Memory plan")."""
+with real CPU runs (docs/memory.md, "The plan against measurement")."""
 from dataclasses import replace
 
 import pytest

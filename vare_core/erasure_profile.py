@@ -7,7 +7,7 @@ way wherever it is started.
     pairs = profile.pairs(["circle"], ["square"], seed=0)
 
 Embedded (and tiny) models: the shapes world's tuned settings (embedded/erasure_defaults.py).
-Infinity: what fits a 12 GB card at 1024^2 by the memory plan (README "Memory plan"): LoRA on
+Infinity: what fits a 12 GB card at 1024^2 by the memory plan (docs/memory.md): LoRA on
 cross-attention + FFN, gradient checkpointing, one pair per step in split passes (one row
 group's activations at a time), trajectories one prompt at a time (with the blocks streamed
 from CPU memory when the card cannot hold the KV cache beside them: Infinity-8B), the text

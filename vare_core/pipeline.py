@@ -279,7 +279,7 @@ def load_pipeline(model: str | Path = EMBEDDED, vae: str | Path | None = None,
     device = _pick_device(device)
     dtype = _pick_dtype(dtype, device)
     # Official Infinity weights in fp32: their code rounds cross-attention through bf16 even
-    # then (flash-attn has no fp32 kernel), so we do too (README "Precision"; a no-op in half).
+    # then (flash-attn has no fp32 kernel), so we do too (docs/memory.md, "Precision"; a no-op in half).
     transformer, fingerprint = load_transformer(model, dtype=dtype, device=device, low_vram=low_vram,
                                                 ca_bf16_rounding=dtype == torch.float32)
     vae_model = _build_vae_file(vae, dtype, device)

@@ -49,7 +49,7 @@ DEFAULT_STEPS = 150
 DEFAULT_TRAIN = "lora"
 DEFAULT_RANK = 8
 DEFAULT_LR = 2e-3
-# Measured over 4 training seeds (bench/erasure_seeds.py; README has the sweep): LoRA on
+# Measured over 4 training seeds (bench/erasure_seeds.py): LoRA on
 # cross-attention only, since FFN factors moved the other shapes (ACC_i 98.5% -> 99.3%); alpha
 # 0.05 trains every token with a wrong bit, which keeps the prompted colour on erased prompts
 # (90.0% at the paper's 0.25 -> 97.8%); L_Pre weight 1.0 (official 0.5) and 20 keep pairs per
@@ -57,7 +57,7 @@ DEFAULT_LR = 2e-3
 DEFAULT_LORA_TARGETS = ("ca",)
 DEFAULT_ALPHA = 0.05
 DEFAULT_PRESERVATION_WEIGHT = 1.0
-# How the erasure meets classifier-free guidance (README "Guidance-consistent targets").
+# How the erasure meets classifier-free guidance (docs/method.md, "Guidance-consistent targets").
 # paper: the S-VARE paper's objective (CFG-combined teacher for L_Pre, bits sampled at cfg 4 for
 # L_FCE), golden-tested. consistent: the conditional branch is trained toward the frozen model's
 # own CONDITIONAL logits of the safe prompt (soft targets on the selected tokens), and the null
@@ -69,11 +69,11 @@ FORMULATIONS = {
                    "scale_weights": "tokens"},
 }
 DEFAULT_FORMULATION = "consistent"
-# The embedded model's tuning on top of "consistent" (bench/erasure_seeds.py; README): every
+# The embedded model's tuning on top of "consistent" (bench/erasure_seeds.py; docs/method.md): every
 # token trained (alpha 0), every scale weighted the same (the 1-, 4- and 16-token scales set the
 # layout), and 600 steps (still well inside the 3-minute budget).
 EMBEDDED_CONSISTENT = {"alpha": 0.0, "scale_weights": "balanced", "steps": 600, "preservation_weight": 2.0}
-# Implicit pairs per erased concept, at most, as a share of its erasure pairs (README
+# Implicit pairs per erased concept, at most, as a share of its erasure pairs (docs/method.md,
 # "Implicit pairs": 24 for 50, chosen from 12 and 24 measured)
 IMPLICIT_SHARE = 0.48
 IMPLICIT_CANDIDATES = 48       # sampled IMPLICIT_SAMPLES times each by the original model
@@ -159,7 +159,7 @@ def embedded_pairs(concepts, anchors, seed: int = 0, n_per_concept: int = 50,
     default_implicit_count(n_per_concept), 24 for 50) mined implicit pairs per concept and their
     contrast keep pairs; then `retain_per_shape` keep-as-is pairs for every shape not erased
     (anchors included; None = pairs.default_keep_count(n_per_concept), 20 for 50; 0 = none, the
-    paper's setting). Without them the LoRA drifts on the other shapes (README: "Keep pairs")."""
+    paper's setting). Without them the LoRA drifts on the other shapes (docs/method.md, "Keep pairs")."""
     concepts = [concepts] if isinstance(concepts, str) else list(concepts)
     anchors = [anchors] if isinstance(anchors, str) else list(anchors)
     concepts = [shape_name(c, "concept") for c in concepts]

@@ -1,6 +1,6 @@
 """Quality of the embedded model, judged by the shapes classifier and the geometric judge.
 
-    python -m vare_core.embedded.evaluate --samples 32 --seed 1000       # the README numbers
+    python -m vare_core.embedded.evaluate --samples 32 --seed 1000       # docs/embedded_model.md's numbers
     python -m vare_core.embedded.evaluate --sweep --samples 32 --seed 2000  # pick cfg / tau
 
 For every (shape, colour) pair the prompt "a {colour} {shape}" is sampled `samples` times;

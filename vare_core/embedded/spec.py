@@ -39,7 +39,7 @@ def text_encoder_config(vocab_size: int) -> T5Config:
 
 
 # Sampling defaults (written into embedded.json by training and read back at load time).
-DEFAULT_CFG = 4.0   # cfg 3: purple circle colour 84%; cfg 4: every prompt >= 90% (README)
+DEFAULT_CFG = 4.0   # cfg 3: purple circle colour 84%; cfg 4: every prompt >= 90% (model v1; docs/embedded_model.md)
 DEFAULT_TAU = 0.5
 DEFAULT_TOP_P = 0.0
 # With the VAE's coarse-code layout (coarse_codes.py) the 1x1 first scale holds the open

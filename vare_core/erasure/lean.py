@@ -1,4 +1,4 @@
-"""Memory-lean parts of the erasure step (trainer.py calls them; README "Memory plan").
+"""Memory-lean parts of the erasure step (trainer.py calls them; docs/memory.md).
 
     stats = split_backward(parallel, condition, x, schedule, n, autocast, scaled_objective)
     with blocks_streamed(model, should_stream_blocks(pipe, config, context)): ...

@@ -24,7 +24,7 @@ What happens:
    What the logits are trained toward (`targets`):
    - "cfg" (the paper): L_FCE on the bits sampled with guidance, L_Pre toward the CFG-combined
      teacher. The sampler then applies CFG to a conditional branch that was already taught a
-     guided distribution: guidance twice, blotchy frame-filling pictures at cfg >= 2 (README).
+     guided distribution: guidance twice, blotchy frame-filling pictures at cfg >= 2 (docs/method.md).
      Keep pairs are held to the frozen model's own conditional logits (keep_target="frozen").
    - "conditional" (guidance-consistent): every row's target is the frozen model's CONDITIONAL
      logits of the safe prompt on the trajectory (computed once before training); with
@@ -32,7 +32,7 @@ What happens:
      distribution instead of the sampled bits. A fit conditional branch then meets the sampler's
      guidance exactly as the safe prompt's own branch does, at any cfg.
    - "guided": the student's CFG mix with the frozen null branch, cfg * student(c) + (1 - cfg) *
-     null, is what meets the paper's targets (measured, not the default: README).
+     null, is what meets the paper's targets (measured, not the default: docs/method.md).
    null_weight > 0 adds the null condition as rows held to its frozen output (an adapter on
    cross-attention moves the unconditional branch too, which shifts every prompt's picture at
    cfg > 1); scale_weights="balanced" weights every scale the same (the 1-, 4-, 16-token scales
