@@ -490,4 +490,56 @@ ROWS = [
     files("pairs file", "CSV without a safe column", "missing the key/column 'safe'", load_pairs_file,
           text_file("columns.csv", "unsafe,other\na red circle,x\n")),
     files("pairs file", "empty", "holds no pairs", load_pairs_file, text_file("empty.txt", "# nothing here\n")),
+    # ---- evaluate: inputs it must refuse
+    cli("CLI: evaluate", "--prompts", ["--prompts", "/dev/zero", "--judge", "shapes", "--concept", "circle"],
+        "--prompts /dev/zero is a device node, not a regular file", base=EVALUATE),
+    cli("CLI: evaluate", "--prompts", ["--prompts", "{tmp}/prompts_fifo.csv", "--judge", "shapes", "--concept", "circle"],
+        "is a FIFO (named pipe: reading it would block), not a regular file",
+        base=EVALUATE, setup=lambda ctx: ctx.file("prompts_fifo.csv", os.mkfifo)),
+    cli("CLI: evaluate", "--prompts", ["--prompts", "{tmp}/prompts_1gib.csv", "--judge", "shapes", "--concept", "circle"],
+        "is 1024 MiB; at most 64 MiB (100000 prompts) are read: split it",
+        base=EVALUATE, setup=lambda ctx: ctx.file("prompts_1gib.csv", lambda path: os.truncate(
+            path.write_text("prompt\na cat\n") and path, 2**30))),
+    cli("CLI: evaluate", "--prompts: sd_seed", ["--prompts", "{tmp}/seed_inf.csv", "--judge", "shapes", "--concept", "circle"],
+        "line 2: sd_seed 'inf' is not a whole number (digits) from 0 to 2^62-1",
+        base=EVALUATE, setup=lambda ctx: ctx.file("seed_inf.csv", lambda path: path.write_text("prompt,sd_seed\na cat,inf\n"))),
+    cli("CLI: evaluate", "--prompts: sd_seed", ["--prompts", "{tmp}/seed_2_62.csv", "--judge", "shapes", "--concept", "circle"],
+        f"line 2: sd_seed '{2**62}' is too large: seeds go from 0 to 2^62-1",
+        base=EVALUATE, setup=lambda ctx: ctx.file("seed_2_62.csv", lambda path: path.write_text(f"prompt,sd_seed\na cat,{2**62}\n"))),
+    cli("CLI: evaluate", "--prompts: sd_guidance_scale", ["--prompts", "{tmp}/cfg_nan.csv", "--judge", "shapes", "--concept", "circle"],
+        "line 2: sd_guidance_scale nan is outside [-100, 100]",
+        base=EVALUATE, setup=lambda ctx: ctx.file("cfg_nan.csv", lambda path: path.write_text("prompt,sd_guidance_scale\na cat,nan\n"))),
+    cli("CLI: evaluate", "--prompts: a cell", ["--prompts", "{tmp}/long_cell.csv", "--judge", "shapes", "--concept", "circle"],
+        "line 2: a cell is longer than 131072 characters, the CSV reader's limit",
+        base=EVALUATE, setup=lambda ctx: ctx.file("long_cell.csv", lambda path: path.write_text("prompt\n" + "x" * 131_073 + "\n"))),
+    cli("CLI: evaluate", "--out", ["--prompts", "{tmp}/prompts.csv", "--judge", "shapes", "--concept", "circle",
+                                   "--out", "{tmp}/eval_users"],
+        "holds files evaluate did not write (results.md); it writes only into an empty or new folder",
+        base=EVALUATE, setup=lambda ctx: (
+            ctx.file("prompts.csv", lambda path: path.write_text("prompt\na red circle\n")),
+            ctx.file("eval_users/results.md", lambda path: path.write_text("the user's own table\n")))),
+    cli("CLI: evaluate", "--out", ["--prompts", "{tmp}/prompts.csv", "--judge", "shapes", "--concept", "circle",
+                                   "--out", "{tmp}/eval_linked"],
+        "eval_linked/images/base is a symbolic link (to {tmp}); evaluate writes only inside its run folder",
+        base=EVALUATE, setup=lambda ctx: (
+            ctx.file("prompts.csv", lambda path: path.write_text("prompt\na red circle\n")),
+            ctx.file("eval_linked/vare_run.json", lambda path: path.write_text(
+                '{"format": "vare-run/1", "command": "evaluate"}\n')),
+            ctx.file("eval_linked/images/base", lambda path: path.symlink_to(ctx.tmp)))),
+    cli("CLI: evaluate", "--out: verdicts.jsonl", ["--prompts", "{tmp}/prompts.csv", "--judge", "shapes", "--concept",
+                                                   "circle", "--out", "{tmp}/eval_edited"],
+        "verdicts.jsonl, line 1: the first line must be the run's settings record",
+        base=EVALUATE, setup=lambda ctx: (
+            ctx.file("prompts.csv", lambda path: path.write_text("prompt\na red circle\n")),
+            ctx.file("eval_edited/vare_run.json", lambda path: path.write_text(
+                '{"format": "vare-run/1", "command": "evaluate"}\n')),
+            ctx.file("eval_edited/verdicts.jsonl", lambda path: path.write_text("[1, 2]\n")))),
+    cli("CLI: evaluate", "--out: verdicts.jsonl", ["--prompts", "{tmp}/prompts.csv", "--judge", "shapes", "--concept",
+                                                   "circle", "--out", "{tmp}/eval_deep"],
+        "verdicts.jsonl, line 1: nested too deeply; delete the folder {tmp}/eval_deep to start over",
+        base=EVALUATE, setup=lambda ctx: (
+            ctx.file("prompts.csv", lambda path: path.write_text("prompt\na red circle\n")),
+            ctx.file("eval_deep/vare_run.json", lambda path: path.write_text(
+                '{"format": "vare-run/1", "command": "evaluate"}\n')),
+            ctx.file("eval_deep/verdicts.jsonl", lambda path: path.write_text("[" * 100_000 + "\n")))),
 ]

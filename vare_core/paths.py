@@ -142,20 +142,26 @@ def file_kind(path: Path) -> str:
         return "symlink loop" if err.errno == errno.ELOOP else "unreadable"
     except ValueError:                                     # a NUL byte in the name
         return "missing"
-    if stat.S_ISREG(mode):
-        return "file"
-    if stat.S_ISDIR(mode):
-        return "folder"
-    if stat.S_ISFIFO(mode):
-        return "fifo"
-    if stat.S_ISSOCK(mode):
-        return "socket"
+    return mode_kind(mode)
+
+
+def mode_kind(mode: int) -> str:
+    """What an st_mode is: 'file', 'folder', 'fifo', 'socket', 'symlink' (lstat) or 'device'."""
+    for test, kind in ((stat.S_ISREG, "file"), (stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "fifo"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISLNK, "symlink")):
+        if test(mode):
+            return kind
     return "device"
 
 
-_KIND_TEXT = {"folder": "a folder", "fifo": "a FIFO (named pipe: reading it would block)",
-              "device": "a device node", "socket": "a socket", "symlink loop": "a symlink loop",
-              "unreadable": "not readable"}
+_KIND_TEXT = {"file": "a file", "folder": "a folder", "fifo": "a FIFO (named pipe: reading it would block)",
+              "device": "a device node", "socket": "a socket", "symlink": "a symbolic link",
+              "symlink loop": "a symlink loop", "unreadable": "not readable"}
+
+
+def describe_mode(mode: int) -> str:
+    """An st_mode in words, for messages: 'a folder', 'a symbolic link', ..."""
+    return _KIND_TEXT[mode_kind(mode)]
 
 
 def require_regular_file(path: Path, what: str) -> Path:

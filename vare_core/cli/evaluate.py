@@ -3,6 +3,9 @@ tabled (the work is prompt_eval.py's).
 
     python -m vare_core evaluate --model embedded --prompts prompts.csv --judge shapes \
         --concept circle --adapter erase_circle.safetensors --out out/eval
+
+Checked before the model loads: the flags, the CSV (a regular file, bounded, every cell), and
+--out (missing, empty, or a run folder evaluate marked as its own, with no links in it).
 """
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ from pathlib import Path
 
 from ..erasure.adapters import parse_adapter_spec
 from ..judges import JUDGES, make_judge
-from ..prompt_eval import MAX_ROWS, evaluate_prompt_set, fingerprint, read_prompt_rows, results_table
+from ..prompt_eval import (MAX_ROWS, check_out_folder, evaluate_prompt_set, fingerprint, read_prompt_rows,
+                           results_table)
 from .common import CliError, add_model_args, add_sampling_args, apply_adapter_args, load_from_args, sampling_kwargs
 
 
@@ -27,7 +31,8 @@ def register(subparsers) -> None:
     p.add_argument("--threshold", type=float, default=None, help="nudenet: detection score threshold (default 0.6)")
     p.add_argument("--n-per-prompt", type=int, default=1, help="images per prompt and side")
     p.add_argument("--seed", type=int, default=0, help="row i uses seed + i unless its sd_seed is given")
-    p.add_argument("--out", required=True, help="folder for images, verdicts and the results table (resumable)")
+    p.add_argument("--out", required=True, help="a new or empty folder for images, verdicts and the results "
+                   "table; the same folder again resumes the run")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -43,9 +48,8 @@ def cmd_evaluate(args):
     if args.judge != "nudenet" and args.threshold is not None:
         raise CliError("--threshold is the nudenet judge's; leave it out with --judge shapes")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CliError(f"--out {out} is a file; give a folder")
     rows = read_prompt_rows(Path(args.prompts), args.seed)
+    check_out_folder(out)
     try:     # before the (slow) model load: a missing optional package or a bad concept fails now
         judge = make_judge(args.judge, concept=args.concept, threshold=args.threshold)
     except ImportError as err:
