@@ -4,20 +4,35 @@ chromium) the browser shows the nodes and a loss chart that updates during train
 
     VARE_COMFYUI_DIR=/tmp/comfyui python -m pytest tests/test_comfy_e2e.py -v -s
 
-VARE_COMFYUI_DIR: an extracted ComfyUI source tree (see ../shared/tools/comfyui/README.md); its
-Python is $VARE_COMFYUI_PYTHON, else <dir>/.venv/bin/python. The server runs with a fresh
---base-directory (models, custom_nodes, output in a temp folder) and this pack linked into
-custom_nodes as a user's would be. VARE_E2E_TRAIN_STEPS overrides the training steps of
-workflow 2 (default: as shipped). Without VARE_COMFYUI_DIR every test skips, saying why.
+VARE_COMFYUI_DIR: a ComfyUI source tree. ComfyUI is not on the package registries; get it with
+
+    git clone https://github.com/Comfy-Org/ComfyUI /tmp/comfyui
+    python3 -m venv /tmp/comfyui/.venv
+    /tmp/comfyui/.venv/bin/pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu
+    /tmp/comfyui/.venv/bin/pip install -r /tmp/comfyui/requirements.txt
+
+(CPU torch first, so that its requirements keep it; a torchaudio that fails to import only costs
+ComfyUI its audio nodes). Its Python is $VARE_COMFYUI_PYTHON, else <dir>/.venv/bin/python. The
+server runs with a fresh --base-directory (models, custom_nodes, output in a temp folder) and this
+pack linked into custom_nodes as a user's would be. VARE_E2E_TRAIN_STEPS overrides the training
+steps of workflow 2 (default: as shipped). Without VARE_COMFYUI_DIR every test skips, saying why.
+
+Frontend: by default the server serves the comfyui-frontend-package that ComfyUI's requirements
+pin. VARE_COMFYUI_FRONTEND_ROOT=/path/to/static serves another one (passed as --front-end-root),
+e.g. the current release, installed beside the pinned one:
+
+    pip install --target /tmp/fe comfyui-frontend-package==1.58.1
+    VARE_COMFYUI_FRONTEND_ROOT=/tmp/fe/comfyui_frontend_package/static VARE_COMFYUI_DIR=/tmp/comfyui \
+        python -m pytest tests/test_comfy_e2e.py -v -s
 """
 import base64
 import json
 import os
+import re
 import shutil
 import socket
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.parse
@@ -28,14 +43,14 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_workflows import (FILE_INPUTS, REPO, WORKFLOWS, check_workflow, object_info_of_pack, to_api,  # noqa: E402
+from test_workflows import (FILE_INPUTS, REPO, WORKFLOWS, check_workflow, object_info_of_pack, to_api,
                             widget_slots)
 
 COMFY = os.environ.get("VARE_COMFYUI_DIR")
+FRONTEND_ROOT = os.environ.get("VARE_COMFYUI_FRONTEND_ROOT")
 PACK = Path(os.environ.get("VARE_E2E_PACK", REPO))
 pytestmark = pytest.mark.skipif(not COMFY, reason="VARE_COMFYUI_DIR is not set: no ComfyUI source tree to "
-                                "test against (see ../shared/tools/comfyui/README.md)")
+                                "test against (this module's docstring says how to get one)")
 WF1 = REPO / "workflows" / "vare_embedded_text_to_image.json"
 WF2 = REPO / "workflows" / "vare_embedded_erase_before_after.json"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -97,18 +112,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def comfy_python() -> str:
+    return os.environ.get("VARE_COMFYUI_PYTHON") or str(Path(COMFY) / ".venv" / "bin" / "python")
+
+
+def frontend_root() -> Path:
+    """The static folder the server serves: VARE_COMFYUI_FRONTEND_ROOT, else the pinned package's."""
+    if FRONTEND_ROOT:
+        return Path(FRONTEND_ROOT).resolve()
+    where = subprocess.run([comfy_python(), "-c", "import os, comfyui_frontend_package as p; "
+                            "print(os.path.join(os.path.dirname(p.__file__), 'static'))"],
+                           capture_output=True, text=True, check=True)
+    return Path(where.stdout.strip())
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     comfy = Path(COMFY)
-    python = os.environ.get("VARE_COMFYUI_PYTHON") or str(comfy / ".venv" / "bin" / "python")
+    python = comfy_python()
     base = tmp_path_factory.mktemp("comfy-base")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "vare").symlink_to(PACK, target_is_directory=True)
     port = _free_port()
     env = {**os.environ, "VARE_CACHE_DIR": str(base / "cache")}
+    frontend = ["--front-end-root", str(Path(FRONTEND_ROOT).resolve())] if FRONTEND_ROOT else []
     with open(base / "comfy.log", "w") as log:
         proc = subprocess.Popen([python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                                 "--base-directory", str(base), "--disable-auto-launch"],
+                                 "--base-directory", str(base), "--disable-auto-launch", *frontend],
                                 cwd=comfy, stdout=log, stderr=subprocess.STDOUT, env=env)
     srv = Server(f"http://127.0.0.1:{port}", base, proc)
     try:
@@ -121,7 +151,8 @@ def server(tmp_path_factory):
                 if proc.poll() is not None or time.time() > end:
                     pytest.fail(f"ComfyUI did not start:\n{srv.log_tail()}")
                 time.sleep(0.5)
-        print(f"\nComfyUI {comfy} on port {port}, base {base}", flush=True)
+        print(f"\nComfyUI {comfy} on port {port}, base {base}, frontend {FRONTEND_ROOT or 'as pinned'}",
+              flush=True)
         yield srv
     finally:
         proc.terminate()
@@ -285,6 +316,17 @@ def test_object_info_lists_every_node_as_the_standin_describes_it(object_info, s
                     assert real_options.get(field) == options.get(field), (name, key, field)
 
 
+def test_the_chosen_frontend_is_served(server):
+    """The page is the index.html of VARE_COMFYUI_FRONTEND_ROOT (else of the pinned package), and
+    the scripts it names are served with it."""
+    page = server.get("/")
+    assert page == (frontend_root() / "index.html").read_bytes()
+    scripts = re.findall(r'<script[^>]+src="([^"]+)"', page.decode())
+    assert scripts
+    for src in scripts:
+        assert len(server.get("/" + src.lstrip("./"))) > 1000, src
+
+
 def test_web_extension_and_workflow_templates_are_served(server):
     assert "/extensions/vare/vare.js" in server.get("/extensions")
     script = server.get("/extensions/vare/vare.js").decode()
@@ -410,6 +452,8 @@ def test_browser_shows_the_nodes_and_a_live_loss_chart(server, tmp_path):
         page.call("Page.enable")
         page.call("Page.navigate", url=server.url + "/")
         page.wait_for("!!(window.app && app.graph && app.extensionManager)", timeout=600, interval=2)
+        version = page.js("window.__COMFYUI_FRONTEND_VERSION__ || 'unknown'")
+        print(f"\nfrontend {version}", flush=True)
         assert page.js("app.extensions.some(e => e.name === 'vare.nodes')")
         registered = page.js("Object.keys(LiteGraph.registered_node_types).filter(k => k.startsWith('VARE_'))")
         assert len(registered) == 11

@@ -2,21 +2,21 @@
 
 Each file may only use node types that exist (ours, a few built-ins, frontend-only notes), give
 every widget a valid value in the frontend's order (an INT/COMBO with control_after_generate is
-followed by its "fixed"/"randomize" entry), and link outputs to inputs of the same type.
+followed by its "fixed"/"randomize" entry), and link outputs to inputs of the same type. Its
+nodes' stored boxes (pos, size and the title bar above pos) keep apart and are at least as tall as
+their rows, so the canvas shows every node whole.
 
 `object_info_of_pack()` describes our nodes the way ComfyUI's /object_info does (through the
 V3 stand-in when ComfyUI is absent); tests/test_comfy_e2e.py runs the same checks against a
 real server's /object_info and uses `to_api()` to queue workflows 1 and 2.
 """
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 FRONTEND_ONLY = {"MarkdownNote", "Note"}           # drawn by the frontend, never sent to /prompt
@@ -157,6 +157,45 @@ def to_api(workflow: dict, object_info: dict) -> dict:
     return prompt
 
 
+TITLE_HEIGHT = 30       # LiteGraph.NODE_TITLE_HEIGHT: the title bar is drawn above `pos`
+MIN_GAP = 20            # between two nodes' boxes (the source badge sits just above a title bar)
+SLOT_ROW, WIDGET_ROW = 20, 24    # the least height the frontend gives an input/output row and a widget row
+
+
+def node_box(node: dict) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) of a node on the canvas, its title bar included."""
+    (x, y), (w, h) = node["pos"], node["size"]
+    return x, y - TITLE_HEIGHT, x + w, y + h
+
+
+def least_height(node: dict, object_info: dict) -> int:
+    """A lower bound on the body height the frontend draws: its slot rows plus its widget rows."""
+    spec = object_info.get(node["type"])
+    if spec is None:
+        return 0
+    slots = [name for name, kind, _ in input_specs(spec) if kind not in WIDGET_TYPES]
+    widgets = sum(2 if control else 1 for *_, control in widget_slots(spec))
+    return SLOT_ROW * max(len(slots), len(spec["output"])) + WIDGET_ROW * widgets
+
+
+def layout_problems(workflow: dict, object_info: dict) -> list[str]:
+    """Nodes whose stored boxes overlap or nearly touch, and nodes stored shorter than their rows:
+    the frontend draws a node at least as tall as its widgets, over whatever lies below it."""
+    problems = []
+    nodes = workflow["nodes"]
+    for node in nodes:
+        need = least_height(node, object_info)
+        if node["size"][1] < need:
+            problems.append(f"node {node['id']} {node['type']}: stored height {node['size'][1]} < {need}")
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1:]:
+            (al, at, ar, ab), (bl, bt, br, bb) = node_box(a), node_box(b)
+            if al < br + MIN_GAP and bl < ar + MIN_GAP and at < bb + MIN_GAP and bt < ab + MIN_GAP:
+                problems.append(f"nodes {a['id']} {a['type']} and {b['id']} {b['type']} overlap "
+                                f"or lie closer than {MIN_GAP} px: {node_box(a)} {node_box(b)}")
+    return problems
+
+
 def load(path: Path) -> dict:
     return json.loads(path.read_text())
 
@@ -177,6 +216,26 @@ def test_workflow_uses_only_registered_nodes_and_valid_widget_values(path):
     assert check_workflow(workflow, object_info_of_pack()) == []
     notes = [n for n in workflow["nodes"] if n["type"] == "MarkdownNote"]
     assert notes and notes[0]["widgets_values"][0].startswith("## VARE")
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_nodes_do_not_overlap(path):
+    """Stored boxes (pos, size, title bar) keep apart, so the canvas shows every node whole."""
+    assert layout_problems(load(path), object_info_of_pack()) == []
+
+
+def test_layout_check_catches_overlaps_and_short_nodes():
+    workflow = load(REPO / "workflows" / "vare_embedded_erase_before_after.json")
+    info = object_info_of_pack()
+    train = next(n for n in workflow["nodes"] if n["type"] == "VARE_TrainErasure")
+    plot = next(n for n in workflow["nodes"] if n["type"] == "VARE_LossPlot")
+    before = layout_problems(workflow, info)
+    plot["pos"] = [train["pos"][0], train["pos"][1] + train["size"][1] + 10]     # title bar over the chart
+    added = [p for p in layout_problems(workflow, info) if p not in before]
+    assert len(added) == 1 and "VARE_TrainErasure and" in added[0] and "VARE_LossPlot" in added[0]
+    loader = next(n for n in workflow["nodes"] if n["type"] == "VARE_LoadModel")
+    loader["size"] = [loader["size"][0], 150]                    # six widget rows need more than 150 px
+    assert any("VARE_LoadModel: stored height 150" in p for p in layout_problems(workflow, info))
 
 
 def test_checker_catches_a_shifted_widget_list():
