@@ -542,4 +542,45 @@ ROWS = [
             ctx.file("eval_deep/vare_run.json", lambda path: path.write_text(
                 '{"format": "vare-run/1", "command": "evaluate"}\n')),
             ctx.file("eval_deep/verdicts.jsonl", lambda path: path.write_text("[" * 100_000 + "\n")))),
+    # ---- plan and adapters: inputs they must refuse
+    cli("CLI: plan", "--batch (with --sample)", ["--sample", "--batch", str(10**9)],
+        "--batch 1000000000: at most 10000 images per run", base=["plan"]),
+    cli("CLI: plan", "--n-pairs", ["--n-pairs", str(10**9)], "--n-pairs must be at most 20000 pairs", base=["plan"]),
+    cli("CLI: plan", "--batch-size", ["--batch-size", str(10**9)],
+        "--batch-size 1000000000: at most 1024 pairs per step", base=["plan"]),
+    cli("CLI: plan", "--concepts", ["--concepts", str(10**9)], "50000000000 pairs: at most 80000", base=["plan"]),
+    cli("CLI: plan", "--low-vram (without --sample)", ["--low-vram"], "--low-vram streams the blocks for sampling only",
+        base=["plan"]),
+    erase("--batch-size", ["--batch-size", str(10**9)], "--batch-size 1000000000: at most 1024 pairs per step"),
+    sample("--adapter (LoRA factors 1e20)", ["--adapter", "{tmp}/lora_1e20.safetensors:1"],
+           "beyond the largest fp32 value (3.4028e+38) it runs in: the logits would overflow",
+           setup=lambda ctx: ctx.file("lora_1e20.safetensors", lambda path: save_file(
+               {k: torch.full_like(v, 1e20) for k, v in lora().items()}, str(path),
+               metadata={"format": json.dumps(FORMAT_VERSION), "train": json.dumps("lora"),
+                         "base_fingerprint": json.dumps(ctx.pipe.fingerprint)}))),
+    sample("--adapter (fp16 LoRA factors 65504)", ["--adapter", "{tmp}/lora_fp16_max.safetensors:0.5"],
+           "times the size of the weights it changes (Frobenius norms; at most 100)",
+           setup=lambda ctx: ctx.file("lora_fp16_max.safetensors", lambda path: save_file(
+               {k: torch.full_like(v, 65504.0).half() for k, v in lora().items()}, str(path),
+               metadata={"format": json.dumps(FORMAT_VERSION), "train": json.dumps("lora"),
+                         "base_fingerprint": json.dumps(ctx.pipe.fingerprint)}))),
+    sample("--adapter (ca_ffn delta 3e38)", ["--adapter", "{tmp}/delta_3e38.safetensors"],
+           "its change of blocks.0.ffn (norm",
+           setup=lambda ctx: ctx.file("delta_3e38.safetensors", lambda path: save_file(
+               {"blocks.0.ffn.fc2.bias": torch.full((128,), 3e38)}, str(path),
+               metadata={"format": json.dumps(FORMAT_VERSION), "train": json.dumps("ca_ffn"),
+                         "base_fingerprint": json.dumps(ctx.pipe.fingerprint)}))),
+    node("Apply Erasure Adapter: adapter", "LoRA factors 1e20", "beyond the largest fp32 value",
+         lambda ctx: ctx.raises(lambda: apply_node(ctx, Adapter(
+             {k: torch.full_like(v, 1e20) for k, v in lora().items()},
+             {"format": FORMAT_VERSION, "train": "lora", "base_fingerprint": ctx.pipe.fingerprint},
+             source="lora_1e20.safetensors")))),
+    files("adapter metadata", "train 'ca_ffn', LoRA tensors",
+          "the file contradicts itself: its metadata says train 'ca_ffn' (whole-tensor deltas) but its tensors are "
+          "LoRA factors", load_adapter, adapter_file("says_ca_ffn.safetensors", train=json.dumps("ca_ffn"))),
+    files("adapter metadata", "train 'lora', ca_ffn tensors",
+          "its metadata says train 'lora' (low-rank factors) but its tensors are ca_ffn deltas", load_adapter,
+          adapter_file("says_lora.safetensors", {"blocks.0.ffn.fc1.bias": torch.zeros(512)})),
+    files("adapter metadata", '"rank": 4, factors of rank 2', "its metadata says rank 4 but its tensors are factors "
+          "of rank 2", load_adapter, adapter_file("says_rank.safetensors", rank="4")),
 ]

@@ -32,6 +32,24 @@ class SamplingCancelled(RuntimeError):
     """Raised between scales when the cancel check returns True."""
 
 
+class NonFiniteLogits(ValueError):
+    """The bit logits of a scale hold inf or NaN: no bit can be drawn from them. Raised instead
+    of torch.multinomial's 'probability tensor contains either inf, nan or element < 0'."""
+
+
+def _non_finite_message(k: int, n_scales: int, raw: torch.Tensor, cfg: float, tau: float,
+                        applied: str | None, dtype: torch.dtype) -> str:
+    """What went wrong at scale k and what to lower (only built when it went wrong)."""
+    where = f"scale {k + 1} of {n_scales}: the bit logits are not finite (inf or NaN)"
+    carries = f"; the model carries {applied}" if applied else ""
+    if not bool(torch.isfinite(raw).all()):
+        half = ", or load the model in bf16 or fp32 (fp16 overflows above 65504)" if dtype == torch.float16 else ""
+        return (f"{where}: the transformer's own output overflowed{carries}. Lower the strength of "
+                f"the adapters applied (or remove them){half}; damaged weights do this too")
+    return (f"{where}: the model's output is finite, but guidance {cfg:g} / temperature {tau:g} "
+            f"overflowed it{carries}. Lower cfg or raise tau")
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """How bits are drawn; checked once, here (the per-scale count against a schedule in
@@ -121,16 +139,21 @@ def sample(model: Infinity, vae, text_states: torch.Tensor, text_lens: torch.Ten
            negative_lens: torch.Tensor | None = None, generator: torch.Generator | None = None,
            callback: Callable[[ScaleStep], None] | None = None,
            cancel: Callable[[], bool] | None = None, rope_grid=None,
-           spatial_patchify: bool = False, decode: bool = True) -> SampleResult:
+           spatial_patchify: bool = False, decode: bool = True,
+           applied: str | None = None) -> SampleResult:
     """Sample one image per prompt. text_states (B, T, C) / text_lens (B,) come from the text
     encoder; without a negative prompt the unconditional half uses the learned null condition
     cut to each prompt's length. settings: SamplingSettings() when None.
     spatial_patchify (Infinity-8B): each token holds the bits of a 2x2 block of VAE cells, so
-    codes are summed and resized at twice the schedule's size."""
+    codes are summed and resized at twice the schedule's size.
+    applied: what the model carries (e.g. "adapter erase.safetensors at strength 1.5"; default:
+    the model's `applied_description`, which adapters.apply_adapter sets), named by the
+    NonFiniteLogits error a scale with inf/NaN logits raises."""
     schedule = [tuple(map(int, s)) for s in scale_schedule]
     n_scales = len(schedule)
     settings = SamplingSettings() if settings is None else settings
     cfgs, taus = settings.per_scale(n_scales)
+    applied = getattr(model, "applied_description", None) if applied is None else applied
     device = model.word_embed.weight.device
     dtype = model.word_embed.weight.dtype
     batch = text_states.shape[0]
@@ -168,6 +191,9 @@ def sample(model: Infinity, vae, text_states: torch.Tensor, text_lens: torch.Ten
         if guided:
             logits = cfgs[k] * logits[:batch] + (1 - cfgs[k]) * logits[batch:]
         combined = logits                      # what the callback sees (erasure teacher targets)
+        # one reduction per scale (meta tensors, in the memory plan, hold no values)
+        if combined.device.type != "meta" and not bool(torch.isfinite(combined).all()):
+            raise NonFiniteLogits(_non_finite_message(k, n_scales, raw, cfgs[k], taus[k], applied, dtype))
         logits = filter_logits(logits.view(batch, h * w * bits_per_token, 2), settings.top_k, settings.top_p)
         probs = logits.softmax(dim=-1)
         bits = torch.multinomial(probs.view(-1, 2), 1, replacement=True, generator=generator)

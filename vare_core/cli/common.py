@@ -18,6 +18,24 @@ class CliError(Exception):
     """A user-facing error: printed without a traceback, exit code 2."""
 
 
+def check_image_count(flag: str, value: int, hint: str = "") -> None:
+    """A number of images (sample's --n and --batch, plan's --batch): 1 to MAX_IMAGES."""
+    if value < 1:
+        raise CliError(f"{flag} {value}: must be at least 1")
+    if value > MAX_IMAGES:
+        raise CliError(f"{flag} {value}: at most {MAX_IMAGES} images per run" + (f" ({hint})" if hint else ""))
+
+
+def check_image_size(height: int | None, width: int | None) -> None:
+    """--height / --width (sample, plan): positive pixels, both or neither; which sizes a model
+    draws is its schedule's check (pipeline.schedule_for)."""
+    if (height is None) != (width is None):
+        raise CliError("give --height and --width together (or neither, for the model's default size)")
+    for flag, value in (("--height", height), ("--width", width)):
+        if value is not None and value < 1:
+            raise CliError(f"{flag} {value}: must be a positive number of pixels")
+
+
 def save_images(images, out: Path, stem: str, overwrite: bool = False) -> list[Path]:
     """(B, H, W, 3) floats in [0, 1] -> numbered PNGs, each written atomically. Without
     overwrite the numbers continue after the files already in `out` (nothing is replaced)."""

@@ -33,17 +33,27 @@ from .common import add_model_args, load_from_args
 TRAINING_OPTIONS = ("method", "train", "rank", "steps", "lr", "batch_size", "alpha", "gamma",
                     "preservation_weight", "keep_target", "targets", "erase_target", "precision", "seed",
                     "passes", "stream_blocks")
+# Pairs per training step (the global batch): a step holds every one of their sequences' activations
+# at once. Far above any run that fits (Infinity trains 1 at 1024x1024, the embedded model 8); a
+# larger number is a typo, and building its index lists alone would exhaust the memory.
+MAX_BATCH_SIZE = 1024
+
+
+def check_n_pairs(n_pairs) -> None:
+    """--n-pairs (of `erase` and `plan`): the pair module's bound, in the flag's name."""
+    from ..erasure.pairs import check_pair_count
+    _with_flag_names(lambda: check_pair_count(n_pairs))
 
 
 def check_pair_flags(args) -> None:
     """--n-pairs / --retain, checked before the model loads."""
-    from ..erasure.pairs import MAX_PAIRS, check_pair_count
+    from ..erasure.pairs import MAX_PAIRS
     if args.retain is not None and args.retain < 0:
         raise ValueError(f"--retain must be >= 0 (keep pairs per kept concept), got {args.retain}")
     if args.retain is not None and args.retain > MAX_PAIRS:
         raise ValueError(f"--retain {args.retain}: at most {MAX_PAIRS} keep pairs per concept")
     if not args.pairs:
-        _with_flag_names(lambda: check_pair_count(args.n_pairs))
+        check_n_pairs(args.n_pairs)
 
 
 def pairs_from_args(args, pipe):
@@ -78,6 +88,9 @@ def config_from_args(args):
     from ..erasure_profile import erasure_profile
     from ..erasure.trajectories import TrajectorySettings
     given = {name: getattr(args, name) for name in TRAINING_OPTIONS if getattr(args, name) is not None}
+    if isinstance(args.batch_size, int) and args.batch_size > MAX_BATCH_SIZE:
+        raise ValueError(f"--batch-size {args.batch_size}: at most {MAX_BATCH_SIZE} pairs per step (a step "
+                         "holds the activations of all of them at once; 1-64 is typical)")
     if args.lora_targets is not None:
         given["lora_targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
     if args.grad_checkpointing is not None:

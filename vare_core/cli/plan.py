@@ -5,15 +5,19 @@
     python -m vare_core plan --model infinity_8b --height 1024 --width 1024 --sample --low-vram
 
 With no training flags it plans exactly what `erase` and the Train Erasure node would run (the
-model's erasure profile); every `erase` training flag is accepted and planned.
+model's erasure profile); every `erase` training flag is accepted and planned. Every value is
+held to the bounds of the command it plans (sample's image count, erase's pairs and batch size,
+the model's sizes), with that command's message, before anything is built.
 """
 from __future__ import annotations
 
 import argparse
 
 from ..erasure.plan import GiB, plan_memory
+from .common import CliError
 
 PRESET_MODELS = ("infinity_2b", "infinity_8b")
+CARD_SIZES_GB = (8, 12, 16, 24, 40, 48, 80, 141)
 
 
 def register(subparsers) -> None:
@@ -54,18 +58,35 @@ def model_sizes(name: str, height: int, width: int):
     return cfg, schedule, vae, None
 
 
+def check_plan_args(args):
+    """Every bound of the command planned (sample's, erase's) with its message, before anything is
+    built: a plan of what the command refuses is no plan. Returns the erasure's EraseConfig (None
+    for --sample)."""
+    from ..erasure.pairs import run_pairs_problem
+    from .common import check_image_count, check_image_size
+    from .erase import check_n_pairs, config_from_args
+    check_image_count("--batch", args.batch, hint="the bound of `sample --n`")
+    check_image_size(args.height, args.width)
+    check_n_pairs(args.n_pairs)
+    if args.concepts < 1:
+        raise CliError(f"--concepts {args.concepts}: must be at least 1")
+    problem = run_pairs_problem(args.n_pairs * args.concepts)
+    if problem:
+        raise ValueError(problem)
+    if args.low_vram and not args.sample:
+        raise CliError("--low-vram streams the blocks for sampling only (add --sample); "
+                       "training needs them on the device")
+    return None if args.sample else config_from_args(args)
+
+
 def cmd_plan(args) -> None:
     from ..erasure_profile import erasure_profile
-    from .erase import config_from_args
+    erase = check_plan_args(args)
     if args.model == "embedded" and args.device == "cuda":
         args.device = "cpu"                        # the embedded model is a CPU model
     dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
-    for flag, value in (("--batch", args.batch), ("--n-pairs", args.n_pairs), ("--concepts", args.concepts)):
-        if value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}")
     cfg, schedule, vae, t5 = model_sizes(args.model, args.height, args.width)
     profile = erasure_profile(args.model)
-    erase = None if args.sample else config_from_args(args)
     offload = args.offload_text_encoder
     if offload is None:
         offload = profile.offload_text_encoder and not args.sample
@@ -80,4 +101,6 @@ def cmd_plan(args) -> None:
     print(f"{args.model} at {args.height}x{args.width} ({len(schedule)} scales, {tokens} tokens), {dtype} on {args.device}; {what}")
     print(plan.table())
     if plan.peak > 0 and args.device == "cuda":
-        print(f"(fits a {next((g for g in (8, 12, 16, 24, 40, 48, 80, 141) if g * GiB >= plan.peak), 'larger')} GB card)")
+        card = next((g for g in CARD_SIZES_GB if g * GiB >= plan.peak), None)
+        print(f"(fits a {card} GB card)" if card else
+              f"(more than one {CARD_SIZES_GB[-1]} GB card holds: lower the batch, the resolution or the pairs)")

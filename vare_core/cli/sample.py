@@ -4,28 +4,21 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .common import (MAX_IMAGES, MAX_SEED, CliError, add_model_args, add_sampling_args, apply_adapter_args,
-                     load_from_args, sampling_kwargs, save_images)
+from .common import (MAX_SEED, CliError, add_model_args, add_sampling_args, apply_adapter_args, check_image_count,
+                     check_image_size, load_from_args, sampling_kwargs, save_images)
 
 
 def check_sample_args(args) -> None:
     """Everything of `sample` that needs no model: fails before the (slow) load."""
     if not args.prompt.strip():
         raise CliError("--prompt is empty; write what the image should show")
-    for flag, value in (("--n", args.n), ("--batch", args.batch)):
-        if value < 1:
-            raise CliError(f"{flag} {value}: must be at least 1")
-    if (args.height is None) != (args.width is None):
-        raise CliError("give --height and --width together (or neither, for the model's default size)")
-    for flag, value in (("--height", args.height), ("--width", args.width)):
-        if value is not None and value < 1:
-            raise CliError(f"{flag} {value}: must be a positive number of pixels")
+    hint = "images are written as they are made; run several times into the same --out for more"
+    check_image_count("--n", args.n, hint=hint)
+    check_image_count("--batch", args.batch, hint=hint)
+    check_image_size(args.height, args.width)
     if not 0 <= args.seed <= MAX_SEED - args.n:
         raise CliError(f"--seed {args.seed}: must be between 0 and {MAX_SEED - args.n} "
                        f"(the batch that starts at image i uses seed + i; torch seeds are 63-bit)")
-    if args.n > MAX_IMAGES:
-        raise CliError(f"--n {args.n}: at most {MAX_IMAGES} images per run (images are written as "
-                       "they are made; run several times into the same --out for more)")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {out} is a file; give a folder for the images")

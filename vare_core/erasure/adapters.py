@@ -22,14 +22,15 @@ File: safetensors; every metadata value is JSON text (format, base_fingerprint, 
 concepts, anchors, method, train, rank, lora_targets, lora_scale, hyperparameters, steps_done,
 steps_requested, cancelled, final_losses, pack_version, created ...). Loading parses it as JSON
 data only. An adapter made for other base weights is refused unless `force=True` (shapes are
-still checked).
+still checked). A file whose metadata contradicts its tensors (train, rank) is refused on load;
+an update that cannot give finite logits at the stated strength is refused when applied
+(adapter_limits.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,12 +43,12 @@ from ..checkpoints import save_safetensors_atomic, sniff_format
 from ..checks import is_finite_number
 from ..models.lowrank import LowRankUpdate, add_update, merged_state_dict
 from ..models.presets import to_official_keys
+from .adapter_limits import LORA_KEY, update_problem
 from .trainable import CA_FFN_PARAM, LORA_TARGETS, TRAIN_MODES, shared_copy
 
 FORMAT_VERSION = "vare-adapter/1"
 MAX_LORA_SCALE = 1e4
 STRENGTH_RANGE = (-2.0, 2.0)
-_LORA_KEY = re.compile(r"^(blocks\.\d+\.(?:ca|ffn|sa)\.\w+)\.lora_([AB])$")
 
 
 class AdapterError(ValueError):
@@ -62,7 +63,7 @@ class Adapter:
 
     @property
     def train(self) -> str:
-        return self.metadata.get("train", "lora" if any(_LORA_KEY.match(k) for k in self.tensors) else "ca_ffn")
+        return self.metadata.get("train", "lora" if any(LORA_KEY.match(k) for k in self.tensors) else "ca_ffn")
 
     def identity(self) -> str:
         """Short id of the tensors and metadata (recorded on pipelines it is applied to)."""
@@ -123,16 +124,17 @@ def _check_structure(tensors: dict, metadata: dict, where: str) -> None:
         raise AdapterError(f"{where}: metadata 'train' is {train!r}, expected one of {TRAIN_MODES}")
     if not tensors:
         raise AdapterError(f"{where}: holds no tensors")
+    _check_agreement(tensors, metadata, train, where)
     if train == "ca_ffn":
         bad = [k for k in tensors if not CA_FFN_PARAM.match(k)]
         if bad:
             raise AdapterError(f"{where}: unexpected tensor names for a ca_ffn adapter: {bad[:5]}")
         return
-    bad = [k for k in tensors if not _LORA_KEY.match(k)]
+    bad = [k for k in tensors if not LORA_KEY.match(k)]
     if bad:
         raise AdapterError(f"{where}: unexpected tensor names for a LoRA adapter: {bad[:5]} "
                            "(expected blocks.{i}.<layer>.lora_A / .lora_B)")
-    for layer in sorted({_LORA_KEY.match(k).group(1) for k in tensors}):
+    for layer in sorted({LORA_KEY.match(k).group(1) for k in tensors}):
         a, b = tensors.get(f"{layer}.lora_A"), tensors.get(f"{layer}.lora_B")
         if a is None or b is None:
             raise AdapterError(f"{where}: {layer} has only one of lora_A / lora_B")
@@ -145,6 +147,28 @@ def _check_structure(tensors: dict, metadata: dict, where: str) -> None:
     if abs(scale) > MAX_LORA_SCALE:   # 1e308 * a LoRA product is inf weights
         raise AdapterError(f"{where}: metadata lora_scale {scale:g} is beyond +-{MAX_LORA_SCALE:g}; "
                            "the adapter is damaged (ours are written with 1.0)")
+
+
+def _check_agreement(tensors: dict, metadata: dict, train: str, where: str) -> None:
+    """The metadata and the tensors must tell the same story: a file whose 'train' (or 'rank')
+    names one kind of adapter and whose tensors are another was edited or damaged."""
+    factors = sorted(k for k in tensors if LORA_KEY.match(k))
+    deltas = sorted(k for k in tensors if CA_FFN_PARAM.match(k) and not LORA_KEY.match(k))
+
+    def contradiction(says: str, holds: str, example: str) -> AdapterError:
+        return AdapterError(f"{where}: the file contradicts itself: its metadata says {says} but its "
+                            f"tensors are {holds} (e.g. {example}); it was edited or damaged: use the "
+                            "file its training wrote, or train it again")
+    if train == "ca_ffn" and factors:
+        raise contradiction("train 'ca_ffn' (whole-tensor deltas)", "LoRA factors", factors[0])
+    if train == "lora" and deltas:
+        raise contradiction("train 'lora' (low-rank factors)", "ca_ffn deltas", deltas[0])
+    rank = metadata.get("rank")
+    if train == "lora" and isinstance(rank, int) and factors:
+        ranks = sorted({tensors[k].shape[0] if k.endswith("_A") else tensors[k].shape[-1]
+                        for k in factors if tensors[k].ndim == 2})
+        if ranks and rank not in ranks:
+            raise contradiction(f"rank {rank}", f"factors of rank {', '.join(map(str, ranks))}", factors[0])
 
 
 def save_adapter(adapter: Adapter, path) -> None:
@@ -209,7 +233,7 @@ def _check_against_model(adapter: Adapter, model: nn.Module, where: str) -> None
         if adapter.train == "ca_ffn":
             target, expected = name, tuple(tensor.shape)
         else:
-            layer, which = _LORA_KEY.match(name).groups()
+            layer, which = LORA_KEY.match(name).groups()
             target = f"{layer}.weight"
             if target not in params:
                 raise AdapterError(f"{where}: {target} does not exist in this model")
@@ -241,11 +265,14 @@ def apply_adapter(pipe, adapter: Adapter, strength: float = 1.0, force: bool = F
                            "or apply it anyway (force=True; node: allow_other_base)")
     _check_structure(adapter.tensors, adapter.metadata, where)
     _check_against_model(adapter, pipe.model, where)
+    problem = update_problem(adapter, pipe.model, strength) if strength != 0.0 else None
+    if problem:
+        raise AdapterError(f"{where}: {problem}")
     model = shared_copy(pipe.model)
     if strength != 0.0 and adapter.train == "lora":
         # Applied beside the weights (models/lowrank.py): the new model shares every base tensor.
         scale = strength * float(adapter.metadata.get("lora_scale", 1.0))
-        for layer in sorted({_LORA_KEY.match(k).group(1) for k in adapter.tensors}):
+        for layer in sorted({LORA_KEY.match(k).group(1) for k in adapter.tensors}):
             module = model.get_submodule(layer)
             device = module.weight.device
             add_update(module, LowRankUpdate(adapter.tensors[f"{layer}.lora_A"].float().to(device),
@@ -258,6 +285,10 @@ def apply_adapter(pipe, adapter: Adapter, strength: float = 1.0, force: bool = F
                 old = getattr(module, attr)
                 new = old.float() + strength * delta.float().to(old.device)
                 setattr(module, attr, nn.Parameter(new.to(old.dtype), requires_grad=False))
+    if strength != 0.0:    # named by the sampler's error if the logits ever overflow
+        this = f"adapter {Path(where).name} at strength {strength:g}"
+        before = getattr(pipe.model, "applied_description", None)
+        model.applied_description = f"{before}, {this}" if before else this
     applied = tuple(getattr(pipe, "applied_adapters", ())) + ((adapter.identity(), strength),)
     new_pipe = dataclasses.replace(pipe, model=model, defaults=dict(pipe.defaults))
     new_pipe.applied_adapters = applied   # part of the trajectory cache key (see trajectories)

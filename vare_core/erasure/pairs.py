@@ -192,7 +192,16 @@ def _check_vocabulary(name: str, what: str, vocabulary: set[str]) -> None:
 # Every pair's safe prompt is sampled once as a trajectory (about a second each on a GPU at
 # 1024^2, far more on a CPU): more pairs than this is a mistake, not a bigger run.
 MAX_PAIRS = 20_000
+MAX_RUN_PAIRS = 4 * MAX_PAIRS          # one run: several concepts' pairs plus keep pairs
 MAX_PAIRS_FILE_BYTES = 64 * 2**20
+
+
+def run_pairs_problem(total: int) -> str | None:
+    """The bound on the pairs of one training run, as its message; None within it."""
+    if total > MAX_RUN_PAIRS:
+        return (f"{total} pairs: at most {MAX_RUN_PAIRS} (every safe prompt is sampled "
+                "once before training); use fewer pairs per concept")
+    return None
 
 
 def check_pair_count(n_per_concept) -> None:

@@ -222,8 +222,8 @@ def training_peak(model, schedule, sequences: int, text_tokens: int, dtype, trai
                 lens = torch.full((sequences,), text_tokens, dtype=torch.long)
                 x = torch.empty(sequences, total - schedule[0][0] * schedule[0][1], bits, device="meta")
                 pairs = max(1, sequences // 3)       # the step's batch from the trajectory set
-                batch = [torch.empty(pairs, total, 2 * bits, device="meta"),
-                         torch.empty(pairs, total, bits, device="meta", dtype=torch.uint8)] * 2
+                _batch = [torch.empty(pairs, total, 2 * bits, device="meta"),
+                          torch.empty(pairs, total, bits, device="meta", dtype=torch.uint8)] * 2
                 cond: Condition = model.encode_condition(text, lens)
                 logits = model(cond, x, schedule)
                 # the loss maths: a few fp32 tensors the size of the logits (softmax, targets, masks)
@@ -272,6 +272,8 @@ def plan_memory(model_cfg, schedule, *, dtype: str = "bf16", device: str = "cuda
     from ..models.bsq_vae import BSQVAE, VAEConfig
     from ..models.infinity import Infinity
     from ..models.t5 import T5Config, T5Encoder
+    if low_vram and erase is not None:
+        raise ValueError("low_vram streams the blocks for sampling only; training needs them on the device")
     torch_dtype = DTYPES[dtype]
     gpu = device != "cpu"
     text_tokens = min(text_tokens, model_cfg.text_maxlen)     # prompts are cut to the model's text length
@@ -282,8 +284,9 @@ def plan_memory(model_cfg, schedule, *, dtype: str = "bf16", device: str = "cuda
     vae = _meta(lambda: BSQVAE(vae_config or VAEConfig(bits=model_cfg.bits))).to(torch_dtype).eval()
     t5 = _meta(lambda: T5Encoder(t5_config or T5Config.flan_t5_xl()))
     t5_bytes = sum(p.numel() for p in t5.parameters()) * BYTES[dtype]
-    if low_vram and erase is not None:
-        raise ValueError("low_vram streams the blocks for sampling only; training needs them on the device")
+    if erase is not None and erase.train == "lora":   # erase refuses it before sampling: so does the plan
+        from .trainable import check_lora_rank
+        check_lora_rank(model, erase.rank, erase.lora_targets)
     if low_vram:   # one block on the device at a time (infinity.enable_block_streaming)
         blocks = [param_bytes(block) for block in model.blocks]
         resident = {"transformer (blocks streamed: one at a time)": param_bytes(model) - sum(blocks) + max(blocks)}

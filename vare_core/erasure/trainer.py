@@ -67,7 +67,7 @@ from ..sampler import SamplingCancelled
 from . import distributed, lean
 from .adapters import FORMAT_VERSION, Adapter
 from .losses import LN2, METHODS, LossConfig
-from .pairs import MAX_PAIRS, PromptPair
+from .pairs import PromptPair, run_pairs_problem
 from .step import PromptBank, Stepper, batch_indices
 from .targets import prepare_targets
 from .trainable import LORA_TARGETS, TRAIN_MODES, TrainableWeights, check_lora_rank, shared_copy
@@ -208,9 +208,9 @@ def _check_pairs(pairs) -> list[PromptPair]:
     pairs = list(pairs)
     if not pairs:
         raise ValueError("pairs is empty; make some with pairs.make_pairs or load a pairs file")
-    if len(pairs) > 4 * MAX_PAIRS:   # several concepts' pairs plus keep pairs
-        raise ValueError(f"{len(pairs)} pairs: at most {4 * MAX_PAIRS} (every safe prompt is sampled "
-                         "once before training); use fewer pairs per concept")
+    problem = run_pairs_problem(len(pairs))
+    if problem:
+        raise ValueError(problem)
     for i, pair in enumerate(pairs):
         if not isinstance(pair, PromptPair):
             raise ValueError(f"pairs[{i}] must be a PromptPair, got {type(pair).__name__}")
