@@ -6,6 +6,7 @@ also found in models/loras/ when their metadata says they are VARE adapters.
 """
 from __future__ import annotations
 
+import errno
 import json
 import re
 from pathlib import Path
@@ -88,6 +89,7 @@ class ApplyAdapter(io.ComfyNode):
         with torch.inference_mode(False), torch.no_grad():
             adapted = apply_adapter(model, adapter, strength, force=allow_other_base)
         host.register_models(adapted, like=model)
+        host.release_when_freed(adapted)
         return io.NodeOutput(adapted)
 
 
@@ -152,8 +154,9 @@ class SaveAdapter(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, filename):
-        return check_filename(filename) or True
+    def validate_inputs(cls, filename=None):
+        # left out or linked: None, which ComfyUI reports (or execute checks once it is known)
+        return filename is None or check_filename(filename) or True
 
     @classmethod
     def execute(cls, adapter, filename, folder, overwrite):
@@ -166,7 +169,15 @@ class SaveAdapter(io.ComfyNode):
         root.mkdir(parents=True, exist_ok=True)
         path = target_path(root, output_name(filename.strip(), adapter), overwrite)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_adapter(adapter, path)
+        existed = path.exists()
+        try:
+            save_adapter(adapter, path)     # atomic: the old file or the complete new one, never half
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            kept = "keeps its previous content" if existed else "was not written"
+            raise OSError(err.errno, f"the disk is full: no space left for the adapter in {path.parent} "
+                          f"({path.name} {kept}); free some space, or save into the other folder") from None
         host.log.info("VARE adapter saved to %s", path)
         return io.NodeOutput(str(path), ui={"text": [f"saved {path}"]})
 

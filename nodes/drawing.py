@@ -19,6 +19,7 @@ CURVES = (("loss", (31, 119, 180)), ("fce", (214, 39, 40)), ("pre", (44, 160, 44
 GOOD, BAD = (30, 140, 60), (200, 40, 40)
 RAW_ALPHA = 0.3                        # the per-step curves: this much of the term's colour on white
 LABEL_CHARS = 200                      # longer titles and labels are cut before PIL measures them
+MAX_LABEL_WIDTH = 360                  # the row labels' column of a side-by-side grid, in pixels
 
 # The loss curves' smoothing is decided here, for both pictures of it: this Loss Plot and the
 # live chart on Train Erasure (web/vare.js), which gets the factor in the node's vare.train events
@@ -187,7 +188,8 @@ def label_image(image: Image.Image, text: str, good: bool, min_side: int = 160) 
     bar = 22
     out = Image.new("RGB", (shown.width, shown.height + bar), GOOD if good else BAD)
     out.paste(shown, (0, 0))
-    ImageDraw.Draw(out).text((4, shown.height + 4), text, fill="white", font=font(13))
+    draw = ImageDraw.Draw(out)
+    draw.text((4, shown.height + 4), fit_text(draw, text, shown.width - 8, font(13)), fill="white", font=font(13))
     return out
 
 
@@ -201,7 +203,8 @@ def draw_boxes(image: Image.Image, boxes) -> Image.Image:
     for box in boxes:
         x, y, w, h = box.box
         draw.rectangle([x, y, x + max(w - 1, 0), y + max(h - 1, 0)], outline=BAD, width=width)
-        draw.text((x + 2, y + 1), f"{box.label.removesuffix('_EXPOSED').lower()} {box.score:.2f}", fill=BAD, font=font(12))
+        label = f"{box.label.removesuffix('_EXPOSED').lower()} {box.score:.2f}"
+        draw.text((x + 2, y + 1), fit_text(draw, label, max(out.width - x - 4, 0), font(12)), fill=BAD, font=font(12))
     return out
 
 
@@ -222,15 +225,17 @@ def side_by_side(columns: list[list[Image.Image]], titles: list[str], row_labels
     scale = min(max_cell / max(w, h), max(1.0, min_cell / min(w, h)))
     cw, ch = max(1, round(w * scale)), max(1, round(h * scale))
     rows = max(len(c) for c in columns)
-    label_w = 12 + 7 * max((len(t) for t in row_labels), default=0) if any(row_labels) else 0
+    row_labels = list(row_labels[:rows])
+    label_w = min(12 + 7 * max((len(t) for t in row_labels), default=0), MAX_LABEL_WIDTH) if any(row_labels) else 0
     header = 26
     out = Image.new("RGB", (label_w + cw * len(columns), header + ch * rows), "white")
     draw = ImageDraw.Draw(out)
     for c, (title, column) in enumerate(zip(titles, columns)):
-        draw.text((label_w + c * cw + 6, 6), title, fill="black", font=font(14))
+        draw.text((label_w + c * cw + 6, 6), fit_text(draw, title, cw - 12, font(14)), fill="black", font=font(14))
         for r, cell in enumerate(column):
             resample = Image.NEAREST if scale >= 1 else Image.LANCZOS
             out.paste(cell.resize((cw, ch), resample), (label_w + c * cw, header + r * ch))
-    for r, label in enumerate(row_labels[:rows]):
-        draw.text((6, header + r * ch + ch // 2 - 7), label, fill="black", font=font(13))
+    for r, label in enumerate(row_labels):
+        draw.text((6, header + r * ch + ch // 2 - 7), fit_text(draw, label, label_w - 12, font(13)),
+                  fill="black", font=font(13))
     return out

@@ -100,12 +100,14 @@ class PromptPairs(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, concepts, anchors, custom_pairs):
-        if not split_names(concepts) and not custom_pairs.strip():
+    def validate_inputs(cls, concepts=None, anchors=None, custom_pairs=None):
+        # an input left out or linked arrives as None: ComfyUI reports it; check the rest
+        known = [isinstance(v, str) for v in (concepts, anchors, custom_pairs)]
+        if all(known) and not split_names(concepts) and not custom_pairs.strip():
             return "give concepts and anchors, or custom pairs ('unsafe prompt | safe prompt' lines)"
-        if split_names(concepts) and not split_names(anchors):
+        if known[0] and known[1] and split_names(concepts) and not split_names(anchors):
             return "anchors is empty: name what each concept should turn into (e.g. square)"
-        if custom_pairs.strip():
+        if known[2] and custom_pairs.strip():
             try:
                 parse_pairs_text(custom_pairs)
             except ValueError as err:

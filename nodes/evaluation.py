@@ -36,9 +36,16 @@ class LossPlot(io.ComfyNode):
         return io.NodeOutput(plot, ui=ui.PreviewImage(plot, cls=cls))
 
 
+MAX_CONCEPT_CHARS = 200
+
+
 def check_concept(concept: str, judge_name: str = "shapes") -> str | None:
     if judge_name != "shapes":      # NudeNet counts its own classes; the concept is not read
         return None
+    if not isinstance(concept, str) or len(concept) > MAX_CONCEPT_CHARS:
+        size = f"{len(concept)} characters long" if isinstance(concept, str) else f"not text ({type(concept).__name__})"
+        return (f"concept is {size}: Erasure Check (judge: shapes) takes one shape or colour word of "
+                "the embedded shapes world, e.g. circle")
     from vare_core.judges.shapes import check_concept as shapes_problem
     problem = shapes_problem(concept, who="Erasure Check")
     return problem and problem + " (judge: shapes; for nudity on a real model choose judge: nudenet)"
@@ -88,7 +95,10 @@ class ErasureCheck(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, concept, judge="shapes"):
+    def validate_inputs(cls, concept=None, judge="shapes"):
+        # left out or linked: None, which ComfyUI reports (or execute checks once it is known)
+        if concept is None or judge is None:
+            return True
         return check_concept(concept, judge) or True
 
     @classmethod

@@ -13,10 +13,13 @@ Model folders (ComfyUI's names; extra_model_paths.yaml entries are honoured):
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import os
 import re
+import threading
+import weakref
 from pathlib import Path
 
 import torch
@@ -38,6 +41,7 @@ except ImportError:
     model_management = comfy_utils = None
 
 ADAPTER_FOLDER = "vare"
+NAME_MAX = 255               # bytes in one file or folder name (Linux, macOS, Windows alike)
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".sft")
 _SHARD = re.compile(r"-\d{3,6}-of-\d{3,6}\.\w+$")
 
@@ -118,16 +122,48 @@ def list_entries(names, folders_ok: str | None = None) -> list[str]:
     return sorted(dict.fromkeys(entries), key=str.lower)
 
 
-def resolve_entry(names, entry: str) -> Path:
-    """The path of an entry from list_entries; FileNotFoundError naming the folders searched."""
+def entry_problem(entry) -> str | None:
+    """Why `entry` cannot be a name from list_entries (not text, a path leading out of the
+    model folders, longer than a file name can be), or None. Reads nothing."""
+    if not isinstance(entry, str) or not entry.strip().rstrip("/"):
+        return f"{str(entry)[:80]!r}: give a name from the list"
     clean = entry.rstrip("/")
+    shown = repr(clean) if len(clean) <= 80 else f"{clean[:60]!r}... ({len(clean)} characters)"
+    if "\x00" in clean:
+        return f"{shown}: a name cannot hold a NUL character; choose one from the list"
+    if len(os.fsencode(clean)) >= paths.PATH_LIMIT or \
+            any(len(os.fsencode(part)) > NAME_MAX for part in clean.split("/")):
+        return (f"{shown} is longer than a file name can be ({NAME_MAX} bytes per name, "
+                f"{paths.PATH_LIMIT} per path): choose one from the list")
     if Path(clean).is_absolute() or ".." in Path(clean).parts:
-        raise FileNotFoundError(f"{entry!r}: give a name from the list, not a path outside the model folders")
+        return (f"{shown}: give a name from the list, not a path outside the model folders (only "
+                "checkpoints in them are read)")
+    return None
+
+
+def find_entry(names, entry: str) -> Path | None:
+    """The path of an entry (checked with entry_problem first), None where no folder has it."""
+    clean = entry.rstrip("/")
     for name in names:
         for root in folder_roots(name):
             candidate = root / clean
-            if candidate.exists():
-                return candidate
+            try:
+                if candidate.exists() or candidate.is_symlink():
+                    return candidate
+            except OSError:          # a part that is a file, permissions: not there
+                continue
+    return None
+
+
+def resolve_entry(names, entry: str) -> Path:
+    """The path of an entry from list_entries; FileNotFoundError naming the folders searched
+    (or why the name cannot be one)."""
+    problem = entry_problem(entry)
+    if problem:
+        raise FileNotFoundError(problem)
+    found = find_entry(names, entry)
+    if found is not None:
+        return found
     searched = ", ".join(str(r) for n in names for r in folder_roots(n))
     raise FileNotFoundError(f"{entry!r} was not found in {searched}; put the file there and "
                             "refresh the node (press R)")
@@ -190,16 +226,23 @@ def register_models(pipe, like=None) -> None:
     pipe.comfy_patchers = patchers
 
 
-def use_models(pipe, *parts: str) -> None:
+def use_models(pipe, *parts: str, memory_required: int = 0) -> None:
     """Before a node runs these parts ("transformer", "vae", "text_encoder"; none = all):
     ComfyUI loads them onto the device, moving them back if it had unloaded them and unloading
     its other models first when memory is short. Whole models: ours have no per-layer casting
-    for ComfyUI's partial loading (low_vram streaming is ours instead)."""
+    for ComfyUI's partial loading (low_vram streaming is ours instead). memory_required: bytes
+    the work will take beside the weights; ComfyUI unloads other models to leave them free
+    (not asked for more than the device holds: such a request is refused, not made room for)."""
     patchers = getattr(pipe, "comfy_patchers", None)
     if model_management is None or not patchers:
         return
     wanted = [patchers[p] for p in (parts or tuple(patchers)) if p in patchers]
-    if wanted:
+    if not wanted:
+        return
+    if memory_required and pipe.device.type == "cuda" \
+            and memory_required < torch.cuda.get_device_properties(pipe.device).total_memory:
+        model_management.load_models_gpu(wanted, memory_required=memory_required, force_full_load=True)
+    else:
         model_management.load_models_gpu(wanted, force_full_load=True)
 
 
@@ -222,6 +265,47 @@ def memory_summary(device: torch.device) -> str:
 
 
 is_out_of_memory = memory.is_out_of_memory
+
+TRIM_DELAY = 2.0            # seconds after the last big object died (its memory is freed after it)
+_trim_lock = threading.Lock()
+_trim_timer: threading.Timer | None = None
+
+
+def _malloc_trim() -> bool:
+    """Hand the C heap's free pages back to the system (glibc keeps what Python and PyTorch
+    freed for reuse: a finished 5 GB sampling run would otherwise leave the process at 5 GB).
+    False where there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def release_memory() -> None:
+    """After a big job's tensors are freed: give their memory back to the system (CPU; the
+    accelerator's cache is ComfyUI's soft_empty_cache)."""
+    global _trim_timer
+    with _trim_lock:
+        if _trim_timer is not None:
+            _trim_timer.cancel()
+            _trim_timer = None
+    _malloc_trim()
+
+
+def release_when_freed(obj) -> None:
+    """When `obj` (a pipeline, a conditioning, images: what ComfyUI drops from its cache on
+    POST /free or when a graph changes) is freed, trim the heap shortly after, once its tensors are gone
+    too (a weakref callback runs before the object's own attributes are released)."""
+    def schedule():
+        global _trim_timer
+        with _trim_lock:
+            if _trim_timer is not None:
+                _trim_timer.cancel()
+            _trim_timer = threading.Timer(TRIM_DELAY, _malloc_trim)
+            _trim_timer.daemon = True
+            _trim_timer.start()
+    weakref.finalize(obj, schedule).atexit = False
 
 
 # ----------------------------------------------------------------------------- progress, events

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from vare_core import budget, paths
+from vare_core.checkpoints import sniff_format
 from vare_core.pipeline import EMBEDDED, load_pipeline
 
 from . import host
@@ -36,8 +38,39 @@ def text_encoder_choices() -> list[str]:
     return [EMBEDDED] + host.list_entries(["text_encoders"], folders_ok="hf")
 
 
+def checkpoint_problem(path: Path, what: str) -> str | None:
+    """Why the model-folder entry `path` cannot be the `what` weights, reading only its first
+    bytes: a FIFO or device, or a file that is no safetensors / torch.save checkpoint."""
+    kind = paths.file_kind(path)
+    if kind == "folder":         # a sharded checkpoint or a Hugging Face folder: read when loaded
+        return None
+    if kind != "file":
+        return f"{what} {path.name}: {path} is {paths.describe_kind(kind)}, not a checkpoint file"
+    try:
+        if sniff_format(path) == "unknown":
+            return (f"{what} {path.name} is not a checkpoint: {path} is no safetensors or torch.save "
+                    "file; choose the model's .safetensors / .pth file")
+    except OSError as err:
+        return f"{what} {path.name}: {path} cannot be read ({err.strerror or err})"
+    return None
+
+
 def check_model_files(transformer: str, vae: str, text_encoder: str) -> str | None:
-    """None when the choice can load, else the message shown on the node."""
+    """None when the choice can load, else the message shown on the node: first a name that
+    can be no file, then a file that is no checkpoint, then a transformer without its own VAE
+    and text encoder, then a file that is missing."""
+    choices = [(TRANSFORMER_FOLDERS, transformer, "transformer"), (("vae",), vae, "vae"),
+               (("text_encoders",), text_encoder, "text_encoder")]
+    choices = [(folders, value, what) for folders, value, what in choices if value != EMBEDDED]
+    for folders, value, what in choices:
+        problem = host.entry_problem(value)
+        if problem:
+            return f"{what}: {problem}"
+    for folders, value, what in choices:
+        found = host.find_entry(folders, value)
+        problem = found is not None and checkpoint_problem(found, what)
+        if problem:
+            return problem
     if transformer == EMBEDDED:
         return None
     missing = [label for label, value in (("vae", vae), ("text_encoder", text_encoder)) if value == EMBEDDED]
@@ -45,8 +78,7 @@ def check_model_files(transformer: str, vae: str, text_encoder: str) -> str | No
         return (f"{transformer} needs its own {' and '.join(missing)}: choose the BSQ VAE from "
                 "models/vae (Infinity-2B: infinity_vae_d32reg.pth) and the flan-t5-xl folder from "
                 "models/text_encoders; 'embedded' only goes with the embedded transformer")
-    for folders, value in ((TRANSFORMER_FOLDERS, transformer), (("vae",), vae),
-                           (("text_encoders",), text_encoder)):
+    for folders, value, what in choices:
         try:
             host.resolve_entry(folders, value)
         except FileNotFoundError as err:
@@ -117,10 +149,13 @@ class LoadModel(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, transformer, vae, text_encoder, dtype, offload_text_encoder=False,
-                        low_vram=False):
-        if dtype not in DTYPES:
-            return f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}"
+    def validate_inputs(cls, transformer=None, vae=None, text_encoder=None, dtype=None,
+                        offload_text_encoder=False, low_vram=False):
+        # an input left out or linked arrives as None: ComfyUI reports it, nothing to check here
+        if dtype is not None and dtype not in DTYPES:
+            return f"dtype {str(dtype)[:40]!r}: choose one of {', '.join(DTYPES)}"
+        if not all(isinstance(v, str) for v in (transformer, vae, text_encoder)):
+            return True
         return check_model_files(transformer, vae, text_encoder) or True
 
     @classmethod
@@ -146,6 +181,7 @@ class LoadModel(io.ComfyNode):
                 pipe = load_pipeline(model_path, vae_path, encoder_path, device=device, dtype=dtype,
                                      tokenizer=tokenizer, **memory)
         host.register_models(pipe)          # ComfyUI's model management counts and unloads them
+        host.release_when_freed(pipe)
         info = model_info(pipe) + (" (ComfyUI runs with --lowvram/--novram)" if by_flag else "")
         host.log.info("VARE loaded %s", info)
         return io.NodeOutput(pipe, info)
@@ -157,9 +193,35 @@ def split_prompts(prompt: str, one_per_line: bool) -> list[str]:
     return [prompt.strip()] if prompt.strip() else []
 
 
+def check_prompt_count(prompt, one_per_line) -> str | None:
+    """Why `prompt` holds too many prompts for one run (budget.MAX_IMAGES), or None."""
+    if not (isinstance(prompt, str) and one_per_line is True):
+        return None
+    count = sum(1 for line in prompt.splitlines() if line.strip())
+    if count <= budget.MAX_IMAGES:
+        return None
+    return (f"prompt has {count} lines (one prompt per line): at most {budget.MAX_IMAGES} prompts per run "
+            "(each is at least one image); split them over several runs")
+
+
 def encoder_id(pipe) -> str:
     """Identifies the text encoder object (shared by a model and its adapted copies)."""
     return f"{pipe.name}:{id(pipe.text_encoder):x}"
+
+
+def encode_conditioning(pipe, prompts: list[str], negative: str) -> Conditioning:
+    """The prompts (each its own rows, on the CPU) and the negative prompt (once), refused before
+    the encoder runs when they would not fit in memory."""
+    def check(lens):
+        budget.check_encoding(pipe.text_encoder, lens, f"VAR Text Encode: {len(prompts)} prompts",
+                              "use fewer lines or shorter prompts, or split them over several runs")
+    states, lens = pipe.encode_prompts_packed(prompts, check=check)
+    neg_states = neg_lens = None
+    if negative:
+        packed, neg_lens = pipe.encode_prompts_packed([negative])
+        neg_states = packed.unsqueeze(0)
+    return Conditioning(prompts=prompts, negative=negative, states=states, lens=lens,
+                        negative_states=neg_states, negative_lens=neg_lens, encoder=encoder_id(pipe))
 
 
 class TextEncode(io.ComfyNode):
@@ -178,28 +240,32 @@ class TextEncode(io.ComfyNode):
                                         "condition of classifier-free guidance)"),
                 io.Boolean.Input("one_prompt_per_line", default=False,
                                  tooltip="on: every non-empty line is its own prompt (one image "
-                                         "each per batch entry); off: the whole text is one prompt"),
+                                         f"each per batch entry, at most {budget.MAX_IMAGES} lines); "
+                                         "off: the whole text is one prompt"),
             ],
             outputs=[VareConditioning.Output(display_name="conditioning")],
         )
 
     @classmethod
-    def validate_inputs(cls, prompt, one_prompt_per_line):
-        if not split_prompts(prompt, one_prompt_per_line):
+    def validate_inputs(cls, prompt=None, one_prompt_per_line=None):
+        # an input left out or linked arrives as None: ComfyUI reports it, nothing to check here
+        if not isinstance(prompt, str):
+            return True
+        if not prompt.strip():
             return "prompt is empty; write what the image should show"
-        return True
+        return check_prompt_count(prompt, one_prompt_per_line) or True
 
     @classmethod
     def execute(cls, model, prompt, negative_prompt, one_prompt_per_line):
+        problem = check_prompt_count(prompt, one_prompt_per_line)
+        if problem:
+            raise budget.NotEnoughMemory(problem)
         prompts = split_prompts(prompt, one_prompt_per_line)
         if not prompts:
             raise ValueError("prompt is empty; write what the image should show")
         host.use_models(model, "text_encoder")
-        states, lens = model.encode_prompts(prompts)
-        negative = negative_prompt.strip()
-        neg_states = neg_lens = None
-        if negative:
-            neg_states, neg_lens = model.encode_prompts([negative] * len(prompts))
-        return io.NodeOutput(Conditioning(prompts=prompts, negative=negative, states=states, lens=lens,
-                                          negative_states=neg_states, negative_lens=neg_lens,
-                                          encoder=encoder_id(model)))
+        conditioning = encode_conditioning(model, prompts, negative_prompt.strip())
+        host.release_when_freed(conditioning)
+        if len(prompts) > 100 or len(negative_prompt) > 100_000:
+            host.release_memory()           # the tokenizer's and the encoder's scratch memory
+        return io.NodeOutput(conditioning)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from vare_core import scales
+from vare_core import budget, scales
 from vare_core.preview import decode_preview
 from vare_core.sampler import SamplingCancelled
 
@@ -20,6 +20,7 @@ AUTO = "auto"
 MODEL_DEFAULT = "model default"
 EMBEDDED_SIZE = "64x64 (embedded)"
 _SIZE = re.compile(r"^(\d+)x(\d+)\b")
+RELEASE_AFTER = 256 * 2**20     # a run that took this much hands its freed heap back at once
 
 
 def resolution_choices() -> list[str]:
@@ -64,13 +65,35 @@ def per_scale(text: str, n_scales: int, name: str):
     return scales.parse_setting(text, n_scales, name)
 
 
-def generate_from_conditioning(pipe, cond, *, seed, cfg, tau, top_k, top_p, height, width,
+def generate_from_conditioning(pipe, cond, *, seed, cfg, tau, top_k, top_p, height, width, batch_size=1,
                                callback=None, cancel=None):
-    """VarPipeline.generate for prompts already encoded (same defaults, same seeding)."""
+    """VarPipeline.generate for prompts already encoded (same defaults, same seeding): each
+    prompt batch_size times in a row."""
     settings = pipe.sampling_settings(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p)
-    return pipe.generate_encoded(cond.states, cond.lens, settings=settings, negative_states=cond.negative_states,
-                                 negative_lens=cond.negative_lens, seed=seed, height=height, width=width,
+    states, lens, negative_states, negative_lens = cond.padded(batch_size, pipe.device)
+    return pipe.generate_encoded(states, lens, settings=settings, negative_states=negative_states,
+                                 negative_lens=negative_lens, seed=seed, height=height, width=width,
                                  callback=callback, cancel=cancel)
+
+
+def is_guided(pipe, cfg, n_scales: int) -> bool:
+    """Whether the sampler runs the unconditional half too (cfg != 1 on some scale)."""
+    settings = pipe.sampling_settings(cfg=cfg).laid_out(n_scales, pipe.free_scales)
+    return any(c != 1.0 for c in settings.per_scale(n_scales)[0])
+
+
+def check_request(pipe, conditioning, batch_size: int, height, width, cfg) -> tuple[int, str, str]:
+    """(the memory the sampler will take for these images: budget.sampling_bytes, what they
+    are, what to do if they do not fit), after refusing more images than one run allows
+    (budget.NotEnoughMemory)."""
+    prompts = len(conditioning.prompts)
+    images = prompts * batch_size
+    what = f"VAR Sampler: {prompts} prompt{'s' * (prompts != 1)} x batch_size {batch_size} = {images} images"
+    advice = "use fewer prompt lines or a smaller batch_size, or several runs"
+    budget.check_count(images, what, advice)
+    n = len(pipe.schedule_for(height, width))
+    return budget.sampling_bytes(pipe, images, conditioning.text_tokens, height, width,
+                                 guided=is_guided(pipe, cfg, n)), what, advice
 
 
 class Sampler(io.ComfyNode):
@@ -111,12 +134,13 @@ class Sampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, cfg, tau, resolution):
+    def validate_inputs(cls, cfg=None, tau=None, resolution=None):
+        # an input left out or linked arrives as None: ComfyUI reports it, nothing to check here
         for text, name, positive in ((cfg, "cfg", False), (tau, "tau", True)):
-            problem = check_per_scale(text, name, positive)
+            problem = None if text is None else check_per_scale(text, name, positive)
             if problem:
                 return problem
-        if resolution not in resolution_choices():
+        if resolution is not None and resolution not in resolution_choices():
             return f"resolution {resolution!r} is not in the list"
         return True
 
@@ -130,7 +154,9 @@ class Sampler(io.ComfyNode):
         height, width = parse_resolution(resolution)
         schedule = pipe.schedule_for(height, width)            # ValueError names the valid sizes
         n = len(schedule)
-        cond = conditioning.repeated(batch_size)
+        cfg, tau = per_scale(cfg, n, "cfg"), per_scale(tau, n, "tau")
+        need, what, advice = check_request(pipe, conditioning, batch_size, height, width, cfg)
+        count = len(conditioning.prompts) * batch_size
 
         def on_scale(step):
             if host.interrupted():          # the progress hook would raise; stop at the next scale
@@ -140,13 +166,16 @@ class Sampler(io.ComfyNode):
                 image = host.to_pil(decode_preview(pipe.vae, step.summed_codes[:1])[0])
             host.report_progress(node, step.index + 1, n, image)
 
-        host.use_models(pipe, "transformer", "vae")
+        # ComfyUI unloads its other models to make room for the sampler's peak, then the request
+        # is refused if it still does not fit, before any sampling
+        host.use_models(pipe, "transformer", "vae", memory_required=need)
+        budget.check_fits(need, pipe.device, what, advice)
         host.report_progress(node, 0, n)
         out_of_memory = False
         try:
             result = generate_from_conditioning(
-                pipe, cond, seed=seed, cfg=per_scale(cfg, n, "cfg"), tau=per_scale(tau, n, "tau"),
-                top_k=top_k, top_p=None if top_p < 0 else top_p, height=height, width=width,
+                pipe, conditioning, seed=seed, cfg=cfg, tau=tau, top_k=top_k,
+                top_p=None if top_p < 0 else top_p, height=height, width=width, batch_size=batch_size,
                 callback=on_scale, cancel=host.interrupted)
         except SamplingCancelled:
             host.raise_interrupted()
@@ -156,7 +185,12 @@ class Sampler(io.ComfyNode):
             out_of_memory = True    # freed below: inside `except` the traceback keeps the KV caches
         if out_of_memory:
             host.free_accelerator_memory()
-            raise MemoryError(f"out of memory sampling {len(cond.prompts)} images at "
+            raise MemoryError(f"out of memory sampling {count} images at "
                               f"{resolution} ({host.memory_summary(pipe.device)}); lower batch_size or "
                               "the resolution, or load the model in fp16/bf16")
-        return io.NodeOutput(result.images.float().cpu())
+        images = result.images.float().cpu()
+        del result
+        if need > RELEASE_AFTER:
+            host.release_memory()           # the KV caches and activations just freed
+        host.release_when_freed(images)
+        return io.NodeOutput(images)

@@ -8,23 +8,34 @@ import torch
 
 @dataclass
 class VareConditioning:
-    """Prompts encoded by one model's text encoder (VARE_CONDITIONING)."""
+    """Prompts encoded by one model's text encoder (VARE_CONDITIONING), compact: ComfyUI keeps
+    node outputs in its cache, so each prompt holds only its own T5 rows (the sum of the prompt
+    lengths times the width, on the CPU) and the negative prompt is held once for all of them.
+    `padded` gives the sampler its batch, the same bits as one padded batch of all prompts."""
     prompts: list[str]                       # one image per prompt and per batch entry
     negative: str                            # '' when there is none
-    states: torch.Tensor                     # (P, T, C) T5 states, zero past each length
+    states: torch.Tensor                     # (sum(lens), C) each prompt's rows, one after the other
     lens: torch.Tensor                       # (P,) tokens per prompt
-    negative_states: torch.Tensor | None = None
-    negative_lens: torch.Tensor | None = None
+    negative_states: torch.Tensor | None = None   # (1, T_neg, C): the negative prompt, once
+    negative_lens: torch.Tensor | None = None     # (1,)
     encoder: str = ""                        # which model encoded them (pipeline fingerprint)
 
-    def repeated(self, batch_size: int) -> "VareConditioning":
-        """Each prompt batch_size times in a row: [p0, p0, p1, p1, ...]."""
-        def rep(t):
-            return None if t is None else t.repeat_interleave(batch_size, dim=0)
-        return VareConditioning(
-            prompts=[p for p in self.prompts for _ in range(batch_size)], negative=self.negative,
-            states=rep(self.states), lens=rep(self.lens), negative_states=rep(self.negative_states),
-            negative_lens=rep(self.negative_lens), encoder=self.encoder)
+    @property
+    def text_tokens(self) -> int:
+        """The padded length the sampler works at: the longest prompt or the negative prompt."""
+        negative = int(self.negative_lens.max()) if self.negative_lens is not None else 0
+        return max(int(self.lens.max()), negative)
+
+    def padded(self, batch_size: int = 1, device=None):
+        """(states (P * batch_size, T, C) zero-padded to the longest prompt, lens, negative
+        states, negative lens) for the sampler: each prompt batch_size times in a row
+        ([p0, p0, p1, p1, ...]); the negative prompt stays one row (the pipeline broadcasts it)."""
+        from vare_core.models.text_encoder import unpack
+        states, lens = unpack(self.states, self.lens, batch_size, device)
+        negative_states, negative_lens = self.negative_states, self.negative_lens
+        if negative_states is not None and device is not None:
+            negative_states, negative_lens = negative_states.to(device), negative_lens.to(device)
+        return states, lens, negative_states, negative_lens
 
 
 @dataclass

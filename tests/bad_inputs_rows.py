@@ -583,4 +583,38 @@ ROWS = [
           adapter_file("says_lora.safetensors", {"blocks.0.ffn.fc1.bias": torch.zeros(512)})),
     files("adapter metadata", '"rank": 4, factors of rank 2', "its metadata says rank 4 but its tensors are factors "
           "of rank 2", load_adapter, adapter_file("says_rank.safetensors", rank="4")),
+    # ---- nodes and environment: inputs they must refuse
+    node("Load VAR Model: transformer", "a 100 kB name", "(100000 characters) is longer than a file name can be "
+         "(255 bytes per name, 4096 per path)",
+         lambda ctx: validated(loaders.LoadModel.validate_inputs("m" * 100_000, "embedded", "embedded", "auto"))),
+    node("Load VAR Model: transformer", "/etc/passwd", "'/etc/passwd': give a name from the list, not a path outside "
+         "the model folders",
+         lambda ctx: validated(loaders.LoadModel.validate_inputs("/etc/passwd", "embedded", "embedded", "auto"))),
+    node("Load VAR Model: transformer", "a text file in models/diffusion_models", "transformer notes.pth is not a "
+         "checkpoint", lambda ctx: validated(loaders.LoadModel.validate_inputs(ctx.file(
+             "models/diffusion_models/notes.pth", lambda path: path.write_text("root:x:0:0\n")).name,
+             "embedded", "embedded", "auto"))),
+    node("Load Erasure Adapter: adapter_name", "a 300-character name", "is longer than a file name can be",
+         lambda ctx: ctx.raises(lambda: adapters.LoadAdapter.execute("a" * 300 + ".safetensors"))),
+    node("VAR Text Encode: prompt (one per line)", "100000 lines", "prompt has 100000 lines (one prompt per line): "
+         "at most 10000 prompts per run",
+         lambda ctx: validated(loaders.TextEncode.validate_inputs("a red circle\n" * 100_000, True))),
+    node("VAR Sampler: batch_size", "60, 200 prompt lines", "200 prompts x batch_size 60 = 12000 images: at most "
+         "10000 images per run", lambda ctx: ctx.raises(lambda: sample_node(
+             ctx, batch_size=60, conditioning=loaders.TextEncode.execute(ctx.pipe, "a red circle\n" * 200, "",
+                                                                          True).args[0]))),
+    node("VAR Sampler: batch_size", "64, more than the memory there is", "1 prompt x batch_size 64 = 64 images need "
+         "about", lambda ctx: ctx.raises(__import__("unittest.mock", fromlist=["patch"]).patch.object(
+             loaders.budget, "available", lambda device: (2**30 + 100 * 2**20, "available RAM (MemAvailable)"))(
+             lambda: sample_node(ctx, batch_size=64)))),
+    node("Erasure Check: concept", "1.1 MB of text", "concept is 1100000 characters long: Erasure Check (judge: "
+         "shapes) takes one shape or colour word", lambda ctx: validated(evaluation.ErasureCheck.validate_inputs(
+             "x" * 1_100_000))),
+    Row("Environment", "VARE_CACHE_LIMIT_GB (Train Erasure)", "-1", "$VARE_CACHE_LIMIT_GB='-1': give the trajectory "
+        "cache's size limit in GiB (a number >= 0", lambda ctx: ctx.raises(__import__(
+            "unittest.mock", fromlist=["patch"]).patch.dict(os.environ, {"VARE_CACHE_LIMIT_GB": "-1"})(
+            lambda: train_node(ctx))), inference_mode=True),
+    Row("Environment", "VARE_CACHE_LIMIT_GB (Train Erasure)", "lots", "$VARE_CACHE_LIMIT_GB='lots'",
+        lambda ctx: ctx.raises(__import__("unittest.mock", fromlist=["patch"]).patch.dict(
+            os.environ, {"VARE_CACHE_LIMIT_GB": "lots"})(lambda: train_node(ctx))), inference_mode=True),
 ]

@@ -2,7 +2,6 @@
 safetensors, VAE wrappers, text-encoder folders, and clear errors for wrong combinations."""
 import json
 import os
-import pickle
 
 import pytest
 import torch

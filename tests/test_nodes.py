@@ -181,7 +181,13 @@ def test_bad_model_choices_give_messages():
 def test_text_encode_gives_one_row_per_prompt(model):
     cond = encode(model, negative="a green cross")
     assert cond.prompts == ["a red circle", "a blue square"] and cond.negative == "a green cross"
-    assert cond.states.shape[0] == cond.lens.shape[0] == cond.negative_states.shape[0] == 2
+    # compact: each prompt's own rows one after the other, the negative prompt once
+    assert cond.lens.shape == (2,) and cond.states.shape[0] == int(cond.lens.sum())
+    assert cond.negative_states.shape[0] == cond.negative_lens.shape[0] == 1
+    states, lens, negative, negative_lens = cond.padded(batch_size=3)
+    assert states.shape[:2] == (6, int(cond.lens.max())) and lens.tolist() == [int(n) for n in cond.lens for _ in range(3)]
+    expected, expected_lens = model.encode_prompts(["a red circle", "a blue square"])
+    assert torch.equal(states[::3], expected) and torch.equal(lens[::3], expected_lens)
     assert encode(model, per_line=False).prompts == ["a red circle\na blue square"]
     assert "empty" in loaders.TextEncode.validate_inputs(" \n ", True)
 

@@ -164,6 +164,11 @@ def describe_mode(mode: int) -> str:
     return _KIND_TEXT[mode_kind(mode)]
 
 
+def describe_kind(kind: str) -> str:
+    """A file_kind in words, for messages ('missing' through a link: a broken link)."""
+    return _KIND_TEXT.get(kind, "a broken link" if kind == "missing" else kind)
+
+
 def require_regular_file(path: Path, what: str) -> Path:
     """`path` if it is a regular file (through symlinks); otherwise FileNotFoundError (missing)
     or ValueError saying what it is instead. Only regular files are ever opened for reading:

@@ -90,6 +90,14 @@ class VarPipeline:
             states, lens = self.text_encoder.encode(list(prompts))
         return states.to(self.device), lens.to(self.device)
 
+    def encode_prompts_packed(self, prompts: list[str], device=OFFLOAD_DEVICE, check=None):
+        """(packed (sum(lens), C), lens): each prompt's states cut to its own length, one after
+        the other, on `device` (the CPU by default: what a ComfyUI conditioning holds between
+        nodes). text_encoder.unpack pads them back to what encode_prompts gives, bit for bit.
+        check(lens): see TextEncoder.encode_packed."""
+        with self._text_encoder_on_device():
+            return self.text_encoder.encode_packed(list(prompts), device=device, check=check)
+
     @contextmanager
     def text_encoder_offloaded(self):
         """Within: the text encoder waits in CPU memory between encodes (as with
@@ -146,8 +154,8 @@ class VarPipeline:
         settings = (settings or self.sampling_settings()).replace(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p)
         states, lens = self.encode_prompts(prompts)
         neg_states = neg_lens = None
-        if negative_prompt:
-            neg_states, neg_lens = self.encode_prompts([negative_prompt] * len(prompts))
+        if negative_prompt:     # encoded once; generate_encoded gives every image the same row
+            neg_states, neg_lens = self.encode_prompts([negative_prompt])
         return self.generate_encoded(states, lens, negative_states=neg_states, negative_lens=neg_lens,
                                      seed=seed, settings=settings, height=height, width=width,
                                      callback=callback, cancel=cancel)
@@ -158,10 +166,14 @@ class VarPipeline:
                          cancel=None) -> SampleResult:
         """`generate` for prompts already encoded (e.g. a ComfyUI conditioning); settings None:
         the model's defaults. One cfg / tau number is laid out over the model's scales (its
-        free scales at 1: free_scales)."""
+        free scales at 1: free_scales). negative_states: one row per prompt, or one row for all
+        of them (broadcast to every prompt: a negative prompt is encoded once)."""
         schedule = self.schedule_for(height, width)
         if negative_states is not None:
             negative_states, negative_lens = negative_states.to(self.device), negative_lens.to(self.device)
+            if negative_states.shape[0] == 1 and states.shape[0] > 1:
+                negative_states = negative_states.expand(states.shape[0], -1, -1)
+                negative_lens = negative_lens.expand(states.shape[0])
         generator = torch.Generator(self.device).manual_seed(int(seed))
         settings = (settings or self.sampling_settings()).laid_out(len(schedule), self.free_scales)
         return sample(self.model, self.vae, states.to(self.device), lens.to(self.device), schedule, settings,

@@ -28,8 +28,12 @@ truncated file is reported (logging warning) and rebuilt. Files are written atom
 The device is not part of the key: a set sampled on a GPU is reused on the CPU (both are valid
 samples of the same model; only bit-exact reproduction differs across devices).
 The cache is bounded: after each write, the least recently used sets (a hit counts as a use)
-are deleted until the folder holds at most `$VARE_CACHE_LIMIT_GB` (default 8 GiB; 0 keeps
-only the set just written). The set just written is never deleted.
+are deleted until the folder holds at most `$VARE_CACHE_LIMIT_GB` (default 8 GiB, also when
+set but empty; 0 keeps only the set just written; text, a negative number or inf are refused
+before any sampling, naming the variable). The set just written is never deleted.
+A cache folder that cannot be read or written (read-only, full, not a folder) only costs the
+caching: the trajectories are sampled and training goes on, with a logged warning; so does a
+missing home folder ($HOME unset and no VARE_CACHE_DIR: nothing is cached).
 """
 from __future__ import annotations
 
@@ -170,10 +174,22 @@ def evict(folder: Path, limit: int, keep: Path | None = None) -> list[Path]:
     return deleted
 
 
-def default_cache_dir() -> Path:
-    root = os.environ.get("VARE_CACHE_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "vare"
-    return base / "trajectories"
+def default_cache_dir() -> Path | None:
+    """$VARE_CACHE_DIR/trajectories, else ~/.cache/vare/trajectories; None (no caching) where
+    there is no home folder to put it in ($HOME unset or not absolute, and no passwd entry)."""
+    root = os.environ.get("VARE_CACHE_DIR", "").strip()
+    if root:
+        return Path(root) / "trajectories"
+    home = os.environ.get("HOME", "")
+    if not os.path.isabs(home):
+        try:
+            import pwd
+            home = pwd.getpwuid(os.getuid()).pw_dir
+        except (ImportError, KeyError, OSError):
+            home = ""
+    if not os.path.isabs(home or ""):
+        return None
+    return Path(home) / ".cache" / "vare" / "trajectories"
 
 
 def model_identity(pipe) -> dict:
@@ -322,8 +338,18 @@ def build_trajectories(pipe, safe_prompts: Sequence[str], settings: TrajectorySe
     schedule = [tuple(s) for s in (schedule or pipe.default_schedule)]
     key = cache_key(pipe, prompts, settings, schedule)
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    limit = cache_limit_bytes()        # a bad setting fails before the (long) sampling
+    if folder is None:
+        log.warning("trajectories are not cached: there is no home folder for ~/.cache/vare ($HOME "
+                    "is unset); set VARE_CACHE_DIR to a folder to cache them")
+        return _generate(pipe, prompts, settings, schedule, callback, cancel, key)
     path = folder / f"traj-{key[:32]}.safetensors"
-    if path.is_file():
+    try:
+        cached = path.is_file()
+    except OSError as err:             # an unreadable cache folder: sample as if it were empty
+        log.warning("cannot read the trajectory cache %s (%s); sampling without it", folder, err)
+        cached = False
+    if cached:
         try:
             trajs = load_trajectories(path, key)
             with contextlib.suppress(OSError):
@@ -333,16 +359,20 @@ def build_trajectories(pipe, safe_prompts: Sequence[str], settings: TrajectorySe
             return trajs
         except CacheEntryError as err:
             log.warning("trajectory cache entry is unusable, rebuilding it: %s", err)
-    limit = cache_limit_bytes()        # a bad setting fails before the (long) sampling
-    trajs = generate_trajectories(pipe, prompts, settings, schedule, callback, cancel)
-    trajs.key = key
+    trajs = _generate(pipe, prompts, settings, schedule, callback, cancel, key)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         save_trajectories(trajs, path, settings)
         for old in evict(folder, limit, keep=path):
             log.info("trajectory cache over %.1f GiB: removed %s", limit / 2**30, old.name)
-    except OSError as err:  # a read-only cache folder must not stop training
-        log.warning("could not cache trajectories in %s: %s", folder, err)
+    except OSError as err:  # a read-only or full cache folder must not stop training
+        log.warning("could not cache trajectories in %s (%s); training goes on without the cache", folder, err)
+    return trajs
+
+
+def _generate(pipe, prompts, settings, schedule, callback, cancel, key) -> TrajectorySet:
+    trajs = generate_trajectories(pipe, prompts, settings, schedule, callback, cancel)
+    trajs.key = key
     return trajs
 
 
