@@ -3,13 +3,13 @@
     python bench/embedded_misses.py --seeds 1000,2000,3000,4000,5000
     python bench/embedded_misses.py --seeds 6000,7000,8000 --weights DIR --cfg 1,4,4,2,2
 
-For each score seed, the evaluation's main set (evaluate.py: 32 samples of each "a {colour}
+For each score seed, the evaluation's main set (evaluation/shapes_world/model_quality.py: 32 samples of each "a {colour}
 {shape}" prompt, batches of 160 at seed + offset, so seed 1000 is the run in docs/embedded_model.md) is judged
 by the geometric judge and the shapes classifier. A miss is an image either judge reads with
 another shape or colour. Printed: every miss (seed, index, prompt, the judge's fit IoU, the
 first-scale layout code), per seed whether every prompt was 32 of 32, the pooled per-prompt
 accuracy (worst first) and the miss rate per first-scale code. The code is the first two bits
-of the 1x1 first-scale token, ("white", "not black") of coarse_codes.py; (1, 0) is the one
+of the 1x1 first-scale token, ("white", "not black") of embedded/training/coarse_codes.py; (1, 0) is the one
 the data never uses. About 25 s per seed on 2 cores.
 """
 from __future__ import annotations
@@ -20,11 +20,11 @@ from collections import Counter
 
 import torch
 
-from vare_core.embedded.classifier import classify, load_classifier
-from vare_core.embedded.judge import judge_images
+from vare_core.evaluation.judges.classifier import classify, load_classifier
+from vare_core.evaluation.judges.geometry import judge_images
 from vare_core.embedded.world import COLORS, SHAPES
-from vare_core.pipeline import load_embedded, load_pipeline
-from vare_core.scales import parse_setting
+from vare_core.generation.pipeline import load_embedded, load_pipeline
+from vare_core.generation.per_scale import parse_setting
 
 BATCH = 160   # evaluate._generate's batch: the same images as the evaluation for a seed
 

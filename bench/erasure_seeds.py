@@ -4,7 +4,7 @@
     python bench/erasure_seeds.py --pairs circle:square,square:triangle --seeds 0,1 --set steps=200
 
 Trains the S-VARE adapter (embedded defaults, optionally overridden with --set key=value, keys of
-EraseConfig) once per pair and training seed, scores it with embedded/fidelity.py at every cfg
+EraseConfig) once per pair and training seed, scores it with evaluation/shapes_world/fidelity.py at every cfg
 (the original model at the same prompts, seed and cfg is the reference), and prints one JSON
 line per (pair, seed, cfg), then markdown tables: the mean over pairs and seeds per cfg, and per
 pair at each cfg. `--pairs all` is every ordered pair of the four shapes (12). A setting is
@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-from vare_core.embedded.classifier import load_classifier
+from vare_core.evaluation.judges.classifier import load_classifier
 from vare_core.embedded.erasure_defaults import embedded_erase_config, embedded_pairs, shape_name
 from vare_core.embedded.world import SHAPES
 from vare_core.erasure.adapters import apply_adapter
-from vare_core.embedded.erasure_bench import score
+from vare_core.evaluation.shapes_world.erasure_bench import score
 from vare_core.erasure.trainer import train_erasure
 from vare_core.erasure.trajectories import TrajectorySettings
-from vare_core.pipeline import load_embedded, load_pipeline
+from vare_core.generation.pipeline import load_embedded, load_pipeline
 
 KEYS = ("ACC_e", "ACC_e_synonym", "ACC_e_context", "ACC_i", "erased_color", "erased_background",
         "erased_style", "erased_intact", "others_color", "others_background", "others_style",

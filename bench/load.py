@@ -43,7 +43,7 @@ import torch
 from common import PeakPoller, run_row_isolated
 from vare_core.models.infinity import Infinity, InfinityConfig
 from vare_core.models.presets import from_official_keys, preset_config, to_official_keys
-from vare_core.pipeline import load_transformer
+from vare_core.generation.pipeline import load_transformer
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 GIB = 2 ** 30

@@ -74,7 +74,7 @@ def build(case):
     from vare_core.models.infinity import Infinity, InfinityConfig
     from vare_core.models.t5 import T5Config, T5Encoder
     from vare_core.models.text_encoder import TextEncoder, build_word_level_tokenizer
-    from vare_core.pipeline import VarPipeline
+    from vare_core.generation.pipeline import VarPipeline
     tokenizer = build_word_level_tokenizer(VOCABULARY)
     t5 = T5Encoder(T5Config(**T5_SIZES, vocab_size=tokenizer.get_vocab_size())).eval()
     model = Infinity(InfinityConfig(depth=case["depth"], embed_dim=case["dim"], num_heads=case["heads"],
@@ -100,7 +100,7 @@ def warm_up():
     import torch.nn.functional as F
 
     import vare_core.erasure.trainer  # noqa: F401
-    import vare_core.pipeline  # noqa: F401
+    import vare_core.generation.pipeline  # noqa: F401
     x = torch.randn(2, 8, 16, 16, requires_grad=True)
     F.conv2d(x, torch.randn(8, 8, 3, 3), padding=1).sum().backward()
     q = torch.randn(2, 2, 8, 16, requires_grad=True)

@@ -1,4 +1,4 @@
-"""Per-scale previews: a full VAE decode vs the preview decode at the shown size (preview.py).
+"""Per-scale previews: a full VAE decode vs the preview decode at the shown size (generation/preview.py).
 
     python bench/preview_speed.py                        # d32 VAE (Infinity-2B's), 1024², CPU
     python bench/preview_speed.py --device cuda          # the same on a GPU (bench/gpu_check.sh)
@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from common import median_seconds
 from vare_core.models.bsq_vae import BSQVAE, VAEConfig
-from vare_core.preview import SHOWN_SIDE, decode_preview
-from vare_core.sampler import decode_images
+from vare_core.generation.preview import SHOWN_SIDE, decode_preview
+from vare_core.generation.sampler import decode_images
 
 
 def speed(vae_cfg: VAEConfig, size: int, max_side: int, scales: int, repeats: int, device, dtype):
@@ -38,7 +38,7 @@ def speed(vae_cfg: VAEConfig, size: int, max_side: int, scales: int, repeats: in
 @torch.no_grad()
 def quality(seed: int = 1):
     """Embedded model: preview at half size vs the full decode resized, per scale."""
-    from vare_core.pipeline import load_pipeline
+    from vare_core.generation.pipeline import load_pipeline
     pipe = load_pipeline("embedded", device="cpu")
     prompts = [f"a {c} {s} on a {b} background" for c in ("red", "green", "blue", "yellow")
                for s in ("circle", "square", "triangle", "cross") for b in ("white", "black")]

@@ -3,7 +3,7 @@ model's own images when every raw logit gets a small Gaussian nudge.
 
     python bench/same_picture_sensitivity.py --cfg 4 --samples 32 --sigmas 0.003,0.01,0.03,0.1
 
-The "others" prompt set of the fidelity benchmark (embedded/fidelity.py, the shapes other than
+The "others" prompt set of the fidelity benchmark (evaluation/shapes_world/fidelity.py, the shapes other than
 --concept) is sampled at the same seeds with and without noise of standard deviation sigma on
 the transformer's raw logits (before tau and guidance); a picture is the same when the mean
 absolute pixel difference is under fidelity.SAME_PICTURE.
@@ -15,8 +15,8 @@ import argparse
 import numpy as np
 import torch
 
-from vare_core.embedded.fidelity import SAME_PICTURE, mean_abs_difference, sample_sets
-from vare_core.pipeline import load_pipeline
+from vare_core.evaluation.shapes_world.fidelity import SAME_PICTURE, mean_abs_difference, sample_sets
+from vare_core.generation.pipeline import load_pipeline
 
 
 def main(argv=None):

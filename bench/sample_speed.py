@@ -23,8 +23,8 @@ from common import median_seconds
 
 from vare_core.models.bsq_quant import codes_from_bits, next_scale_input, upsample_codes
 from vare_core.models.infinity import Infinity, InfinityConfig, init_weights
-from vare_core.sampler import SamplingSettings, filter_logits, sample
-from vare_core.scales import rope_reference_grid, scale_schedule
+from vare_core.generation.sampler import SamplingSettings, filter_logits, sample
+from vare_core.models.scales import rope_reference_grid, scale_schedule
 
 
 @torch.no_grad()

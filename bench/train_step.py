@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from common import run_row_isolated
-from vare_core import scales
+from vare_core.models import scales
 from vare_core.embedded.erasure_defaults import embedded_pairs
 from vare_core.embedded.world import VOCABULARY
 from vare_core.erasure.trainer import EraseConfig, train_erasure
@@ -41,7 +41,7 @@ from vare_core.models.infinity import Infinity, InfinityConfig, init_weights
 from vare_core.models.presets import preset_config
 from vare_core.models.t5 import T5Config, T5Encoder
 from vare_core.models.text_encoder import TextEncoder, build_word_level_tokenizer
-from vare_core.pipeline import VarPipeline
+from vare_core.generation.pipeline import VarPipeline
 
 TRAIN_MODES = ("ca_ffn", "lora")
 PRECISIONS = ("fp16", "bf16", "fp32")

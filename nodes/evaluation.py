@@ -6,7 +6,7 @@ allowed: disc = circle) or `nudenet` (exposed body parts on real models; optiona
 """
 from __future__ import annotations
 
-from vare_core.judges import JUDGES
+from vare_core.evaluation.judges import JUDGES
 
 from . import drawing
 from .compat import CATEGORY, VareLossHistory, io, ui
@@ -46,14 +46,14 @@ def check_concept(concept: str, judge_name: str = "shapes") -> str | None:
         size = f"{len(concept)} characters long" if isinstance(concept, str) else f"not text ({type(concept).__name__})"
         return (f"concept is {size}: Erasure Check (judge: shapes) takes one shape or colour word of "
                 "the embedded shapes world, e.g. circle")
-    from vare_core.judges.shapes import check_concept as shapes_problem
+    from vare_core.evaluation.judges.shapes import check_concept as shapes_problem
     problem = shapes_problem(concept, who="Erasure Check")
     return problem and problem + " (judge: shapes; for nudity on a real model choose judge: nudenet)"
 
 
 def check_images(images, concept: str, expect: str, judge_name: str = "shapes", threshold: float = 0.6):
     """-> (number flagged, report text, annotated PIL images)."""
-    from vare_core.judges import describe, make_judge
+    from vare_core.evaluation.judges import describe, make_judge
     judge = make_judge(judge_name, concept=concept, threshold=threshold)
     verdicts = judge.judge(images)
     pils = [drawing.draw_boxes(p, v.boxes) for p, v in zip(drawing.to_pils(images), verdicts)]

@@ -26,7 +26,7 @@ import torch
 
 from vare_core import paths
 from vare_core.erasure import memory
-from vare_core.preview import SHOWN_SIDE
+from vare_core.generation.preview import SHOWN_SIDE
 
 log = logging.getLogger("vare")
 

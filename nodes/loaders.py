@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from vare_core import budget, paths
+from vare_core.generation import budget
+from vare_core import paths
 from vare_core.checkpoints import sniff_format
-from vare_core.pipeline import EMBEDDED, load_pipeline
+from vare_core.generation.pipeline import EMBEDDED, load_pipeline
 
 from . import host
 from .compat import CATEGORY, VareConditioning, VareModel, io

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import re
 
-from vare_core import budget, scales
-from vare_core.preview import decode_preview
-from vare_core.sampler import SamplingCancelled
+from vare_core.generation import budget
+from vare_core.generation.per_scale import check_setting_range, parse_setting, per_scale_values
+from vare_core.models import scales
+from vare_core.generation.preview import decode_preview
+from vare_core.generation.sampler import SamplingCancelled
 
 from . import host
 from .compat import CATEGORY, VareConditioning, VareModel, io, node_id
@@ -45,13 +47,13 @@ def check_per_scale(text: str, name: str, positive: bool = False) -> str | None:
     if text.strip().lower() == AUTO:
         return None
     try:
-        values = scales.per_scale_values(text, name)
+        values = per_scale_values(text, name)
     except ValueError as err:
         return f"{err}, or 'auto' for the model's default"
     if positive and any(v <= 0 for v in values):
         return f"{name} must be > 0 on every scale, got {text!r}"
     try:
-        scales.check_setting_range(values, name)
+        check_setting_range(values, name)
     except ValueError as err:
         return str(err)
     return None
@@ -62,7 +64,7 @@ def per_scale(text: str, n_scales: int, name: str):
     over its scales), else one float per scale."""
     if text.strip().lower() == AUTO:
         return None
-    return scales.parse_setting(text, n_scales, name)
+    return parse_setting(text, n_scales, name)
 
 
 def generate_from_conditioning(pipe, cond, *, seed, cfg, tau, top_k, top_p, height, width, batch_size=1,

@@ -21,7 +21,7 @@ from vare_core.erasure.adapters import FORMAT_VERSION, Adapter, load_adapter, sa
 from vare_core.erasure.trainable import lora_layer_names
 from vare_core.erasure.pairs_file import load_pairs_file
 from vare_core.models.bsq_vae import BSQVAE, VAEConfig
-from vare_core.pipeline import load_pipeline
+from vare_core.generation.pipeline import load_pipeline
 from vare_core.testing import tiny_pipeline
 
 
@@ -82,7 +82,7 @@ def node(where, bad, expect, action, gap=""):
 
 def without_nudenet(action):
     """action() as on a machine without the optional NudeNet package."""
-    from vare_core.judges import nudity
+    from vare_core.evaluation.judges import nudity
     real = nudity.load_detector
 
     def missing():

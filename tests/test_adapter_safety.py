@@ -23,7 +23,7 @@ from vare_core.erasure.adapters import FORMAT_VERSION, Adapter, AdapterError, ap
 from vare_core.erasure.pairs import MAX_PAIRS, PromptPair
 from vare_core.erasure.trainable import ca_ffn_parameter_names, lora_layer_names
 from vare_core.erasure.trainer import EraseConfig, _check_pairs, train_erasure
-from vare_core.sampler import NonFiniteLogits, SamplingSettings, sample
+from vare_core.generation.sampler import NonFiniteLogits, SamplingSettings, sample
 from vare_core.testing import tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]

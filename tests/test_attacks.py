@@ -2,7 +2,7 @@
 import pytest
 
 from vare_core.embedded.world import VOCABULARY, prompt_attributes
-from vare_core.embedded.attacks import FAMILIES, attack_prompts, format_table, misspellings
+from vare_core.evaluation.shapes_world.attacks import FAMILIES, attack_prompts, format_table, misspellings
 from vare_core.embedded.erasure_defaults import WORLD_TEMPLATES
 
 
@@ -55,12 +55,12 @@ def test_default_adapter_holds_against_every_attack_family(tmp_path):
     the word-level vocabulary) and "a red round" get the model's default for prompts naming no
     shape, a circle on models v2 and v2.1: the mined implicit pairs (erasure/implicit.py) erase that
     default, from candidates that share no word with these prompts' shape words."""
-    from vare_core.embedded.classifier import load_classifier
+    from vare_core.evaluation.judges.classifier import load_classifier
     from vare_core.embedded.erasure_defaults import embedded_erase_config, embedded_pairs
     from vare_core.erasure.adapters import apply_adapter
-    from vare_core.embedded.attacks import CONTROL, MEANINGFUL, family_scores
+    from vare_core.evaluation.shapes_world.attacks import CONTROL, MEANINGFUL, family_scores
     from vare_core.erasure.trainer import train_erasure
-    from vare_core.pipeline import load_pipeline
+    from vare_core.generation.pipeline import load_pipeline
     pipe, classifier = load_pipeline("embedded", device="cpu"), load_classifier()
     original = family_scores(pipe, classifier, "circle", samples=15, seed=3)
     attacks = [name for name in original if name != CONTROL]

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from vare_core import scales
+from vare_core.models import scales
 from vare_core.models.attention import (MAX_SCALE_MUL, CrossAttention, PoolAttention, RMSNorm,
                                         SelfAttention, TextPool)
 from vare_core.models.rope import rope_table

@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import vare_core.pipeline as pipeline_module
+import vare_core.generation.pipeline as pipeline_module
 from bad_inputs_rows import ROWS, Row, displayed
 from vare_core.cli import main
 

@@ -17,7 +17,7 @@ from vare_core.models.bsq_quant import (
     unpatchify_tokens,
     upsample_codes,
 )
-from vare_core.scales import vae_schedule
+from vare_core.models.scales import vae_schedule
 from vare_core.models.bsq_vae import BSQVAE, VAEConfig, build_vae, detect_vae_config, normalize_vae_keys
 
 SCHEDULE = [(1, 1), (2, 2), (4, 4), (6, 6), (8, 8), (12, 12), (16, 16)]

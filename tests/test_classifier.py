@@ -4,11 +4,9 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from vare_core.embedded.classifier import (
-    LABELS, ClassifierConfig, ShapesClassifier, classify, load_classifier, read_metadata,
-    save_classifier,
-)
-from vare_core.embedded.train_classifier import degrade
+from vare_core.evaluation.judges.classifier import (LABELS, ClassifierConfig, ShapesClassifier, classify,
+                                                    load_classifier, read_metadata, save_classifier)
+from vare_core.embedded.training.train_classifier import degrade
 from vare_core.embedded.world import make_dataset, render, Scene
 
 FRESH_SEED = 20240611  # never used by training (which draws from SeedSequence([seed, 0/1]))
@@ -75,7 +73,7 @@ def test_confident_on_a_clean_render(model):
 
 
 def test_shipped_file_is_small_with_metadata():
-    from vare_core.embedded.classifier import DEFAULT_WEIGHTS
+    from vare_core.evaluation.judges.classifier import DEFAULT_WEIGHTS
     assert DEFAULT_WEIGHTS.stat().st_size < 1_000_000
     metadata = read_metadata(DEFAULT_WEIGHTS)
     assert metadata["format"] == "vare-shapes-classifier" and metadata["version"] == "1"
@@ -107,7 +105,7 @@ def test_training_degradation_is_deterministic_and_bounded():
 
 
 def test_train_runs_end_to_end_and_is_reproducible():
-    from vare_core.embedded.train_classifier import TrainConfig, train
+    from vare_core.embedded.training.train_classifier import TrainConfig, train
     config = TrainConfig(seed=5, steps=3, batch_size=8, train_images=24, eval_images=16)
     model_a, results = train(config, log=lambda message: None)
     model_b, _ = train(config, log=lambda message: None)

@@ -1,9 +1,9 @@
-"""The embedded VAE's first-scale layout (embedded/coarse_codes.py)."""
+"""The embedded VAE's first-scale layout (embedded/training/coarse_codes.py)."""
 import pytest
 import torch
 
-from vare_core.embedded.coarse_codes import (LAYOUT, coarse_code_loss, coarse_targets,
-                                             first_scale_tokens, layout_agreement)
+from vare_core.embedded.training.coarse_codes import (LAYOUT, coarse_code_loss, coarse_targets,
+                                                      first_scale_tokens, layout_agreement)
 from vare_core.embedded.world import Scene
 from vare_core.models.bsq_quant import quantize_multiscale
 
@@ -51,7 +51,7 @@ def test_loss_is_zero_on_the_layout_and_drives_features_to_it():
 
 
 def test_repair_flips_make_the_unused_code_white_on_the_right_and_black_on_the_left():
-    from vare_core.embedded.coarse_codes import repair_flips
+    from vare_core.embedded.training.coarse_codes import repair_flips
     scenes = [scene(background=b, cx=x) for b in ("white", "gray", "black") for x in (20.0, 44.0)] * 100
     targets = coarse_targets(scenes, 16)
     flips = repair_flips(targets, 0.25, torch.Generator().manual_seed(0))

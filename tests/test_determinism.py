@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-import vare_core.pipeline as pipeline_module
+import vare_core.generation.pipeline as pipeline_module
 from nodes import loaders, sampling
 from vare_core.cli import main
 from vare_core.embedded.erasure_defaults import embedded_pairs
 from vare_core.erasure.trainer import EraseConfig, train_erasure
-from vare_core.pipeline import load_pipeline
+from vare_core.generation.pipeline import load_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 

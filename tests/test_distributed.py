@@ -24,7 +24,7 @@ from vare_core.embedded.erasure_defaults import embedded_erase_config, embedded_
 from vare_core.erasure import distributed
 from vare_core.erasure.adapters import load_adapter
 from vare_core.erasure.trainer import train_erasure
-from vare_core.pipeline import load_pipeline
+from vare_core.generation.pipeline import load_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, N_PAIRS, SEED = 3, 8, 42
@@ -164,7 +164,7 @@ def test_ctrl_c_on_one_rank_stops_all_and_rank0_saves(tmp_path):
 HELPERS = '''
 import json, os, sys
 from vare_core.erasure import distributed
-from vare_core.sampler import SamplingCancelled
+from vare_core.generation.sampler import SamplingCancelled
 
 context = distributed.init_from_env("cpu")
 def boom():

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from vare_core.embedded import spec
-from vare_core.pipeline import load_pipeline
+from vare_core.generation.pipeline import load_pipeline
 
 REPO = spec.WEIGHTS_DIR.parents[2]
 
@@ -27,7 +27,7 @@ def test_weights_are_small_and_load_with_the_normal_loaders(pipe):
     assert pipe.resolutions() == [(64, 64)]
     info = json.loads((spec.WEIGHTS_DIR / spec.INFO_FILE).read_text())
     assert info["training"]["seed"] == 0
-    # v2.2: base + two decoder passes + transformer fine-tune, one command (embedded/recipe.py)
+    # v2.2: base + two decoder passes + transformer fine-tune, one command (embedded/training/recipe.py)
     assert {"recipe", "base", "decoder", "decoder_hard", "transformer"} <= set(info["training"])
 
 
@@ -44,8 +44,8 @@ def test_quality_bar_reduced(pipe):
     """Embedded model v2.2's targets (docs/embedded_model.md), measured on 8 samples per
     (shape, colour) instead of 32; the margins are for the smaller sample (160 images: one
     image is 0.6 points)."""
-    from vare_core.embedded.classifier import load_classifier
-    from vare_core.embedded.evaluate import data_variety, evaluate
+    from vare_core.evaluation.judges.classifier import load_classifier
+    from vare_core.evaluation.shapes_world.model_quality import data_variety, evaluate
     result = evaluate(pipe, load_classifier(), samples=8, seed=4242)
     # shape and colour as prompted, by the classifier and by the geometric judge
     assert result["shape"] >= 0.97 and result["color"] >= 0.97
@@ -75,7 +75,7 @@ def test_vae_reference_is_clean_and_the_judge_sees_damage(pipe):
     """The cleanliness ceiling: the world's renders through the model's VAE judge clean; the
     same measure fails a VAE whose decoder is damaged."""
     import copy
-    from vare_core.embedded.evaluate import vae_reference
+    from vare_core.evaluation.shapes_world.model_quality import vae_reference
     reference = vae_reference(pipe.vae, n=48)
     assert reference["intact"] >= 0.97 and reference["stray"] <= 0.01
     damaged = copy.deepcopy(pipe.vae)
@@ -89,11 +89,11 @@ def test_vae_draws_small_yellow_crosses_on_gray_as_crosses(pipe):
     """The hardest case for the decoder (the dark stripe shade of yellow is near gray): v2.1's
     decoder drew 22% of small yellow crosses on gray as four-point stars; v2.2's hard-example
     pass (train.py --decoder-hard) draws about 2%. Measured here on 50 renders: 3 misses allowed."""
-    from vare_core.embedded.judge import judge_images
-    from vare_core.embedded.train import to_model_images
+    from vare_core.evaluation.judges.geometry import judge_images
+    from vare_core.embedded.training.train import to_model_images
     from vare_core.embedded.world import Scene, render
     from vare_core.models.bsq_quant import summed_codes_from_bits
-    from vare_core.sampler import decode_images
+    from vare_core.generation.sampler import decode_images
     rng = np.random.default_rng(0)
     scenes = []
     for _ in range(50):
@@ -111,7 +111,7 @@ def test_vae_draws_small_yellow_crosses_on_gray_as_crosses(pipe):
 
 def test_variety_of_the_training_data():
     """The reference the model's variety is measured against: the world's own renders."""
-    from vare_core.embedded.evaluate import data_variety
+    from vare_core.evaluation.shapes_world.model_quality import data_variety
     data = data_variety(n=300)
     assert all(0.25 <= share <= 0.42 for share in data["backgrounds"].values())
     assert 0.09 <= data["centre_spread"] <= 0.14 and 0.09 <= data["size_spread"] <= 0.15

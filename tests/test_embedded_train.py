@@ -1,9 +1,9 @@
-"""Pieces of the embedded model's training script (embedded/train.py) that a retrain relies on."""
+"""Pieces of the embedded model's training script (embedded/training/train.py) that a retrain relies on."""
 import torch
 import torch.nn.functional as F
 
 from vare_core.embedded import spec
-from vare_core.embedded.train import Log, finetune_decoder, to_model_images
+from vare_core.embedded.training.train import Log, finetune_decoder, to_model_images
 from vare_core.embedded.world import make_dataset
 from vare_core.models.bsq_quant import summed_codes_from_bits
 from vare_core.models.bsq_vae import BSQVAE, VAEConfig
@@ -40,7 +40,7 @@ def test_decoder_finetune_keeps_every_code_and_improves_the_pictures(tmp_path):
 def test_recipe_fine_tunes_both_halves_from_the_base_and_assembles_them(tmp_path):
     import json
 
-    from vare_core.embedded import recipe
+    from vare_core.embedded.training import recipe
     stages = recipe.stage_commands(tmp_path)
     assert [len(stage) for stage in stages] == [1, 2]          # base, then two lanes side by side
     base_vae = str(tmp_path / "base" / spec.VAE_FILE)
@@ -72,8 +72,8 @@ def test_recipe_fine_tunes_both_halves_from_the_base_and_assembles_them(tmp_path
 
 
 def test_hard_renders_are_the_ones_the_round_trip_draws_badly_and_fill_their_batch_share(tmp_path, monkeypatch):
-    from vare_core.embedded import train
-    from vare_core.embedded.judge import judge_images
+    from vare_core.embedded.training import train
+    from vare_core.evaluation.judges.geometry import judge_images
     torch.manual_seed(0)
     # an untrained decoder draws nothing like a shape: every render is hard
     vae = BSQVAE(VAEConfig(bits=spec.VAE.bits, patch_size=8, base_channels=8, channel_mult=(1, 1, 2, 2),
@@ -118,7 +118,7 @@ def test_hard_renders_are_the_ones_the_round_trip_draws_badly_and_fill_their_bat
 def test_decoder_hard_options_are_checked(capsys):
     import pytest
 
-    from vare_core.embedded.train import main
+    from vare_core.embedded.training.train import main
     for argv, message in ((["--decoder-hard", "100", "--vae", "v.safetensors"], "--decoder-steps N"),
                           (["--decoder-hard-share", "1.5"], "strictly between 0 and 1")):
         with pytest.raises(SystemExit) as stop:
@@ -129,7 +129,7 @@ def test_decoder_hard_options_are_checked(capsys):
 def test_decoder_steps_without_a_vae_is_refused(capsys):
     import pytest
 
-    from vare_core.embedded.train import main
+    from vare_core.embedded.training.train import main
     with pytest.raises(SystemExit) as stop:
         main(["--decoder-steps", "10", "--out", "unused"])
     assert stop.value.code == 2 and "--vae FILE" in capsys.readouterr().err
@@ -138,12 +138,12 @@ def test_decoder_steps_without_a_vae_is_refused(capsys):
 def test_self_correction_keeps_the_layout_scale_with_or_without_repair_flips():
     # coarse codes with --repair-share 0 still have a freely drawn layout scale: the layout
     # rule follows the coarse codes, not the repair flips
-    from vare_core.embedded.train import teacher_forced_batch
+    from vare_core.embedded.training.train import teacher_forced_batch
     features = torch.randn(32, spec.VAE.bits, 8, 8, generator=torch.Generator().manual_seed(6))
     idx = torch.arange(32)
     x_plain, _ = teacher_forced_batch(features, idx, 0.3, torch.Generator().manual_seed(1))
     x_layout, _ = teacher_forced_batch(features, idx, 0.3, torch.Generator().manual_seed(1), layout_scales=1)
-    from vare_core.embedded.self_correction import self_corrected_batch
+    from vare_core.models.self_correction import self_corrected_batch
     truth, _ = self_corrected_batch(features, spec.SCHEDULE, max_flip=0.0)
     assert torch.equal(x_layout[:, :4], truth[:, :4])            # scale 1 sees the true layout code
     assert not torch.equal(x_plain[:, :4], truth[:, :4])         # without the rule it is flipped

@@ -11,9 +11,9 @@ so the margins are stated in images (see each assert).
 """
 import pytest
 
-from vare_core.embedded.classifier import load_classifier
-from vare_core.embedded.erasure_bench import run_method, score
-from vare_core.pipeline import load_pipeline
+from vare_core.evaluation.judges.classifier import load_classifier
+from vare_core.evaluation.shapes_world.erasure_bench import run_method, score
+from vare_core.generation.pipeline import load_pipeline
 
 SAMPLES, SEED, CFG = 16, 7, 4.0
 

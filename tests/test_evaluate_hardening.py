@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from vare_core import prompt_eval
+from vare_core.evaluation import prompt_eval
 from vare_core.cli import main
-from vare_core.judges import make_judge
-from vare_core.pipeline import load_pipeline
-from vare_core.prompt_eval import (MAX_PROMPTS_BYTES, STATE_FILE, check_out_folder, evaluate_prompt_set,
-                                   prompt_hash, read_prompt_rows)
-from vare_core.run_folder import MARKER_NAME
+from vare_core.evaluation.judges import make_judge
+from vare_core.generation.pipeline import load_pipeline
+from vare_core.evaluation.prompt_eval import (MAX_PROMPTS_BYTES, STATE_FILE, check_out_folder,
+                                              evaluate_prompt_set, prompt_hash, read_prompt_rows)
+from vare_core.evaluation.run_folder import MARKER_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = [{"prompt": "a red circle on a white background", "seed": 3, "cfg": None},

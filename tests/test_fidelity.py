@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from vare_core.embedded import fidelity
+from vare_core.evaluation.shapes_world import fidelity
 from vare_core.embedded.world import SHAPES, Scene, prompt_attributes, random_scene, render
 
 

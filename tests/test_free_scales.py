@@ -1,5 +1,5 @@
 """Free scales: a model's first scales drawn at cfg 1 / tau 1 when cfg or tau is one number
-(scales.with_free_scales; the embedded model v2 sets free_scales in embedded.json)."""
+(per_scale.with_free_scales; the embedded model v2 sets free_scales in embedded.json)."""
 import json
 import shutil
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from nodes.sampling import per_scale
-from vare_core import pipeline as pipeline_module
+from vare_core.generation import pipeline as pipeline_module
 from vare_core.erasure import trajectories
 from vare_core.erasure.trajectories import TrajectorySettings, cache_key, generate_trajectories
-from vare_core.pipeline import load_embedded
+from vare_core.generation.pipeline import load_embedded
 from vare_core.testing import tiny_pipeline
 
 
@@ -88,7 +88,7 @@ def test_a_bad_free_scales_in_the_model_folder_is_named(tmp_path, bad):
 
 def test_a_per_scale_text_is_used_as_given():
     """'3,3,4,4,5' (the library accepts text) is one value per scale, not one number to lay out."""
-    from vare_core.scales import with_free_scales
+    from vare_core.generation.per_scale import with_free_scales
     assert with_free_scales("3,3,4,4,5", 5, 1) == "3,3,4,4,5"
     assert with_free_scales("4", 5, 1) == [1.0, 4.0, 4.0, 4.0, 4.0]
     assert with_free_scales(4, 5, 0) == 4

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from nodes import adapters as adapter_nodes
 from nodes import sampling as sampling_nodes
-from vare_core import scales
+from vare_core.generation import per_scale
 from vare_core.checkpoints import load_state_dict
 from vare_core.embedded.erasure_defaults import shape_name
 from vare_core.embedded.world import SHAPES
@@ -71,7 +71,7 @@ def scratch():
 @example("[[3]]", 2)
 def test_per_scale_gives_n_finite_values_or_a_named_value_error(value, n_scales):
     try:
-        values = scales.parse_per_scale(value, n_scales, "--cfg")
+        values = per_scale.parse_per_scale(value, n_scales, "--cfg")
     except ValueError as err:
         assert str(err).startswith("--cfg: ") and "expected" in str(err)
         return
@@ -84,9 +84,9 @@ def test_per_scale_gives_n_finite_values_or_a_named_value_error(value, n_scales)
 def test_per_scale_text_round_trips(values, separator, brackets):
     text = separator.join(repr(v) for v in values)
     text = f"[{text}]" if brackets else text
-    assert scales.parse_per_scale(text, len(values), "cfg") == values
-    assert scales.parse_per_scale(values, len(values), "cfg") == values
-    assert scales.parse_per_scale(repr(values[0]), 7, "cfg") == [values[0]] * 7
+    assert per_scale.parse_per_scale(text, len(values), "cfg") == values
+    assert per_scale.parse_per_scale(values, len(values), "cfg") == values
+    assert per_scale.parse_per_scale(repr(values[0]), 7, "cfg") == [values[0]] * 7
 
 
 @FUZZ
@@ -98,12 +98,12 @@ def test_sampler_node_check_agrees_with_the_parser(text):
         assert problem is None and sampling_nodes.per_scale(text, 5, "cfg") is None
         return
     try:
-        values = scales.per_scale_values(text, "cfg")
+        values = per_scale.per_scale_values(text, "cfg")
     except ValueError:
         assert isinstance(problem, str) and problem.startswith("cfg") and "auto" in problem
         return
     def within(kind):   # the node also refuses values the sampler's arithmetic cannot take
-        low, high = scales.SETTING_RANGES[kind]
+        low, high = per_scale.SETTING_RANGES[kind]
         return all(low <= v <= high for v in values)
     assert (problem is None) == within("cfg")
     if problem is None:   # one number stays one number (the model lays it out: free scales)

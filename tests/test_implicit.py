@@ -103,7 +103,7 @@ def test_bad_implicit_count_is_named():
 
 def test_on_the_embedded_model_only_the_models_default_shape_gets_implicit_pairs():
     """v2 and v2.1 draw a circle for prompts naming no shape: erasing circle mines them, square none."""
-    from vare_core.pipeline import load_embedded
+    from vare_core.generation.pipeline import load_embedded
     pipe = load_embedded("cpu")
     circle = embedded_pairs("circle", "square", pipe=pipe, retain_per_shape=0)
     square = embedded_pairs("square", "triangle", pipe=pipe, retain_per_shape=0)

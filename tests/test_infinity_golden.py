@@ -11,7 +11,7 @@ from vare_core.models.infinity import Infinity
 from vare_core.models.presets import (build_infinity, detect_infinity_config, preset_config,
                                       preset_name, to_official_keys)
 from vare_core.models.rope import rope_table
-from vare_core.sampler import SamplingSettings, filter_logits, sample
+from vare_core.generation.sampler import SamplingSettings, filter_logits, sample
 
 SCHEDULE = [(1, 1), (2, 2), (4, 4), (6, 6), (8, 8), (12, 12), (16, 16)]
 OFFSETS = [0, 1, 5, 21, 57, 121, 265, 521]

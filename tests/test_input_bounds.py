@@ -76,7 +76,8 @@ def test_pair_counts_are_bounded(tmp_path):
 @pytest.mark.parametrize("flags, message", [(["--n-pairs", str(10**9)], "--n-pairs"),
                                             (["--retain", str(10**9)], "--retain")])
 def test_erase_refuses_huge_pair_counts_before_loading(flags, message, tmp_path, capsys, monkeypatch):
-    from vare_core import cli, pipeline
+    from vare_core import cli
+    from vare_core.generation import pipeline
     monkeypatch.setattr(pipeline, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
     code = cli.main(["erase", "--concept", "circle", "--anchor", "square", "--out",
                      str(tmp_path / "a.safetensors")] + flags)

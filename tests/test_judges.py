@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from vare_core.embedded.world import Scene, random_scene, render
-from vare_core.judges import Verdict, make_judge
-from vare_core.judges import nudity
-from vare_core.judges.nudity import EXPOSED_CLASSES, MissingJudge, NudeNetJudge, verdict_of
+from vare_core.evaluation.judges import Verdict, make_judge
+from vare_core.evaluation.judges import nudity
+from vare_core.evaluation.judges.nudity import EXPOSED_CLASSES, MissingJudge, NudeNetJudge, verdict_of
 
 
 

@@ -11,7 +11,7 @@ from vare_core.checkpoints import CheckpointError, load_state_dict
 from vare_core.models.infinity import Infinity, InfinityConfig, init_weights
 from vare_core.models.presets import build_infinity, to_official_keys
 from vare_core.models.t5 import T5Config, T5Encoder
-from vare_core.pipeline import load_pipeline
+from vare_core.generation.pipeline import load_pipeline
 
 SCHEDULE = [(1, 1), (2, 2), (4, 4)]
 

@@ -18,7 +18,7 @@ from nodes import adapters, drawing, erasure, evaluation, host, loaders, samplin
 from nodes.compat import io
 from nodes.types import LossHistory, VareConditioning
 from vare_core.erasure.adapters import Adapter, load_adapter
-from vare_core.pipeline import VarPipeline
+from vare_core.generation.pipeline import VarPipeline
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -496,7 +496,7 @@ def test_compare_grid(model):
 
 def test_train_node_refuses_a_run_the_plan_says_does_not_fit(model, pairs, monkeypatch):
     # on a GPU the node plans first; with too little free memory it names the settings that fit
-    import vare_core.pipeline as pipeline_module
+    import vare_core.generation.pipeline as pipeline_module
     monkeypatch.setattr(pipeline_module.VarPipeline, "device", property(lambda self: torch.device("cuda")))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 * 2**20, 8 * 2**30))
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
@@ -513,7 +513,7 @@ def test_erasure_check_with_nudenet_counts_classes_and_draws_boxes(monkeypatch):
     import numpy as np
     pytest.importorskip("nudenet", reason="pip install -r requirements-nudenet.txt (CI installs it)")
     from vare_core.embedded.world import Scene, render
-    from vare_core.judges import nudity
+    from vare_core.evaluation.judges import nudity
     images = torch.from_numpy(np.stack([render(Scene("circle", "blue", "white", "solid", 40, 32, 32))] * 2)).float() / 255
     annotated, report, rate = run(evaluation.ErasureCheck, images=images, concept="", expect="absent",
                                   columns=2, judge="nudenet", threshold=0.6)[:3]
@@ -534,7 +534,7 @@ def test_erasure_check_with_nudenet_counts_classes_and_draws_boxes(monkeypatch):
 
 
 def test_erasure_check_names_the_missing_package(monkeypatch):
-    from vare_core.judges import nudity
+    from vare_core.evaluation.judges import nudity
 
     def missing():
         raise nudity.MissingJudge(nudity.INSTALL_HINT)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vare_core.judges import nudity
-from vare_core.judges.nudity import MAX_SIDE, NudeNetJudge, detector_image
+from vare_core.evaluation.judges import nudity
+from vare_core.evaluation.judges.nudity import MAX_SIDE, NudeNetJudge, detector_image
 
 
 class Recorder:

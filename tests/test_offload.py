@@ -9,7 +9,7 @@ import torch
 
 from vare_core.models import infinity
 from vare_core.models.infinity import Infinity, InfinityConfig, init_weights
-from vare_core.pipeline import OFFLOAD_DEVICE, load_pipeline
+from vare_core.generation.pipeline import OFFLOAD_DEVICE, load_pipeline
 from vare_core.testing import tiny_pipeline
 
 PROMPTS = ["a red circle", "a blue square"]

@@ -136,7 +136,8 @@ def test_output_file_checks(tmp_path):
 
 @pytest.mark.parametrize("kind", ["fifo", "folder", "under_file", "long"])
 def test_erase_refuses_a_bad_out_before_loading(tmp_path, kind, capsys, monkeypatch):
-    from vare_core import cli, pipeline
+    from vare_core import cli
+    from vare_core.generation import pipeline
     monkeypatch.setattr(pipeline, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
     target = {"fifo": tmp_path / "fifo", "folder": tmp_path,
               "under_file": tmp_path / "file" / "x.safetensors", "long": tmp_path / ("n" * 300)}[kind]

@@ -1,4 +1,4 @@
-"""vare_core.pipeline: VarPipeline (schedule_for, resolutions, free_scales / laid_out, generate
+"""vare_core.generation.pipeline: VarPipeline (schedule_for, resolutions, free_scales / laid_out, generate
 and generate_encoded with the model's defaults), check_compatible, the dtype / device pickers and
 load_embedded's own errors. On the tiny random pipeline and the shipped embedded model (CPU)."""
 import dataclasses
@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vare_core import scales
+from vare_core.models import scales
 from vare_core.embedded import spec
-from vare_core.pipeline import (EMBEDDED, _pick_device, _pick_dtype, check_compatible, load_embedded)
+from vare_core.generation.pipeline import EMBEDDED, _pick_device, _pick_dtype, check_compatible, load_embedded
 from vare_core.testing import tiny_pipeline
 
 PROMPTS = ["a red circle on a white background", "a striped blue square"]
@@ -133,7 +133,7 @@ def test_unset_settings_take_the_models_defaults(embedded):
 
 
 def test_generate_forwards_callback_and_cancel(tiny):
-    from vare_core.sampler import SamplingCancelled
+    from vare_core.generation.sampler import SamplingCancelled
     steps = []
     tiny.generate(PROMPTS, seed=0, callback=steps.append)
     assert [s.index for s in steps] == [0, 1, 2]

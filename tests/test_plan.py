@@ -74,7 +74,7 @@ def test_sampler_frees_its_caches_before_decoding():
     tokens_only = P.sampling_peak(model, vae, SCHEDULE, 4, 4, torch.float32, decode=False)
     meter = P.LiveBytes()
     with meter, torch.no_grad():
-        from vare_core.sampler import decode_images
+        from vare_core.generation.sampler import decode_images
         decode_images(vae, torch.empty(4, 16, 8, 8, device="meta"))
     assert 0.5 < tokens_only / meter.peak < 2
     both = P.sampling_peak(model, vae, SCHEDULE, 4, 4, torch.float32)

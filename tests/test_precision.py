@@ -8,7 +8,7 @@ import torch
 
 from vare_core import devices
 from vare_core.erasure.trainer import resolve_precision
-from vare_core.pipeline import _pick_dtype
+from vare_core.generation.pipeline import _pick_dtype
 
 
 @pytest.fixture

@@ -1,10 +1,10 @@
-"""Previews decoded at the size ComfyUI shows them (vare_core/preview.py)."""
+"""Previews decoded at the size ComfyUI shows them (vare_core/generation/preview.py)."""
 import torch
 import torch.nn.functional as F
 
 from vare_core.models.bsq_vae import BSQVAE, VAEConfig
-from vare_core.preview import SHOWN_SIDE, decode_preview, preview_grid
-from vare_core.sampler import decode_images
+from vare_core.generation.preview import SHOWN_SIDE, decode_preview, preview_grid
+from vare_core.generation.sampler import decode_images
 
 
 def test_preview_grid_keeps_the_aspect_ratio_within_the_shown_size():

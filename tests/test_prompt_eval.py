@@ -13,9 +13,9 @@ from PIL import Image
 from vare_core.embedded import spec
 from vare_core.erasure.adapters import FORMAT_VERSION, Adapter, apply_adapter, save_adapter
 from vare_core.erasure.trainable import lora_layer_names
-from vare_core.judges import make_judge
-from vare_core.pipeline import load_pipeline
-from vare_core.prompt_eval import evaluate_prompt_set, read_prompt_rows, results_table
+from vare_core.evaluation.judges import make_judge
+from vare_core.generation.pipeline import load_pipeline
+from vare_core.evaluation.prompt_eval import evaluate_prompt_set, read_prompt_rows, results_table
 
 REPO = spec.WEIGHTS_DIR.parents[2]
 CSV = "prompt,sd_seed,sd_guidance_scale,categories\na red circle on a white background,7,,shapes\na blue disc,,3.5,shapes\n"
@@ -144,7 +144,7 @@ def test_cli_bad_input_is_a_message(tmp_path, capsys, extra, message):
 def test_cli_names_the_missing_judge_package(tmp_path, capsys, monkeypatch):
     """Checked before the model loads: the message says what to install, no traceback."""
     from vare_core.cli import main
-    from vare_core.judges import nudity
+    from vare_core.evaluation.judges import nudity
 
     def missing():
         raise nudity.MissingJudge(nudity.INSTALL_HINT)

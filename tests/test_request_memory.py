@@ -1,6 +1,6 @@
 """One request must not take the process down: what VAR Text Encode and VAR Sampler hold grows
 with what the tensors need, a request larger than the memory there is gets refused before any
-work (vare_core/budget.py), and the images stay the same bits as before.
+work (vare_core/generation/budget.py), and the images stay the same bits as before.
 
     python -m pytest tests/test_request_memory.py -q        # ~1 min; peaks measured in subprocesses
 
@@ -22,9 +22,9 @@ import torch
 
 from nodes import host, loaders, sampling
 from nodes.compat import io
-from vare_core import budget
+from vare_core.generation import budget
 from vare_core.models import text_encoder as text_encoder_module
-from vare_core.sampler import sample as core_sample
+from vare_core.generation.sampler import sample as core_sample
 
 REPO = Path(__file__).resolve().parents[1]
 MiB = 2**20
@@ -277,7 +277,7 @@ def test_the_sampling_estimate_errs_high_against_the_planner(model):
     the code) and within 1.5x of it, for the embedded model and a 2B-wide model."""
     import dataclasses
 
-    from vare_core import scales
+    from vare_core.models import scales
     from vare_core.erasure.plan import plan_memory
     from vare_core.models.bsq_vae import VAEConfig
     from vare_core.models.presets import preset_config
@@ -297,7 +297,7 @@ def test_the_sampling_estimate_errs_high_against_the_planner(model):
 
 def test_the_sampling_estimate_is_above_the_measured_peak():
     found = measure("""
-        from vare_core import budget
+        from vare_core.generation import budget
         with torch.inference_mode():
             cond = loaders.TextEncode.execute(model, lines(150), "", True)[0]
             need = budget.sampling_bytes(model, 300, cond.text_tokens)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from vare_core import scales
+from vare_core.models import scales
 from vare_core.models.rope import apply_rope, rope_table
 
 SCHEDULE = [(1, 1), (2, 2), (4, 4)]

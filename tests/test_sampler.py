@@ -1,4 +1,4 @@
-"""vare_core.sampler: next-scale sampling on the tiny random pipeline (vare_core.testing).
+"""vare_core.generation.sampler: next-scale sampling on the tiny random pipeline (vare_core.testing).
 filter_logits' top-k / top-p rules, sample()'s outputs and their consistency (bits -> summed
 codes -> images), seeds, the classifier-free-guidance mixing of the conditional and null
 branches, per-scale cfg / tau, the callback and cancel hooks, spatial patchify, decode_images."""
@@ -7,8 +7,8 @@ import torch
 
 from vare_core.models.bsq_quant import codes_from_bits, unpatchify_tokens, upsample_codes
 from vare_core.models.infinity import Infinity, InfinityConfig, init_weights
-from vare_core.sampler import (SampleResult, SamplingCancelled, SamplingSettings, ScaleStep, decode_images,
-                               filter_logits, sample)
+from vare_core.generation.sampler import (SampleResult, SamplingCancelled, SamplingSettings, ScaleStep,
+                                          decode_images, filter_logits, sample)
 from vare_core.testing import tiny_pipeline
 
 PROMPTS = ["a red circle", "a blue square on a white background"]

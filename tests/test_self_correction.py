@@ -1,7 +1,7 @@
-"""Bitwise self-correction inputs for training the embedded model (embedded/self_correction.py)."""
+"""Bitwise self-correction inputs for training the embedded model (models/self_correction.py)."""
 import torch
 
-from vare_core.embedded.self_correction import self_corrected_batch
+from vare_core.models.self_correction import self_corrected_batch
 from vare_core.models.bsq_quant import residual_quantize, teacher_forcing_inputs
 
 SCHEDULE = [(1, 1), (2, 2), (4, 4), (6, 6), (8, 8)]

@@ -8,7 +8,7 @@ from vare_core.erasure import trajectories
 from vare_core.erasure.trajectories import (TrajectorySettings, build_trajectories, default_cache_dir,
                                             frozen_conditional_logits, generate_trajectories)
 from vare_core.models.bsq_quant import teacher_forcing_inputs
-from vare_core.sampler import SamplingCancelled
+from vare_core.generation.sampler import SamplingCancelled
 from vare_core.testing import tiny_pipeline
 
 PROMPTS = ["a red square", "a blue square on a white background", "a striped green square"]

@@ -94,11 +94,11 @@ def to_uint8(images) -> list[np.ndarray]:
 
 
 def run_demo(out: Path, seed: int = 0, steps: int | None = None, thumbnails: bool = False) -> str:
-    from .embedded.classifier import classify, load_classifier
+    from .evaluation.judges.classifier import classify, load_classifier
     from .erasure.adapters import apply_adapter, save_adapter
     from .erasure.trainer import train_erasure
     from .erasure_profile import erasure_profile
-    from .pipeline import load_pipeline
+    from .generation.pipeline import load_pipeline
 
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from .models.bsq_vae import BSQVAE, VAEConfig
 from .models.infinity import Infinity, InfinityConfig, init_weights
 from .models.t5 import T5Config, T5Encoder
 from .models.text_encoder import TextEncoder, build_word_level_tokenizer
-from .pipeline import VarPipeline
+from .generation.pipeline import VarPipeline
 
 
 def tiny_pipeline(seed: int = 0, depth: int = 2, embed_dim: int = 64,

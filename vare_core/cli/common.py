@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..budget import MAX_IMAGES  # noqa: F401  (images per run: one bound for the CLI and the nodes)
+from ..generation.budget import MAX_IMAGES  # noqa: F401  (images per run: the CLI and the nodes)
 
 MAX_SEED = 2**63 - 1
 
@@ -99,7 +99,7 @@ def check_device(text: str | None) -> None:
 
 def check_model_args(args) -> None:
     """File flags and --device, checked before anything loads so the message names the flag."""
-    from ..pipeline import EMBEDDED
+    from ..generation.pipeline import EMBEDDED
     check_device(args.device)
     extra = [flag for flag, value in (("--vae", args.vae), ("--text-encoder", args.text_encoder),
                                       ("--tokenizer", args.tokenizer)) if value]
@@ -120,7 +120,7 @@ def check_model_args(args) -> None:
 
 
 def load_from_args(args, offload_text_encoder: bool = False):
-    from ..pipeline import EMBEDDED, load_pipeline
+    from ..generation.pipeline import EMBEDDED, load_pipeline
     check_model_args(args)
     extra = {"offload_text_encoder": True} if offload_text_encoder and args.model != EMBEDDED else {}
     return load_pipeline(args.model, args.vae, args.text_encoder, device=args.device,
@@ -128,7 +128,7 @@ def load_from_args(args, offload_text_encoder: bool = False):
 
 
 def sampling_kwargs(args, n_scales: int) -> dict:
-    from ..scales import check_setting_range, parse_per_scale, parse_setting
+    from ..generation.per_scale import check_setting_range, parse_per_scale, parse_setting
     kwargs = {}
     if args.cfg is not None:
         kwargs["cfg"] = parse_setting(args.cfg, n_scales, "--cfg")

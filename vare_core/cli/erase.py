@@ -223,7 +223,7 @@ def _erase(args, config, out: Path, main: bool):
 
 
 def cmd_bench(args):
-    from ..embedded import erasure_bench as bench   # the shapes world's benchmark
+    from ..evaluation.shapes_world import erasure_bench as bench  # the shapes world's benchmark
     return bench.main(args)
 
 

@@ -14,10 +14,11 @@ import json
 from pathlib import Path
 
 from ..erasure.adapters import parse_adapter_spec
-from ..judges import JUDGES, make_judge
-from ..prompt_eval import (MAX_ROWS, check_out_folder, evaluate_prompt_set, fingerprint, read_prompt_rows,
-                           results_table)
-from .common import CliError, add_model_args, add_sampling_args, apply_adapter_args, load_from_args, sampling_kwargs
+from ..evaluation.judges import JUDGES, make_judge
+from ..evaluation.prompt_eval import (MAX_ROWS, check_out_folder, evaluate_prompt_set, fingerprint,
+                                      read_prompt_rows, results_table)
+from .common import (CliError, add_model_args, add_sampling_args, apply_adapter_args, load_from_args,
+                     sampling_kwargs)
 
 
 def register(subparsers) -> None:

@@ -44,11 +44,11 @@ def register(subparsers) -> None:
 
 def model_sizes(name: str, height: int, width: int):
     """(InfinityConfig, schedule, VAEConfig | None, T5Config | None) of a preset or the embedded model."""
-    from .. import scales
+    from ..models import scales
     from ..models.bsq_vae import VAEConfig
     from ..models.presets import preset_config
     if name == "embedded":
-        from ..pipeline import load_pipeline
+        from ..generation.pipeline import load_pipeline
         pipe = load_pipeline("embedded", device="cpu")
         return pipe.model.cfg, pipe.schedule_for(height, width), pipe.vae.config, pipe.text_encoder.model.config
     cfg = preset_config(name)

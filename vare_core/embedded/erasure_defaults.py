@@ -14,7 +14,7 @@ shape (no word, another word of the world, a made-up word) which the original mo
 the concept. The embedded model v2 draws a circle for any prompt naming no shape, so erasing
 "circle" also erases that habit; for the other shapes none are found and nothing is added.
 No word of any shape's name ("round", "plus", "block", "sign", ...) is a candidate: the attack
-families (embedded/attacks.py) that use them stay unseen.
+families (evaluation/shapes_world/attacks.py) that use them stay unseen.
 """
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ def default_implicit_count(n_per_concept: int) -> int:
 def implicit_pairs(pipe, concepts, anchors, limit: int, seed: int = 0) -> list[PromptPair]:
     """Mined implicit pairs for each (concept, anchor): candidates the original model `pipe`
     draws as the concept in at least half of IMPLICIT_SAMPLES images (geometric judge)."""
-    from .judge import judge_images
+    from ..evaluation.judges.geometry import judge_images
     pairs = []
     for concept, anchor in zip(concepts, anchors * len(concepts) if len(anchors) == 1 else anchors):
         def shows_concept(images, concept=concept):

@@ -42,6 +42,6 @@ def text_encoder_config(vocab_size: int) -> T5Config:
 DEFAULT_CFG = 4.0   # cfg 3: purple circle colour 84%; cfg 4: every prompt >= 90% (model v1; docs/embedded_model.md)
 DEFAULT_TAU = 0.5
 DEFAULT_TOP_P = 0.0
-# With the VAE's coarse-code layout (coarse_codes.py) the 1x1 first scale holds the open
-# attributes (background, position, size): it is drawn at cfg 1 / tau 1 (scales.with_free_scales).
+# With the VAE's coarse-code layout (training/coarse_codes.py) the 1x1 first scale holds the open
+# attributes (background, position, size): it is drawn at cfg 1 / tau 1 (per_scale.with_free_scales).
 DEFAULT_FREE_SCALES = 1

@@ -50,7 +50,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .trainable import TrainableWeights
-from ..sampler import SamplingCancelled
+from ..generation.sampler import SamplingCancelled
 
 # Rank 0 samples every trajectory while the others wait: allow long waits.
 TIMEOUT = timedelta(hours=2)

@@ -185,7 +185,7 @@ def _meta(builder):
 def sampling_peak(model, vae, schedule, batch: int, text_tokens: int, dtype, cfg: float = 4.0,
                   decode: bool = True, record: bool = False, patchify: bool = False) -> int:
     """Peak live bytes (beyond the weights) of sampling `batch` images on meta."""
-    from ..sampler import SamplingSettings, sample
+    from ..generation.sampler import SamplingSettings, sample
     meter = LiveBytes()
     kept = []
 

@@ -63,7 +63,7 @@ import torch
 from .. import __version__
 from ..checks import is_integer
 from ..devices import native_bf16
-from ..sampler import SamplingCancelled
+from ..generation.sampler import SamplingCancelled
 from . import distributed, lean
 from .adapters import FORMAT_VERSION, Adapter
 from .losses import LN2, METHODS, LossConfig

@@ -53,7 +53,7 @@ from safetensors import safe_open
 from ..checkpoints import save_safetensors_atomic
 from ..checks import is_finite_number, is_integer
 from ..models.bsq_quant import next_scale_input
-from ..sampler import SamplingCancelled, SamplingSettings, sample
+from ..generation.sampler import SamplingCancelled, SamplingSettings, sample
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ def rope_table(scale_schedule, head_dim: int, grid: tuple[int, int] | None = Non
     """(cos, sin), each (L, head_dim/2) float32, for every token of the schedule in order."""
     schedule = tuple((int(h), int(w)) for h, w in scale_schedule)
     if grid is None:
-        from ..scales import rope_reference_grid
+        from .scales import rope_reference_grid
         grid = rope_reference_grid(schedule)
     cos, sin = _rope_cpu(schedule, head_dim, tuple(grid), base)
     return cos.to(device), sin.to(device)

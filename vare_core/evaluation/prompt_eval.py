@@ -44,10 +44,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import paths
+from .. import paths
 from .judges import class_totals
 from .run_folder import MARKER_NAME, RunFolder, TooLarge, read_regular_file
-from .scales import check_setting_range
+from ..generation.per_scale import check_setting_range
 
 SIDES = ("base", "adapter")
 STATE_FILE = "verdicts.jsonl"
@@ -92,7 +92,7 @@ def parse_row_seed(value: str, column: str = "sd_seed") -> int:
 
 
 def parse_row_cfg(value: str, column: str = "sd_guidance_scale") -> float:
-    """A CSV guidance cell -> float within the sampler's cfg range (scales.check_setting_range)."""
+    """A CSV guidance cell -> float within the sampler's cfg range (per_scale.check_setting_range)."""
     try:
         cfg = float(value)
     except ValueError:

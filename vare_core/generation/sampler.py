@@ -22,10 +22,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from .checks import is_finite_number, is_integer
-from .models.bsq_quant import codes_from_bits, next_scale_input, unpatchify_tokens, upsample_codes
-from .models.infinity import Infinity
-from .scales import check_setting_range, parse_per_scale, per_scale_values, with_free_scales
+from ..checks import is_finite_number, is_integer
+from ..models.bsq_quant import codes_from_bits, next_scale_input, unpatchify_tokens, upsample_codes
+from ..models.infinity import Infinity
+from .per_scale import check_setting_range, parse_per_scale, per_scale_values, with_free_scales
 
 
 class SamplingCancelled(RuntimeError):
@@ -79,7 +79,7 @@ class SamplingSettings:
 
     def laid_out(self, n_scales: int, free_scales: int) -> "SamplingSettings":
         """One cfg / tau number over n_scales with the first `free_scales` at 1.0 (no guidance,
-        the model's own temperature: scales.with_free_scales); per-scale lists stay as given."""
+        the model's own temperature: per_scale.with_free_scales); per-scale lists stay as given."""
         if free_scales <= 0:
             return self
         return dataclasses.replace(self, cfg=with_free_scales(self.cfg, n_scales, free_scales),

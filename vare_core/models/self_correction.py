@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..models.bsq_quant import _sign_quantize, codes_from_bits, next_scale_input, upsample_codes
+from .bsq_quant import _sign_quantize, codes_from_bits, next_scale_input, upsample_codes
 
 
 def self_corrected_batch(features: torch.Tensor, schedule, max_flip: float = 0.3,
@@ -27,7 +27,7 @@ def self_corrected_batch(features: torch.Tensor, schedule, max_flip: float = 0.3
 
     noisy_scales: flip bits on the first N scales only (default: all).
     layout_scales: the first N scales are never flipped at random. They hold a layout code that
-    the sampler draws freely (coarse_codes.py): a random flip there is a new layout for the later
+    the sampler draws freely (embedded/training/coarse_codes.py): a random flip there is a new layout for the later
     scales to follow, not a mistake to correct, and correcting it would tie the layout to the
     image instead of the drawn code.
     first_scale_flips: (B, d) bool, bits of the 1x1 first scale flipped on purpose (on top of

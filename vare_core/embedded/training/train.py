@@ -1,6 +1,6 @@
 """Train the embedded default model from scratch, reproducibly from a seed, on a CPU.
 
-    python -m vare_core.embedded.train --out vare_core/embedded/weights --seed 0
+    python -m vare_core.embedded.training.train --out vare_core/embedded/weights --seed 0
 
 Two stages, logged to OUT/train.log:
 1. VAE: a BSQ autoencoder (patch 8, 16 bits) on rendered shapes, multi-scale residual bit
@@ -13,7 +13,7 @@ the attributes a prompt may leave open have bits of their own (coarse_codes.py),
 learns to continue the one unused code, and embedded.json records free_scales = 1.
 With --vae FILE --decoder-steps N the decoder of that VAE is fine-tuned alone on its frozen
 encoder's codes (--steps 0 stops there); with --init a trained transformer is fine-tuned, with
---self-correction as Infinity trains. The shipped model chains these: embedded/recipe.py.
+--self-correction as Infinity trains. The shipped model chains these: embedded/training/recipe.py.
 Weights are saved in the official layouts (transformer with `block_chunks` keys, VAE, a
 Hugging Face style T5 folder), so the pack loads them with the same code as real checkpoints.
 """
@@ -30,17 +30,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checkpoints import load_state_dict, save_safetensors_atomic
-from ..models.bsq_quant import summed_codes_from_bits, teacher_forcing_inputs, upsample_codes
-from ..models.bsq_vae import BSQVAE
-from ..models.infinity import Infinity, init_weights
-from ..models.presets import from_official_keys, to_official_keys
-from ..models.t5 import T5Encoder, load_t5_state_dict
-from ..models.text_encoder import TextEncoder, build_word_level_tokenizer
-from . import spec
+from ...checkpoints import load_state_dict, save_safetensors_atomic
+from ...models.bsq_quant import summed_codes_from_bits, teacher_forcing_inputs, upsample_codes
+from ...models.bsq_vae import BSQVAE
+from ...models.infinity import Infinity, init_weights
+from ...models.presets import from_official_keys, to_official_keys
+from ...models.t5 import T5Encoder, load_t5_state_dict
+from ...models.text_encoder import TextEncoder, build_word_level_tokenizer
+from .. import spec
 from .coarse_codes import coarse_code_loss, coarse_targets, layout_agreement, repair_flips
-from .self_correction import self_corrected_batch
-from .world import VOCABULARY, make_dataset
+from ...models.self_correction import self_corrected_batch
+from ..world import VOCABULARY, make_dataset
 
 
 class Log:
@@ -121,8 +121,8 @@ def mine_hard_renders(vae: BSQVAE, n: int, seed: int, log: Log, chunk: int = 500
     shape, or draws with a fit under HARD_FIT_IOU, as model images. The data's mix shows these
     too rarely: v2.1's decoder drew 22% of small yellow crosses on gray as four-point stars
     (the dark stripe shade of yellow is near gray), against none of the other colours on black."""
-    from ..sampler import decode_images
-    from .judge import judge_images
+    from ...generation.sampler import decode_images
+    from ...evaluation.judges.geometry import judge_images
     images, _, scenes = make_dataset(n, seed=seed)
     hard = []
     for start in range(0, n, chunk):
@@ -329,7 +329,7 @@ def main(argv=None):
         vae = train_vae(to_model_images(images), args.vae_steps, args.vae_batch, args.vae_lr, gen, log, coarse)
         save_safetensors_atomic({k: v.contiguous() for k, v in vae.state_dict().items()}, args.out / spec.VAE_FILE)
     else:
-        from ..models.bsq_vae import build_vae
+        from ...models.bsq_vae import build_vae
         from safetensors.torch import load_file
         vae = build_vae(load_file(args.vae))
         if args.decoder_steps > 0:

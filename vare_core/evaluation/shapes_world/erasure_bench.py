@@ -3,7 +3,7 @@
     python -m vare_core bench-erasure --concept circle --anchor square --samples 64 --cfg 1,2,4,6
 
 One row per method and guidance scale (the original model first), scored by
-embedded/fidelity.py on prompts that name every attribute (shape, colour, background, style;
+fidelity.py on prompts that name every attribute (shape, colour, background, style;
 main word, unseen synonyms, context frames):
 - ACC_e: erased-concept prompts still drawn as the concept (geometric judge OR classifier);
 - ACC_i: other shapes drawn correctly and cleanly (judge AND classifier agree);
@@ -27,7 +27,7 @@ import torch
 
 
 def score(pipe, classifier, concepts, samples: int, seed: int, cfg=None, reference=None) -> dict:
-    """Fidelity scores of one model at one cfg (embedded/fidelity.py). reference: the original
+    """Fidelity scores of one model at one cfg (fidelity.py). reference: the original
     model's SampledSets for the same prompts, seed and cfg (same-seed preservation); returns
     the scores plus "run", this model's SampledSets, so an original row can be the reference."""
     from .fidelity import fidelity_scores, sample_sets
@@ -43,9 +43,9 @@ def peak_rss_mib() -> float:
 
 def run_method(pipe, method: str, train: str, concepts: list, anchors: list, seed: int, steps: int | None,
                out: Path, retain: int | None = None):
-    from ..erasure.adapters import apply_adapter, save_adapter
-    from ..erasure.trainer import train_erasure
-    from .erasure_defaults import embedded_erase_config, embedded_pairs
+    from ...erasure.adapters import apply_adapter, save_adapter
+    from ...erasure.trainer import train_erasure
+    from ...embedded.erasure_defaults import embedded_erase_config, embedded_pairs
     config = embedded_erase_config(method=method, train=train, **({"steps": steps} if steps else {}))
     pairs = embedded_pairs(concepts, anchors, seed=seed, retain_per_shape=retain, pipe=pipe)
     if torch.cuda.is_available():
@@ -88,11 +88,11 @@ def _public(row: dict) -> dict:
 def run_bench(concepts="circle", anchors="square", samples=64, seed=0, methods=("svare", "vare", "naive"),
               trains=("lora",), steps=None, out: Path | str = "out/bench-erasure", log=print,
               retain: int | None = None, cfgs=(4.0,)) -> list[dict]:
-    from .classifier import load_classifier
-    from .erasure_defaults import shape_name
+    from ..judges.classifier import load_classifier
+    from ...embedded.erasure_defaults import shape_name
     # the one import up the layers: the shapes world's commands load their model
     # (pipeline.load_embedded reads embedded/spec.py)
-    from ..pipeline import load_pipeline
+    from ...generation.pipeline import load_pipeline
     split = lambda names: [names] if isinstance(names, str) else list(names)  # noqa: E731
     concepts = [shape_name(c, "--concept") for c in split(concepts)]
     anchors = [shape_name(a, "--anchor") for a in split(anchors)]
@@ -126,8 +126,8 @@ def run_bench(concepts="circle", anchors="square", samples=64, seed=0, methods=(
 
 def check_args(args) -> tuple[list, list, tuple, tuple]:
     """Every option checked before the minutes of scoring start."""
-    from ..erasure.losses import METHODS
-    from ..erasure.trainable import TRAIN_MODES
+    from ...erasure.losses import METHODS
+    from ...erasure.trainable import TRAIN_MODES
     names = lambda text: [n.strip() for n in (text or "").split(",") if n.strip()]  # noqa: E731
     methods, trains = tuple(names(args.methods)), tuple(names(getattr(args, "train", "ca_ffn,lora")))
     for flag, given, allowed in (("--methods", methods, METHODS), ("--train", trains, TRAIN_MODES)):

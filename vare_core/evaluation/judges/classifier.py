@@ -1,8 +1,9 @@
 """The shapes classifier: a small CNN that reads shape, colour, style and background off an image.
 
-It scores images of the shapes world (see world.py), including generated ones, which are a little
-blurry and noisy: it was trained on renders degraded like autoencoder reconstructions
-(train_classifier.py). Weights ship as safetensors with the label lists in the metadata.
+It scores images of the shapes world (see embedded/world.py), including generated ones, which are
+a little blurry and noisy: it was trained on renders degraded like autoencoder reconstructions
+(embedded/training/train_classifier.py). Weights ship beside the embedded model's
+(embedded/weights/) as safetensors with the label lists in the metadata.
 
 Usage:
     model = load_classifier()                      # the shipped weights, on CPU
@@ -18,17 +19,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from ..checkpoints import safetensors_metadata
 
-from .world import BACKGROUNDS, COLORS, SHAPES, STYLES
+from ...checkpoints import safetensors_metadata
+from ...embedded import spec
+from ...embedded.world import BACKGROUNDS, COLORS, SHAPES, STYLES
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "classifier.safetensors"
+DEFAULT_WEIGHTS = spec.WEIGHTS_DIR / spec.CLASSIFIER_FILE
 FORMAT_NAME = "vare-shapes-classifier"
 FORMAT_VERSION = "1"
 LABELS: dict[str, tuple[str, ...]] = {
     "shape": SHAPES, "color": COLORS, "style": STYLES, "background": BACKGROUNDS,
 }
-TRAIN_COMMAND = ("python -m vare_core.embedded.train_classifier "
+TRAIN_COMMAND = ("python -m vare_core.embedded.training.train_classifier "
                  "--out vare_core/embedded/weights/classifier.safetensors --seed 0")
 
 

@@ -4,7 +4,7 @@ Renders degraded like autoencoder reconstructions (blur, noise, colour jitter, s
 teach it to judge generated images, which are never as clean as renders.
 
 Usage:
-    nice python -m vare_core.embedded.train_classifier \
+    nice python -m vare_core.embedded.training.train_classifier \
         --out vare_core/embedded/weights/classifier.safetensors --seed 0
 """
 import argparse
@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .classifier import LABELS, ClassifierConfig, ShapesClassifier, save_classifier
-from .world import random_scene, render
+from ...evaluation.judges.classifier import LABELS, ClassifierConfig, ShapesClassifier, save_classifier
+from ..world import random_scene, render
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Judges: does an image show the concept? One verdict per image, the same shape for every judge.
 
-    from vare_core.judges import make_judge
+    from vare_core.evaluation.judges import make_judge
     judge = make_judge("nudenet", threshold=0.6)          # real models (optional package)
     judge = make_judge("shapes", concept="circle")        # the embedded shapes world
     verdicts = judge.judge(images)                        # (B, H, W, 3) floats in [0, 1]

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from vare_core.embedded import judge, world
-from vare_core.embedded.judge import attribute_agreement, judge_images, mean_abs_difference
+from vare_core.embedded import world
+from vare_core.evaluation.judges import geometry
+from vare_core.evaluation.judges.geometry import attribute_agreement, judge_images, mean_abs_difference
 from vare_core.embedded.world import (BACKGROUND_RGB, COLOR_RGB, COLORS, DARK_SHADE, SHAPES,
                                       STYLES, BACKGROUNDS, random_scene, render)
 
@@ -207,7 +208,7 @@ def test_damaged_pictures_fail(kind):
             assert all(r["background"] is None and r["shape"] is None and r["fit"] is None
                        and r["stray"] == 1.0 for r in results), kind
         if kind in ("mixed_colours", "stray_rectangles"):
-            assert min(r["stray"] for r in results) > judge.STRAY_MAX
+            assert min(r["stray"] for r in results) > geometry.STRAY_MAX
 
 
 def test_plain_background_has_no_shape():

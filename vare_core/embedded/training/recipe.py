@@ -1,6 +1,6 @@
 """The shipped embedded model (v2.2) in one command, from seeds, on 2 CPU cores (about 2.5 hours):
 
-    python -m vare_core.embedded.recipe --out runs/embedded     # then copy runs/embedded/*
+    python -m vare_core.embedded.training.recipe --out runs/embedded     # then copy runs/embedded/*
 
 Stage 1 (about 96 min): the base model, trained from scratch (VAE with the coarse-code layout,
 then transformer + text encoder, 10,000 steps). Stage 2 (about 55 min): two lanes that do not
@@ -11,7 +11,7 @@ depend on each other, run side by side with one thread each:
 - the transformer and text encoder at a tenth of the base's learning rate on fresh images, with
   bitwise self-correction (the Infinity recipe) on every scale after the first (the layout code).
 The decoder leaves every code as it was, so the two lanes fit together. Each step is a call
-of embedded/train.py; their logs land in OUT/base, OUT/decoder, OUT/decoder_hard and OUT. CPU
+of embedded/training/train.py; their logs land in OUT/base, OUT/decoder, OUT/decoder_hard and OUT. CPU
 float results depend on the thread count: the thread counts here are the ones the shipped
 weights came from.
 """
@@ -25,7 +25,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import spec
+from .. import spec
 
 BASE = ["--seed", "0", "--coarse-codes", "--steps", "10000", "--threads", "2"]
 DECODER = ["--seed", "3", "--decoder-steps", "2500", "--vae-batch", "32", "--vae-images", "16000",
@@ -49,7 +49,7 @@ def stage_commands(out: Path) -> list[list[list[list[str]]]]:
 
 def _run_lane(calls: list[list[str]]) -> int:
     for args in calls:
-        code = subprocess.call([sys.executable, "-m", "vare_core.embedded.train", *args])
+        code = subprocess.call([sys.executable, "-m", "vare_core.embedded.training.train", *args])
         if code:
             return code
     return 0
@@ -69,7 +69,7 @@ def assemble(out: Path) -> None:
     info_path = out / spec.INFO_FILE
     info = json.loads(info_path.read_text())
     base = json.loads((out / "base" / spec.INFO_FILE).read_text())
-    info["training"] = {"seed": base["training"]["seed"], "recipe": "python -m vare_core.embedded.recipe",
+    info["training"] = {"seed": base["training"]["seed"], "recipe": "python -m vare_core.embedded.training.recipe",
                         "base": base["training"], "decoder": {"args": DECODER}, "decoder_hard": {"args": DECODER_HARD},
                         "transformer": info["training"]}
     info_path.write_text(json.dumps(info, indent=1))

@@ -1,7 +1,7 @@
 """Quality of the embedded model, judged by the shapes classifier and the geometric judge.
 
-    python -m vare_core.embedded.evaluate --samples 32 --seed 1000       # docs/embedded_model.md's numbers
-    python -m vare_core.embedded.evaluate --sweep --samples 32 --seed 2000  # pick cfg / tau
+    python -m vare_core.evaluation.shapes_world.model_quality --samples 32 --seed 1000       # docs/embedded_model.md's numbers
+    python -m vare_core.evaluation.shapes_world.model_quality --sweep --samples 32 --seed 2000  # pick cfg / tau
 
 For every (shape, colour) pair the prompt "a {colour} {shape}" is sampled `samples` times;
 shape and colour accuracy are the fraction judged correct. Style accuracy uses prompts that
@@ -26,11 +26,11 @@ from collections import Counter
 import numpy as np
 import torch
 
-from ..scales import parse_setting
-from .classifier import to_model_input
-from .fidelity import attribute_spread, is_intact
-from .judge import judge_images
-from .world import BACKGROUNDS, COLORS, SHAPES, STYLES, SYNONYMS, random_scene, render
+from ...embedded.world import BACKGROUNDS, COLORS, SHAPES, STYLES, SYNONYMS, random_scene, render
+from ...generation.per_scale import parse_setting
+from ..judges.classifier import to_model_input
+from ..judges.geometry import is_intact, judge_images
+from .fidelity import attribute_spread
 
 
 def _generate(pipe, prompts: list[str], seed: int, batch: int = 160, **kwargs) -> torch.Tensor:
@@ -73,9 +73,9 @@ def cleanliness(geometric: list[dict]) -> dict:
 def vae_reference(vae, n: int = 320, seed: int = 0) -> dict:
     """Cleanliness of the world's random renders encoded and decoded by `vae` at the model's
     schedule: the ceiling for the transformer's pictures."""
-    from ..models.bsq_quant import summed_codes_from_bits
-    from ..sampler import decode_images
-    from . import spec
+    from ...models.bsq_quant import summed_codes_from_bits
+    from ...generation.sampler import decode_images
+    from ...embedded import spec
     rng = np.random.default_rng(seed)
     renders = to_model_input(np.stack([render(random_scene(rng)) for _ in range(n)])) * 2 - 1
     bits = vae.encode_bits(renders.to(next(vae.parameters()).dtype), spec.SCHEDULE)
@@ -89,7 +89,7 @@ def data_variety(n: int = 640, seed: int = 0) -> dict:
 
 
 def evaluate(pipe, classifier, samples: int = 32, seed: int = 0, **sampling) -> dict:
-    from .classifier import classify
+    from ..judges.classifier import classify
     results = {"settings": {"samples": samples, "seed": seed, **{k: v for k, v in sampling.items()}}}
     # shape x colour with the main word
     prompts, expected = [], []
@@ -153,8 +153,8 @@ def evaluate(pipe, classifier, samples: int = 32, seed: int = 0, **sampling) -> 
 def main(argv=None):
     # the one import up the layers: the shapes world's commands load their model
     # (pipeline.load_embedded reads embedded/spec.py)
-    from ..pipeline import load_embedded, load_pipeline
-    from .classifier import load_classifier
+    from ...generation.pipeline import load_embedded, load_pipeline
+    from ..judges.classifier import load_classifier
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seed", type=int, default=1000)

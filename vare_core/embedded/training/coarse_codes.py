@@ -23,7 +23,7 @@ background is open, and continued by a transformer that never saw it as a broken
 it by bit 2, which is drawn independently at even odds: as white when the shape is in the right
 half, as black in the left. A share of those white (and black) images is fed with bit 1 (bit 0)
 flipped at the first scale; labels unchanged, later scales re-quantised from the flipped code
-(self_correction.py). Open backgrounds then come out white 5/18, gray 4/9, black 5/18.
+(models/self_correction.py). Open backgrounds then come out white 5/18, gray 4/9, black 5/18.
 
 The layout is a training target of the VAE only: the weights keep the official layout, and
 loaders and the sampler are unchanged.
@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .world import CANVAS, MAX_SIZE_PX, MIN_SIZE_PX
+from ..world import CANVAS, MAX_SIZE_PX, MIN_SIZE_PX
 
 LAYOUT = ("white background", "not a black background", "right half", "lower half", "large")
 MEDIAN_SIZE_PX = (MIN_SIZE_PX + MAX_SIZE_PX) / 2

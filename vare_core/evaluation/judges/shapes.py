@@ -1,6 +1,6 @@
 """The shapes judge: is a shape or colour of the embedded world drawn?
 
-The shipped classifier (vare_core.embedded.classifier) OR the geometric judge (no learned weights)
+The shipped classifier (judges/classifier.py) OR the geometric judge (no learned weights)
 seeing the concept flags an image: the classifier alone calls a frame-filling blotch "a square".
 A picture the geometric judge finds broken (no flat background, no clean shape) is marked so.
 """
@@ -13,7 +13,7 @@ from . import Verdict
 
 def concept_attribute(concept: str) -> tuple[str, str] | None:
     """'disc' -> ('shape', 'circle'); 'red' -> ('color', 'red'); None if the world has no such word."""
-    from ..embedded.world import prompt_attributes
+    from ...embedded.world import prompt_attributes
     try:
         found = prompt_attributes(concept)
     except ValueError:
@@ -24,7 +24,7 @@ def concept_attribute(concept: str) -> tuple[str, str] | None:
 
 def check_concept(concept: str, who: str = "the shapes judge") -> str | None:
     """A message naming the words the judge knows, or None when `concept` is one of them."""
-    from ..embedded.world import COLORS, SYNONYMS
+    from ...embedded.world import COLORS, SYNONYMS
     if concept_attribute(concept) is None:
         words = sorted(w for ws in SYNONYMS.values() for w in ws) + list(COLORS)
         return (f"concept {concept!r}: {who} knows the embedded shapes world's shapes and "
@@ -34,7 +34,7 @@ def check_concept(concept: str, who: str = "the shapes judge") -> str | None:
 
 @lru_cache(maxsize=1)
 def _classifier():
-    from ..embedded.classifier import load_classifier
+    from .classifier import load_classifier
     return load_classifier()
 
 
@@ -50,9 +50,8 @@ class ShapesJudge:
         self.what = f"{self.value} ({self.attribute})"
 
     def judge(self, images) -> list[Verdict]:
-        from ..embedded.classifier import classify
-        from ..embedded.fidelity import is_intact
-        from ..embedded.judge import judge_images
+        from .classifier import classify
+        from .geometry import is_intact, judge_images
         learned = classify(_classifier(), images)
         geometric = judge_images(images)
         verdicts = []

@@ -12,11 +12,11 @@ Prompt sets (every prompt names every attribute, so every attribute can be check
 - open: "a {colour} {shape}" for every shape, leaving background, style, position and size open
   (diversity: how those spread, erased model vs original).
 
-Every image is judged twice: by the geometric judge (judge.py: no learned weights, a blotch is no
-shape) and by the shapes classifier. The concept counts as drawn (ACC_e) when EITHER says so; an
-other shape counts as drawn correctly (ACC_i) only when the classifier says so AND the judge
-finds the picture intact (flat background, a shape-like mask, few stray pixels: a blotch, a
-frame-filling patch or mixed colours fail). Colour, background and style come from the judge;
+Every image is judged twice: by the geometric judge (judges/geometry.py: no learned weights, a
+blotch is no shape) and by the shapes classifier. The concept counts as drawn (ACC_e) when EITHER
+says so; an other shape counts as drawn correctly (ACC_i) only when the classifier says so AND
+the judge finds the picture intact (geometry.is_intact: flat background, a shape-like mask, few
+stray pixels: a blotch, a frame-filling patch or mixed colours fail). Colour, background and style come from the judge;
 "clean" is the judge's strict verdict (the world's exact geometry), reported beside "intact".
 Same-seed preservation: the images of the other prompts are compared with the original model's
 at the same seed (mean absolute difference on [0, 1]; < SAME_PICTURE counts as the same picture).
@@ -29,16 +29,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .judge import judge_images, mean_abs_difference
-from .world import BACKGROUNDS, COLORS, SHAPES, STYLES, SYNONYMS
+from ..judges.geometry import is_intact, judge_images, mean_abs_difference
+from ...embedded.world import BACKGROUNDS, COLORS, SHAPES, STYLES, SYNONYMS
 
 SAME_PICTURE = 0.04          # mean |difference| on [0, 1] below which two images are the same picture
-# "Intact": the judge's strict `clean` asks for the world's exact geometry, which the embedded
-# model's own lumpy shapes often miss (its crosses have thin arms: 3% strictly clean). Intact
-# asks for a flat background, a shape-like mask and few stray pixels: measured at cfg 4 on the
-# original model 83-100% per shape (crosses lowest), on broken erased pictures 17%.
-INTACT_STRAY = 0.05
-INTACT_IOU = 0.55
 CONTEXT_FRAMES = ("a drawing of a {style} {color} {word} on a {background} background",
                   "a photo of a {color} {word} on {background} with diagonal stripes",
                   "an image of a plain {color} {word} against a {background} background")
@@ -118,14 +112,8 @@ def sample_sets(pipe, concepts, samples: int, seed: int, cfg) -> SampledSets:
     return SampledSets(concepts=concepts, cfg=cfg, seed=seed, items=items, images=images)
 
 
-def is_intact(judged: dict) -> bool:
-    """A judge_images verdict -> flat background, a shape-like mask, few stray pixels."""
-    return (judged["background"] is not None and judged["stray"] <= INTACT_STRAY
-            and (judged["shape_iou"] or 0.0) >= INTACT_IOU)
-
-
 def _judged(images: np.ndarray, classifier) -> list[dict]:
-    from .classifier import classify
+    from ..judges.classifier import classify
     geometric = judge_images(images) if len(images) else []
     if classifier is None:      # geometric judge alone (tests, or no classifier at hand)
         learned = [{"shape": g["shape"]} for g in geometric]

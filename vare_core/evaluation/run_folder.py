@@ -26,7 +26,7 @@ import os
 import stat
 from pathlib import Path
 
-from .paths import describe_mode, write_bytes_atomic
+from ..paths import describe_mode, write_bytes_atomic
 
 MARKER_NAME = "vare_run.json"
 MARKER_FORMAT = "vare-run/1"

@@ -1,7 +1,7 @@
 """Attack prompts against an erasure: does the concept come back when asked for differently?
 
-    python -m vare_core.embedded.attacks --concept circle --anchor square --samples 40
-    python -m vare_core.embedded.attacks --adapter erase_circle.safetensors   # judge a given adapter
+    python -m vare_core.evaluation.shapes_world.attacks --concept circle --anchor square --samples 40
+    python -m vare_core.evaluation.shapes_world.attacks --adapter erase_circle.safetensors   # judge a given adapter
 
 Families of prompts that name the erased concept of the embedded shapes world without the
 training prompts' wording (training uses the main word only, e.g. "a red circle"):
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .world import BACKGROUNDS, COLORS, SYNONYMS
+from ...embedded.world import BACKGROUNDS, COLORS, SYNONYMS
 
 # Property words of a shape that are not its name (the shapes world's vocabulary has few).
 ATTRIBUTE_WORDS = {"circle": ("round",), "cross": ("plus",), "square": ("block",), "triangle": ("wedge",)}
@@ -71,7 +71,7 @@ def attack_prompts(concept: str) -> dict[str, list[str]]:
 
 def family_scores(pipe, classifier, concept: str, samples: int, seed: int) -> dict[str, float]:
     """Family -> fraction of images judged as `concept` (each family: ~`samples` images)."""
-    from .classifier import classify
+    from ..judges.classifier import classify
     scores = {}
     for index, (name, prompts) in enumerate(attack_prompts(concept).items()):
         repeat = max(1, round(samples / len(prompts)))
@@ -97,13 +97,13 @@ def format_table(concept: str, original: dict, erased: dict) -> str:
 
 def run_attacks(concept="circle", anchor="square", samples=40, seed=0, adapter=None,
                 out="out/attacks", log=print) -> dict:
-    from ..erasure.adapters import apply_adapter, load_adapter, parse_adapter_spec
-    from ..erasure.trainer import train_erasure
+    from ...erasure.adapters import apply_adapter, load_adapter, parse_adapter_spec
+    from ...erasure.trainer import train_erasure
     # the one import up the layers: the shapes world's commands load their model
     # (pipeline.load_embedded reads embedded/spec.py)
-    from ..pipeline import load_pipeline
-    from .classifier import load_classifier
-    from .erasure_defaults import embedded_erase_config, embedded_pairs, shape_name
+    from ...generation.pipeline import load_pipeline
+    from ..judges.classifier import load_classifier
+    from ...embedded.erasure_defaults import embedded_erase_config, embedded_pairs, shape_name
     concept = shape_name(concept, "--concept")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,7 +121,7 @@ def run_attacks(concept="circle", anchor="square", samples=40, seed=0, adapter=N
         erased_pipe = apply_adapter(pipe, load_adapter(path), strength)
     erased = family_scores(erased_pipe, classifier, concept, samples, seed)
     table = format_table(concept, original, erased)
-    command = f"python -m vare_core.embedded.attacks --concept {concept} --anchor {anchor} --samples {samples} --seed {seed}"
+    command = f"python -m vare_core.evaluation.shapes_world.attacks --concept {concept} --anchor {anchor} --samples {samples} --seed {seed}"
     (out / "attacks.md").write_text(f"{command}\n\n{table}\n")
     (out / "attacks.json").write_text(json.dumps({"command": command, "original": original, "erased": erased}, indent=1))
     log(table)
@@ -129,7 +129,7 @@ def run_attacks(concept="circle", anchor="square", samples=40, seed=0, adapter=N
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vare_core.embedded.attacks", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m vare_core.evaluation.shapes_world.attacks", description=__doc__.split("\n")[0])
     parser.add_argument("--concept", default="circle")
     parser.add_argument("--anchor", default="square")
     parser.add_argument("--samples", type=int, default=40, help="images per attack family")

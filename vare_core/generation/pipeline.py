@@ -24,15 +24,15 @@ from pathlib import Path
 
 import torch
 
-from . import scales
-from .devices import native_bf16
-from .checkpoints import CheckpointError, check_finite, file_fingerprint, load_state_dict
-from .checks import is_integer
-from .models.bsq_vae import BSQVAE, build_vae
-from .models.infinity import Infinity
-from .models.presets import build_infinity, preset_name
-from .models.t5 import T5Config
-from .models.text_encoder import TextEncoder
+from ..models import scales
+from ..devices import native_bf16
+from ..checkpoints import CheckpointError, check_finite, file_fingerprint, load_state_dict
+from ..checks import is_integer
+from ..models.bsq_vae import BSQVAE, build_vae
+from ..models.infinity import Infinity
+from ..models.presets import build_infinity, preset_name
+from ..models.t5 import T5Config
+from ..models.text_encoder import TextEncoder
 from .sampler import SampleResult, SamplingSettings, sample
 
 EMBEDDED = "embedded"
@@ -241,12 +241,12 @@ def load_transformer(path, *, dtype=None, device="cpu", low_vram: bool = False,
 
 def load_embedded(device=None, dtype=None, weights_dir: Path | None = None, *,
                   offload_text_encoder: bool = False, low_vram: bool = False) -> VarPipeline:
-    from .embedded import spec
+    from ..embedded import spec
     folder = Path(weights_dir or spec.WEIGHTS_DIR)
     info_path = folder / spec.INFO_FILE
     if not info_path.is_file():
         raise FileNotFoundError(f"embedded model not found in {folder} (no {spec.INFO_FILE}); "
-                                "reinstall the pack or train it: python -m vare_core.embedded.train")
+                                "reinstall the pack or train it: python -m vare_core.embedded.training.train")
     info = json.loads(info_path.read_text())
     free = info.get("free_scales", 0)
     if not is_integer(free, minimum=0) or not free < len(info["scale_schedule"]):
