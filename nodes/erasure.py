@@ -304,7 +304,7 @@ class TrainErasure(io.ComfyNode):
         host.use_models(pipe)               # ... this one (back) in
         # ComfyUI runs nodes under torch.inference_mode(); training needs autograd back, and
         # RoPE tables cached while sampling in inference mode cannot enter autograd: drop them.
-        rope._rope_cpu.cache_clear()
+        rope.clear_cache()
         if pipe.device.type == "cuda":     # the plan first: a run that cannot fit never starts
             free, _ = torch.cuda.mem_get_info(pipe.device)
             with torch.inference_mode(False):

@@ -41,6 +41,9 @@ except ImportError:
     model_management = comfy_utils = None
 
 ADAPTER_FOLDER = "vare"
+# ComfyUI's ModelPatcher of each part of a pipeline (register_models), by id(pipeline): kept here,
+# not on the library's VarPipeline; an entry goes when its pipeline is freed.
+_PATCHERS: dict[int, dict] = {}
 NAME_MAX = 255               # bytes in one file or folder name (Linux, macOS, Windows alike)
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".sft")
 _SHARD = re.compile(r"-\d{3,6}-of-\d{3,6}\.\w+$")
@@ -208,7 +211,7 @@ def register_models(pipe, like=None) -> None:
     if model_management is None:
         return
     from comfy.model_patcher import ModelPatcher
-    inherited = dict(getattr(like, "comfy_patchers", {}) or {})
+    inherited = comfy_patchers(like) if like is not None else {}
     parts = {"vae": pipe.vae}
     if not pipe.low_vram:
         parts["transformer"] = pipe.model
@@ -223,7 +226,13 @@ def register_models(pipe, like=None) -> None:
             size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
             patchers[name] = ModelPatcher(module, load_device=pipe.device,
                                           offload_device=model_management.unet_offload_device(), size=size)
-    pipe.comfy_patchers = patchers
+    _PATCHERS[id(pipe)] = patchers
+    weakref.finalize(pipe, _PATCHERS.pop, id(pipe), None)
+
+
+def comfy_patchers(pipe) -> dict:
+    """The ModelPatchers register_models made for this pipeline, by part ({} if none)."""
+    return dict(_PATCHERS.get(id(pipe), {}))
 
 
 def use_models(pipe, *parts: str, memory_required: int = 0) -> None:
@@ -233,7 +242,7 @@ def use_models(pipe, *parts: str, memory_required: int = 0) -> None:
     for ComfyUI's partial loading (low_vram streaming is ours instead). memory_required: bytes
     the work will take beside the weights; ComfyUI unloads other models to leave them free
     (not asked for more than the device holds: such a request is refused, not made room for)."""
-    patchers = getattr(pipe, "comfy_patchers", None)
+    patchers = _PATCHERS.get(id(pipe))
     if model_management is None or not patchers:
         return
     wanted = [patchers[p] for p in (parts or tuple(patchers)) if p in patchers]

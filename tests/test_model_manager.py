@@ -68,7 +68,7 @@ def load(**kwargs):
 def test_loaded_parts_are_registered_and_loaded_before_each_use(manager):
     fake = manager()
     pipe = load()
-    patchers = pipe.comfy_patchers
+    patchers = host.comfy_patchers(pipe)
     assert patchers["transformer"].model is pipe.model and patchers["vae"].model is pipe.vae
     assert patchers["text_encoder"].model is pipe.text_encoder.model
     weights = sum(t.numel() * t.element_size() for t in pipe.model.state_dict().values())
@@ -84,7 +84,7 @@ def test_loaded_parts_are_registered_and_loaded_before_each_use(manager):
 def test_parts_the_pipeline_moves_itself_are_left_to_it(manager):
     manager()
     pipe = load(offload_text_encoder=True, low_vram=True)
-    assert set(pipe.comfy_patchers) == {"vae"}
+    assert set(host.comfy_patchers(pipe)) == {"vae"}
 
 
 def test_an_adapted_model_shares_the_patchers_of_what_it_shares(manager, folders):  # noqa: F811
@@ -94,9 +94,9 @@ def test_an_adapted_model_shares_the_patchers_of_what_it_shares(manager, folders
     assert fake.unloads == 1                    # ComfyUI's other models out, then all of ours in
     assert {id(m) for m in fake.loads[-1][0]} == {id(pipe.model), id(pipe.vae), id(pipe.text_encoder.model)}
     erased = run(adapters.ApplyAdapter, model=pipe, adapter=adapter, strength=1.0)[0]
-    assert erased.comfy_patchers["vae"] is pipe.comfy_patchers["vae"]
-    assert erased.comfy_patchers["text_encoder"] is pipe.comfy_patchers["text_encoder"]
-    assert erased.comfy_patchers["transformer"].model is erased.model is not pipe.model
+    assert host.comfy_patchers(erased)["vae"] is host.comfy_patchers(pipe)["vae"]
+    assert host.comfy_patchers(erased)["text_encoder"] is host.comfy_patchers(pipe)["text_encoder"]
+    assert host.comfy_patchers(erased)["transformer"].model is erased.model is not pipe.model
 
 
 def run_pairs(pipe):
@@ -114,7 +114,7 @@ def test_comfy_lowvram_flag_streams_infinity_models(manager, folders):  # noqa: 
     pipe, info = run(loaders.LoadModel, transformer="tiny_transformer.safetensors", vae="tiny_vae.safetensors",
                      text_encoder="tiny-t5/", dtype="fp32")
     assert pipe.low_vram and pipe.offload_text_encoder and "--lowvram" in info
-    assert set(pipe.comfy_patchers) == {"vae"}
+    assert set(host.comfy_patchers(pipe)) == {"vae"}
     with pytest.raises(ValueError, match="--lowvram / --novram"):
         train(pipe, [], steps=1)
 
@@ -122,5 +122,5 @@ def test_comfy_lowvram_flag_streams_infinity_models(manager, folders):  # noqa: 
 def test_outside_comfyui_nothing_is_registered():
     assert host.model_management is None
     pipe = load()
-    assert not getattr(pipe, "comfy_patchers", None)
+    assert not host.comfy_patchers(pipe)
     host.use_models(pipe)                      # a no-op, no error

@@ -1,7 +1,8 @@
 """VARE auxiliary visual tokens: trajectories the frozen model samples for the SAFE prompts.
 
-For every safe prompt c the frozen model draws one image token by token (SPEC §2: fixed seed,
-CFG 4 on logits, tau 1, top_p 0.97) and we keep, per scale, what teacher-forced training needs:
+For every safe prompt c the frozen model draws one image token by token (the S-VARE paper's
+auxiliary tokens: fixed seed, CFG 4 on logits, tau 1, top_p 0.97) and we keep, per scale, what
+teacher-forced training needs:
 
     x_wo_prefix     (L-1, d)  float32  next-scale inputs of scales 1.. (the student's input)
     bit_labels      (L, d)    uint8    the sampled bits (L_FCE targets)

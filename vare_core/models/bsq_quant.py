@@ -80,8 +80,9 @@ def upsample_codes(codes: Tensor, size) -> Tensor:
     return out.squeeze(2)
 
 
-def _sign_quantize(residual: Tensor) -> tuple[Tensor, Tensor]:
-    """(B, d, h, w) residual -> codes (B, d, h, w) +-1/sqrt(d) and bits (B, h, w, d) int64."""
+def sign_quantize(residual: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, d, h, w) residual -> codes (B, d, h, w) +-1/sqrt(d) and bits (B, h, w, d) int64: one
+    scale of the quantiser (residual_quantize; self_correction.py flips some of its bits)."""
     B, d, h, w = residual.shape
     tokens = F.normalize(residual.permute(0, 2, 3, 1).reshape(B, h * w, d), dim=-1)
     signs = torch.where(tokens > 0, 1.0, -1.0).to(tokens.dtype)
@@ -117,7 +118,7 @@ def residual_quantize(features: Tensor, scale_schedule) -> QuantizedPyramid:
             scale_residual = residual
         else:
             scale_residual = F.interpolate(residual.unsqueeze(2), size=(1, h, w), mode="area").squeeze(2)
-        codes, bits = _sign_quantize(scale_residual)
+        codes, bits = sign_quantize(scale_residual)
         up = codes if at_full_size else upsample_codes(codes, (H, W))
         residual = residual - up
         summed = summed + up

@@ -41,6 +41,12 @@ def rope_table(scale_schedule, head_dim: int, grid: tuple[int, int] | None = Non
     return cos.to(device), sin.to(device)
 
 
+def clear_cache() -> None:
+    """Forget the cached tables (rope_table builds them again on first use): before training
+    in a process that sampled under torch.inference_mode, whose tensors cannot enter autograd."""
+    _rope_cpu.cache_clear()
+
+
 def apply_rope(q: torch.Tensor, k: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q, k (B, H, L, head_dim) by the (cos, sin) rows of their tokens; fp32 math."""
     cos, sin = rope

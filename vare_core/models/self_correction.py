@@ -1,5 +1,5 @@
 """Bitwise self-correction: teacher-forcing inputs with randomly flipped bits (the Infinity
-training recipe), for training the embedded model.
+training recipe; the embedded model is trained with it, embedded/training/train.py).
 
     x_wo_prefix, labels = self_corrected_batch(features, schedule, max_flip=0.3, generator=gen)
     logits = model(condition, x_wo_prefix, schedule)       # labels: (B, L, d) int64
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .bsq_quant import _sign_quantize, codes_from_bits, next_scale_input, upsample_codes
+from .bsq_quant import codes_from_bits, next_scale_input, sign_quantize, upsample_codes
 
 
 def self_corrected_batch(features: torch.Tensor, schedule, max_flip: float = 0.3,
@@ -46,7 +46,7 @@ def self_corrected_batch(features: torch.Tensor, schedule, max_flip: float = 0.3
         residual = features - coded
         if (h, w) != final:
             residual = F.interpolate(residual, size=(h, w), mode="area")
-        codes, bits = _sign_quantize(residual)
+        codes, bits = sign_quantize(residual)
         labels.append(bits.reshape(batch, h * w, bits_n))
         flip = torch.zeros(bits.shape, dtype=torch.bool)
         if layout_scales <= k < noisy_scales and max_flip > 0:
