@@ -23,7 +23,8 @@ import torch
 from vare_core.evaluation.judges.classifier import classify, load_classifier
 from vare_core.evaluation.judges.geometry import judge_images
 from vare_core.embedded.world import COLORS, SHAPES
-from vare_core.generation.pipeline import load_embedded, load_pipeline
+from vare_core.embedded.loader import load_embedded
+from vare_core.generation.pipeline import load_pipeline
 from vare_core.generation.per_scale import parse_setting
 
 BATCH = 160   # evaluate._generate's batch: the same images as the evaluation for a seed

@@ -22,14 +22,16 @@ from pathlib import Path
 
 import torch
 
-from vare_core.evaluation.judges.classifier import load_classifier
-from vare_core.embedded.erasure_defaults import embedded_erase_config, embedded_pairs, shape_name
+from vare_core.embedded.loader import load_embedded
+from vare_core.embedded.profile import shape_name
 from vare_core.embedded.world import SHAPES
 from vare_core.erasure.adapters import apply_adapter
-from vare_core.evaluation.shapes_world.erasure_bench import score
+from vare_core.erasure.profile import erasure_profile
 from vare_core.erasure.trainer import train_erasure
 from vare_core.erasure.trajectories import TrajectorySettings
-from vare_core.generation.pipeline import load_embedded, load_pipeline
+from vare_core.evaluation.judges.classifier import load_classifier
+from vare_core.evaluation.shapes_world.erasure_bench import score
+from vare_core.generation.pipeline import load_pipeline
 
 KEYS = ("ACC_e", "ACC_e_synonym", "ACC_e_context", "ACC_i", "erased_color", "erased_background",
         "erased_style", "erased_intact", "others_color", "others_background", "others_style",
@@ -119,10 +121,10 @@ def main(argv=None) -> list[dict]:
                     originals[key] = original.pop("run")
                     rows.append({"pair": name, "seed": "original", "cfg": cfg, **{k: original[k] for k in KEYS}})
                     print(json.dumps(rows[-1]), flush=True)
-            pairs = embedded_pairs(concepts, anchors, seed=0, retain_per_shape=args.retain, pipe=pipe,
-                                   implicit=args.implicit)
+            profile = erasure_profile(pipe)
+            pairs = profile.pairs(concepts, anchors, seed=0, retain=args.retain, pipe=pipe, implicit=args.implicit)
             for seed in [int(s) for s in args.seeds.split(",")]:
-                config = embedded_erase_config(**{"seed": seed, **overrides})
+                config = profile.config(**{"seed": seed, **overrides})
                 start = time.time()
                 result = train_erasure(pipe, pairs, config, cache_dir=Path(cache))
                 seconds = time.time() - start

@@ -5,7 +5,7 @@
     python bench/gpu_check.py --quick --device cpu   # the same code on a tiny model (CI)
 
 Rows: sampling in bf16 and in fp16, sampling with low_vram + the T5 offloaded, and the S-VARE
-erasure with the pack's Infinity defaults (erasure_profile: LoRA, checkpointing, split passes,
+erasure with the pack's Infinity defaults (erasure/profile.py: LoRA, checkpointing, split passes,
 one pair per step; 2 pairs, 2 steps). Measured: seconds, and on CUDA the peak of
 torch.cuda.max_memory_allocated (tensors; the plan's CUDA reserve is left out of the compared
 figure). Weights are random (the shapes of the real checkpoints: flan-t5-xl, the d32 VAE), so
@@ -25,7 +25,7 @@ from vare_core.models import scales
 from vare_core.embedded.world import VOCABULARY
 from vare_core.erasure.plan import CUDA_RESERVE, CPU_RESERVE, plan_memory
 from vare_core.erasure.trainer import train_erasure
-from vare_core.erasure_profile import erasure_profile
+from vare_core.erasure.profile import erasure_profile
 from vare_core.models.bsq_vae import BSQVAE, VAEConfig
 from vare_core.models.infinity import Infinity, InfinityConfig, init_weights
 from vare_core.models.presets import preset_config

@@ -118,9 +118,10 @@ def measure(case) -> int:
         if case["phase"] == "sample":
             pipe.generate(["a red circle"] * case["batch"], seed=0, cfg=4.0)
         else:
-            from vare_core.embedded.erasure_defaults import embedded_pairs
+            from vare_core.erasure.profile import erasure_profile
             from vare_core.erasure.trainer import EraseConfig, train_erasure
-            pairs = embedded_pairs("circle", "square", n_per_concept=PAIRS, seed=0, retain_per_shape=0)
+            # the shapes world's pairs (this model speaks its words), none mined
+            pairs = erasure_profile("embedded").pairs("circle", "square", n_per_concept=PAIRS, seed=0, retain=0)
             config = EraseConfig(steps=2, batch_size=case["batch"], train=case["train"], rank=8,
                                  gradient_checkpointing=case["ckpt"], precision="fp32",
                                  **plan_formulation())
@@ -130,7 +131,7 @@ def measure(case) -> int:
 
 
 def plan_formulation() -> dict:
-    from vare_core.embedded.erasure_defaults import FORMULATIONS
+    from vare_core.erasure.formulations import FORMULATIONS
     return dict(FORMULATIONS["consistent"])
 
 

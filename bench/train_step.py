@@ -32,7 +32,7 @@ import torch
 
 from common import run_row_isolated
 from vare_core.models import scales
-from vare_core.embedded.erasure_defaults import embedded_pairs
+from vare_core.erasure.profile import erasure_profile
 from vare_core.embedded.world import VOCABULARY
 from vare_core.erasure.trainer import EraseConfig, train_erasure
 from vare_core.erasure.trajectories import TrajectorySettings
@@ -127,7 +127,7 @@ def run_row(preset: str, schedule, device: str, train: str, precision: str, chec
     dtype = DTYPES[precision] if weights == "match" else torch.float32
     pipe = bench_pipeline(cfg, schedule, device, dtype)
     loaded = reset_peak(device)
-    pairs = embedded_pairs("circle", "square", n_per_concept=max(2, batch), seed=0)
+    pairs = erasure_profile("embedded").pairs("circle", "square", n_per_concept=max(2, batch), seed=0)  # its words
     marks: dict = {"seconds": []}
 
     def on_step(info):

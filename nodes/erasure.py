@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import re
 import time
 from dataclasses import replace
 from datetime import datetime
@@ -25,17 +24,14 @@ from datetime import datetime
 import torch
 
 from vare_core import paths
-from vare_core.embedded import erasure_defaults
-from vare_core.embedded.erasure_defaults import embedded_pairs
 from vare_core.erasure.adapters import save_adapter
 from vare_core.erasure.trainable import TRAIN_MODES
 from vare_core.erasure.losses import METHODS
 from vare_core.erasure.memory import memory_advice
-from vare_core.erasure.pairs import make_pairs
 from vare_core.erasure.pairs_file import pairs_to_text, parse_pairs_text
 from vare_core.erasure.plan import check_fits
 from vare_core.erasure.trainer import PRECISIONS, EraseConfig, train_erasure
-from vare_core.erasure_profile import erasure_profile
+from vare_core.erasure.profile import erasure_profile, name_list
 from vare_core.models import rope
 
 from . import drawing, host
@@ -47,27 +43,10 @@ EVENT = "vare.train"
 EVENT_INTERVAL_S = 0.2                          # at most ~5 chart updates a second
 
 
-def split_names(text: str) -> list[str]:
-    return [" ".join(part.split()) for part in re.split(r"[,\n]", text or "") if part.strip()]
-
-
 def build_pairs(pipe, concepts: str, anchors: str, n_per_concept: int, seed: int, custom_pairs: str):
-    concept_list, anchor_list = split_names(concepts), split_names(anchors)
-    pairs = []
-    if concept_list:
-        if not anchor_list:
-            raise ValueError("anchors is empty: name what each concept should turn into (e.g. square)")
-        if pipe.name in erasure_defaults.SHAPES_WORLD_MODELS:
-            pairs += embedded_pairs(concept_list, anchor_list, seed=seed, n_per_concept=n_per_concept,
-                                    pipe=pipe)
-        else:
-            pairs += make_pairs(concept_list, anchor_list, n_per_concept=n_per_concept, seed=seed)
-    if custom_pairs.strip():
-        default = concept_list[0] if len(concept_list) == 1 else None
-        pairs += parse_pairs_text(custom_pairs, default_concept=default)
-    if not pairs:
-        raise ValueError("no pairs: give concepts and anchors, or custom pairs ('unsafe prompt | safe prompt' lines)")
-    return pairs
+    """The model's pairs (its erasure profile's: the same as `erase`) and the custom ones."""
+    return erasure_profile(pipe).pairs(concepts, anchors, seed=seed, n_per_concept=n_per_concept, pipe=pipe,
+                                       custom_text=custom_pairs)
 
 
 class PromptPairs(io.ComfyNode):
@@ -103,9 +82,9 @@ class PromptPairs(io.ComfyNode):
     def validate_inputs(cls, concepts=None, anchors=None, custom_pairs=None):
         # an input left out or linked arrives as None: ComfyUI reports it; check the rest
         known = [isinstance(v, str) for v in (concepts, anchors, custom_pairs)]
-        if all(known) and not split_names(concepts) and not custom_pairs.strip():
+        if all(known) and not name_list(concepts) and not custom_pairs.strip():
             return "give concepts and anchors, or custom pairs ('unsafe prompt | safe prompt' lines)"
-        if known[0] and known[1] and split_names(concepts) and not split_names(anchors):
+        if known[0] and known[1] and name_list(concepts) and not name_list(anchors):
             return "anchors is empty: name what each concept should turn into (e.g. square)"
         if known[2] and custom_pairs.strip():
             try:

@@ -17,7 +17,8 @@ import torch
 from vare_core.generation import budget
 from vare_core import paths
 from vare_core.checkpoints import sniff_format
-from vare_core.generation.pipeline import EMBEDDED, load_pipeline
+from vare_core.generation.pipeline import load_pipeline
+from vare_core.generation.registry import is_named_model, named_models
 
 from . import host
 from .compat import CATEGORY, VareConditioning, VareModel, io
@@ -27,16 +28,18 @@ TRANSFORMER_FOLDERS = ("diffusion_models", "checkpoints")
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 
 
+# The models loaded by name (the embedded model) come first; beside one, the VAE and text encoder
+# choices are that model's own, under its name.
 def transformer_choices() -> list[str]:
-    return [EMBEDDED] + host.list_entries(TRANSFORMER_FOLDERS, folders_ok="sharded")
+    return named_models() + host.list_entries(TRANSFORMER_FOLDERS, folders_ok="sharded")
 
 
 def vae_choices() -> list[str]:
-    return [EMBEDDED] + host.list_entries(["vae"])
+    return named_models() + host.list_entries(["vae"])
 
 
 def text_encoder_choices() -> list[str]:
-    return [EMBEDDED] + host.list_entries(["text_encoders"], folders_ok="hf")
+    return named_models() + host.list_entries(["text_encoders"], folders_ok="hf")
 
 
 def checkpoint_problem(path: Path, what: str) -> str | None:
@@ -62,7 +65,7 @@ def check_model_files(transformer: str, vae: str, text_encoder: str) -> str | No
     and text encoder, then a file that is missing."""
     choices = [(TRANSFORMER_FOLDERS, transformer, "transformer"), (("vae",), vae, "vae"),
                (("text_encoders",), text_encoder, "text_encoder")]
-    choices = [(folders, value, what) for folders, value, what in choices if value != EMBEDDED]
+    choices = [(folders, value, what) for folders, value, what in choices if not is_named_model(value)]
     for folders, value, what in choices:
         problem = host.entry_problem(value)
         if problem:
@@ -72,9 +75,9 @@ def check_model_files(transformer: str, vae: str, text_encoder: str) -> str | No
         problem = found is not None and checkpoint_problem(found, what)
         if problem:
             return problem
-    if transformer == EMBEDDED:
+    if is_named_model(transformer):
         return None
-    missing = [label for label, value in (("vae", vae), ("text_encoder", text_encoder)) if value == EMBEDDED]
+    missing = [label for label, value in (("vae", vae), ("text_encoder", text_encoder)) if is_named_model(value)]
     if missing:
         return (f"{transformer} needs its own {' and '.join(missing)}: choose the BSQ VAE from "
                 "models/vae (Infinity-2B: infinity_vae_d32reg.pth) and the flan-t5-xl folder from "
@@ -122,14 +125,14 @@ class LoadModel(io.ComfyNode):
                         "shapes-world model that needs no files. The preset (2B, 8B, ...) is "
                         "detected from the weights.",
             inputs=[
-                io.Combo.Input("transformer", options=transformer_choices(), default=EMBEDDED,
+                io.Combo.Input("transformer", options=transformer_choices(), default=named_models()[0],
                                tooltip="'embedded' (ships with the pack, runs on any CPU), or an "
                                        "Infinity transformer from models/diffusion_models or "
                                        "models/checkpoints (a file, or a folder of shards)"),
-                io.Combo.Input("vae", options=vae_choices(), default=EMBEDDED,
+                io.Combo.Input("vae", options=vae_choices(), default=named_models()[0],
                                tooltip="BSQ VAE from models/vae (Infinity-2B: infinity_vae_d32reg.pth); "
                                        "'embedded' with the embedded transformer"),
-                io.Combo.Input("text_encoder", options=text_encoder_choices(), default=EMBEDDED,
+                io.Combo.Input("text_encoder", options=text_encoder_choices(), default=named_models()[0],
                                tooltip="flan-t5-xl folder (or one encoder file) from models/text_encoders; "
                                        "'embedded' with the embedded transformer"),
                 io.Combo.Input("dtype", options=list(DTYPES), default="auto",
@@ -165,15 +168,15 @@ class LoadModel(io.ComfyNode):
         if problem:
             raise ValueError(problem)
         device = host.torch_device()
-        # ComfyUI's --lowvram / --novram: our way of loading in parts (the embedded model is small)
-        by_flag = host.comfy_low_vram() and transformer != EMBEDDED
+        # ComfyUI's --lowvram / --novram: our way of loading in parts (models loaded by name are small)
+        by_flag = host.comfy_low_vram() and not is_named_model(transformer)
         memory = {"offload_text_encoder": bool(offload_text_encoder) or by_flag,
                   "low_vram": bool(low_vram) or by_flag}
         # ComfyUI runs nodes under torch.inference_mode(); weights made there could never take
         # part in training (autograd refuses inference tensors), so load them as normal tensors.
         with torch.inference_mode(False), torch.no_grad():
-            if transformer == EMBEDDED:
-                pipe = load_pipeline(EMBEDDED, device=device, dtype=dtype, **memory)
+            if is_named_model(transformer):
+                pipe = load_pipeline(transformer, device=device, dtype=dtype, **memory)
             else:
                 model_path = host.resolve_entry(TRANSFORMER_FOLDERS, transformer)
                 vae_path = host.resolve_entry(["vae"], vae)

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from nodes import adapters, erasure, evaluation, loaders, sampling
 from vare_core.checkpoints import load_state_dict
-from vare_core.embedded.erasure_defaults import embedded_pairs
+from vare_core.erasure.profile import erasure_profile
 from vare_core.erasure.adapters import FORMAT_VERSION, Adapter, load_adapter, save_adapter
 from vare_core.erasure.trainable import lora_layer_names
 from vare_core.erasure.pairs_file import load_pairs_file
@@ -197,7 +197,7 @@ def sample_node(ctx, **overrides):
 
 
 def train_node(ctx, **overrides):
-    kwargs = dict(model=ctx.pipe, pairs=embedded_pairs(["circle"], ["square"], n_per_concept=2, retain_per_shape=0),
+    kwargs = dict(model=ctx.pipe, pairs=erasure_profile("embedded").pairs(["circle"], ["square"], n_per_concept=2, retain=0),
                   method="svare", train="lora", rank=2, steps=1, learning_rate=0.0, alpha=0.25, gamma=0.693147,
                   loss_weight=0.5, batch_size=2, precision="auto", gradient_checkpointing=False, seed=42)
     return erasure.TrainErasure.execute(**{**kwargs, **overrides})

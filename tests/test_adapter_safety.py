@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from vare_core.cli import main
-from vare_core.embedded.erasure_defaults import embedded_pairs
+from vare_core.erasure.profile import erasure_profile
 from vare_core.erasure import adapter_limits as L
 from vare_core.erasure import adapters as A
 from vare_core.erasure.adapters import FORMAT_VERSION, Adapter, AdapterError, apply_adapter, load_adapter
@@ -217,7 +217,7 @@ def test_trained_adapters_are_accepted_at_every_strength(pipe, tmp_path):
     """Adapters trained at the default learning rate stay far below the bound at strength 2, and
     one trained at 20x that rate is still accepted. The embedded model's measures are in
     adapter_limits.py (MAX_UPDATE_RATIO): at most 1.47 at strength 2."""
-    pairs = embedded_pairs("circle", "square", n_per_concept=4, seed=0, retain_per_shape=0)
+    pairs = erasure_profile("embedded").pairs("circle", "square", n_per_concept=4, seed=0, retain=0)
     for config, below in ((EraseConfig(train="lora", rank=2, steps=30, batch_size=2), L.MAX_UPDATE_RATIO / 20),
                           (EraseConfig(train="ca_ffn", steps=30, batch_size=2), L.MAX_UPDATE_RATIO / 20),
                           (EraseConfig(train="lora", rank=2, steps=30, lr=3e-2, batch_size=2), L.MAX_UPDATE_RATIO / 4)):

@@ -3,7 +3,7 @@ import pytest
 
 from vare_core.embedded.world import VOCABULARY, prompt_attributes
 from vare_core.evaluation.shapes_world.attacks import FAMILIES, attack_prompts, format_table, misspellings
-from vare_core.embedded.erasure_defaults import WORLD_TEMPLATES
+from vare_core.embedded.profile import WORLD_TEMPLATES
 
 
 def test_misspellings_are_typos_not_the_word():
@@ -56,7 +56,7 @@ def test_default_adapter_holds_against_every_attack_family(tmp_path):
     shape, a circle on models v2 and v2.1: the mined implicit pairs (erasure/implicit.py) erase that
     default, from candidates that share no word with these prompts' shape words."""
     from vare_core.evaluation.judges.classifier import load_classifier
-    from vare_core.embedded.erasure_defaults import embedded_erase_config, embedded_pairs
+    from vare_core.erasure.profile import erasure_profile
     from vare_core.erasure.adapters import apply_adapter
     from vare_core.evaluation.shapes_world.attacks import CONTROL, MEANINGFUL, family_scores
     from vare_core.erasure.trainer import train_erasure
@@ -65,7 +65,7 @@ def test_default_adapter_holds_against_every_attack_family(tmp_path):
     original = family_scores(pipe, classifier, "circle", samples=15, seed=3)
     attacks = [name for name in original if name != CONTROL]
     assert all(original[name] >= MEANINGFUL for name in attacks), original   # each one is an attack
-    result = train_erasure(pipe, embedded_pairs("circle", "square", pipe=pipe), embedded_erase_config(),
+    result = train_erasure(pipe, erasure_profile("embedded").pairs("circle", "square", pipe=pipe), erasure_profile("embedded").config(),
                            cache_dir=tmp_path)
     erased = family_scores(apply_adapter(pipe, result.adapter), classifier, "circle", samples=15, seed=3)
     for name in attacks:

@@ -14,7 +14,7 @@ from PIL import Image
 import vare_core.generation.pipeline as pipeline_module
 from vare_core import cli
 from vare_core.cli import common
-from vare_core.generation.pipeline import load_embedded
+from vare_core.embedded.loader import load_embedded
 
 SUBCOMMANDS = ["sample", "demo", "erase", "bench-erasure", "plan", "evaluate"]
 PROMPT = "a red circle on a white background"

@@ -14,7 +14,7 @@ from safetensors import safe_open
 import vare_core.generation.pipeline as pipeline_module
 from nodes import loaders, sampling
 from vare_core.cli import main
-from vare_core.embedded.erasure_defaults import embedded_pairs
+from vare_core.erasure.profile import erasure_profile
 from vare_core.erasure.trainer import EraseConfig, train_erasure
 from vare_core.generation.pipeline import load_pipeline
 
@@ -99,7 +99,7 @@ def test_sampler_node_same_seed_same_images(embedded):
 # ----------------------------------------------------------------------------- training
 
 def train(pipe, tmp_path, cache: str, train_mode="lora", seed=1):
-    pairs = embedded_pairs(["circle"], ["square"], seed=0, n_per_concept=4, retain_per_shape=0)
+    pairs = erasure_profile("embedded").pairs(["circle"], ["square"], seed=0, n_per_concept=4, retain=0)
     config = EraseConfig(method="svare", train=train_mode, rank=2, steps=3, batch_size=2, lr=2e-3,
                          precision="fp32", seed=seed)
     return train_erasure(pipe, pairs, config, cache_dir=tmp_path / cache)

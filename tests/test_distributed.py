@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vare_core.embedded.erasure_defaults import embedded_erase_config, embedded_pairs
+from vare_core.erasure.profile import erasure_profile
 from vare_core.erasure import distributed
 from vare_core.erasure.adapters import load_adapter
 from vare_core.erasure.trainer import train_erasure
@@ -98,8 +98,8 @@ def pipe():
 
 def single_process(pipe, cache: Path, batch_size: int):
     # the erase command's pairs: + the mined implicit pairs and the default keep pairs
-    pairs = embedded_pairs(["circle"], ["square"], seed=SEED, n_per_concept=N_PAIRS, pipe=pipe)
-    config = embedded_erase_config(steps=STEPS, batch_size=batch_size, train="lora",
+    pairs = erasure_profile("embedded").pairs(["circle"], ["square"], seed=SEED, n_per_concept=N_PAIRS, pipe=pipe)
+    config = erasure_profile("embedded").config(steps=STEPS, batch_size=batch_size, train="lora",
                                    precision="fp32", seed=SEED)
     return train_erasure(pipe, pairs, config, cache_dir=cache)
 

@@ -9,8 +9,9 @@ import vare_core.cli as main_cli
 from vare_core.embedded.world import prompt_attributes
 from vare_core.erasure import losses
 from vare_core.erasure.adapters import load_adapter
-from vare_core.embedded import erasure_defaults
 from vare_core.cli.erase import config_from_args, pairs_from_args
+from vare_core.erasure.formulations import FORMULATIONS
+from vare_core.erasure.profile import erasure_profile
 from vare_core.erasure.trainer import EraseConfig
 from vare_core.testing import tiny_pipeline
 
@@ -37,7 +38,7 @@ def test_erase_writes_adapter(tiny, tmp_path, capsys):
     meta = adapter.metadata
     assert meta["concepts"] == ["circle"] and meta["anchors"] == ["square"]
     assert meta["steps_done"] == 3 and meta["method"] == "svare"
-    assert meta["train"] == erasure_defaults.DEFAULT_TRAIN
+    assert meta["train"] == erasure_profile(tiny).default_train
     assert meta["base_fingerprint"] == tiny.fingerprint and meta["n_pairs"] == 4 + 3 * 2   # + 2/5 of 4 keep pairs per other shape
     assert "saved" in capsys.readouterr().out
 
@@ -105,8 +106,8 @@ def test_bench_erasure_is_registered():
 
 
 def test_embedded_pairs_and_defaults(tiny, tmp_path, capsys):
-    """Shapes-world models: pairs from erasure_defaults (main word, shared attributes) and the
-    tuned defaults for every option not given."""
+    """Shapes-world models: pairs from their profile (main word, shared attributes) and the
+    tuned settings for every option not given."""
     args = main_cli.build_parser().parse_args(
         ["erase", "--concept", "disc", "--anchor", "box", "--n-pairs", "20", "--out", "x"])
     config = config_from_args(args)
@@ -121,22 +122,20 @@ def test_embedded_pairs_and_defaults(tiny, tmp_path, capsys):
         assert unsafe.pop("shape") == "circle" and safe.pop("shape") == "square"
         assert unsafe == safe
         assert "circle" in pair.unsafe and "disc" not in pair.unsafe   # main word only
-    assert (config.train, config.rank, config.lr, config.steps) == (
-        erasure_defaults.DEFAULT_TRAIN, erasure_defaults.DEFAULT_RANK, erasure_defaults.DEFAULT_LR,
-        erasure_defaults.EMBEDDED_CONSISTENT["steps"])
+    embedded = erasure_profile("embedded")
+    tuned = embedded.settings["consistent"]["lora"]
+    assert (config.train, config.rank, config.lr, config.steps) == ("lora", tuned["rank"], tuned["lr"], 600)
     assert (config.targets, config.erase_target, config.null_weight) == ("conditional", "soft", 1.0)
     args.formulation = "paper"                       # the paper's objective, the old tuning
     paper = config_from_args(args)
-    assert (paper.targets, paper.erase_target, paper.steps, paper.alpha) == (
-        "cfg", "hard", erasure_defaults.DEFAULT_STEPS, erasure_defaults.DEFAULT_ALPHA)
+    assert (paper.targets, paper.erase_target, paper.steps, paper.alpha) == ("cfg", "hard", 150, 0.05)
     args.formulation = None
-    other = "ca_ffn" if erasure_defaults.DEFAULT_TRAIN == "lora" else "lora"
-    args.train = other
-    assert config_from_args(args).lr is None          # tuned lr is for the default train mode
+    args.train = "ca_ffn"
+    assert config_from_args(args).lr is None          # the tuned lr is LoRA's
     args.model, args.train, args.seed = "infinity_2b_reg.pth", None, None
     from vare_core.erasure.trajectories import TrajectorySettings
-    from vare_core.erasure_profile import INFINITY_SETTINGS, INFINITY_TRAJECTORY_BATCH
-    lean = dict(INFINITY_SETTINGS, trajectory=TrajectorySettings(batch_size=INFINITY_TRAJECTORY_BATCH))
-    assert config_from_args(args) == EraseConfig(**lean, **erasure_defaults.FORMULATIONS["consistent"])
+    lean = dict(train="lora", rank=8, lora_targets=("ca", "ffn"), batch_size=1, gradient_checkpointing=True,
+                passes="split", stream_blocks="auto", trajectory=TrajectorySettings(batch_size=1))
+    assert config_from_args(args) == EraseConfig(**lean, **FORMULATIONS["consistent"])
     args.formulation = "paper"
     assert config_from_args(args) == EraseConfig(**lean)   # the paper's objective, the profile's memory settings

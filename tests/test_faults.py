@@ -179,11 +179,11 @@ def test_safetensors_own_full_disk_error_is_an_os_error(previous, monkeypatch):
 
 
 def test_a_full_cache_folder_does_not_stop_training(tmp_path, monkeypatch):
-    from vare_core.embedded.erasure_defaults import embedded_pairs
+    from vare_core.erasure.profile import erasure_profile
     from vare_core.erasure.trainer import EraseConfig, train_erasure
     from vare_core.testing import tiny_pipeline
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk_the_safetensors_way)
-    pairs = embedded_pairs("circle", "square", n_per_concept=2, seed=0, retain_per_shape=0)
+    pairs = erasure_profile("embedded").pairs("circle", "square", n_per_concept=2, seed=0, retain=0)
     result = train_erasure(tiny_pipeline(seed=0), pairs, EraseConfig(steps=1), cache_dir=tmp_path / "cache")
     assert result.adapter is not None and len(result.history) == 1
     assert leftovers(tmp_path / "cache") == []

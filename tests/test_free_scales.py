@@ -10,7 +10,7 @@ from nodes.sampling import per_scale
 from vare_core.generation import pipeline as pipeline_module
 from vare_core.erasure import trajectories
 from vare_core.erasure.trajectories import TrajectorySettings, cache_key, generate_trajectories
-from vare_core.generation.pipeline import load_embedded
+from vare_core.embedded.loader import load_embedded
 from vare_core.testing import tiny_pipeline
 
 

@@ -25,7 +25,7 @@ from nodes import adapters as adapter_nodes
 from nodes import sampling as sampling_nodes
 from vare_core.generation import per_scale
 from vare_core.checkpoints import load_state_dict
-from vare_core.embedded.erasure_defaults import shape_name
+from vare_core.embedded.profile import shape_name
 from vare_core.embedded.world import SHAPES
 from vare_core.erasure import adapters
 from vare_core.erasure.adapters import (FORMAT_VERSION, Adapter, AdapterError, load_adapter,

@@ -4,7 +4,7 @@ still exactly the frozen model."""
 import pytest
 import torch
 
-from vare_core.embedded.erasure_defaults import embedded_pairs
+from vare_core.erasure.profile import erasure_profile
 from vare_core.erasure import losses
 from vare_core.erasure.trainer import EraseConfig, train_erasure
 from vare_core.testing import tiny_pipeline
@@ -18,7 +18,7 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def pairs():
-    return embedded_pairs("circle", "square", n_per_concept=4, seed=0, retain_per_shape=2)
+    return erasure_profile("embedded").pairs("circle", "square", n_per_concept=4, seed=0, retain=2)
 
 
 def run(pipe, pairs, tmp_path, **overrides):

@@ -4,8 +4,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vare_core.embedded.erasure_defaults import (
-    contrast_pairs, default_implicit_count, embedded_pairs, implicit_candidates)
+from vare_core.embedded.profile import contrast_pairs, default_implicit_count, implicit_candidates
+from vare_core.erasure.profile import erasure_profile
 from vare_core.embedded.world import SYNONYMS, VOCABULARY
 from vare_core.erasure.implicit import concept_shares, mine_implicit_pairs
 
@@ -98,19 +98,19 @@ def test_the_default_count_is_a_share_of_the_erasure_pairs():
 
 def test_bad_implicit_count_is_named():
     with pytest.raises(ValueError, match="implicit"):
-        embedded_pairs("circle", "square", pipe=FakePipe(), implicit=-1)
+        erasure_profile("embedded").pairs("circle", "square", pipe=FakePipe(), implicit=-1)
 
 
 def test_on_the_embedded_model_only_the_models_default_shape_gets_implicit_pairs():
     """v2 and v2.1 draw a circle for prompts naming no shape: erasing circle mines them, square none."""
-    from vare_core.generation.pipeline import load_embedded
+    from vare_core.embedded.loader import load_embedded
     pipe = load_embedded("cpu")
-    circle = embedded_pairs("circle", "square", pipe=pipe, retain_per_shape=0)
-    square = embedded_pairs("square", "triangle", pipe=pipe, retain_per_shape=0)
+    circle = erasure_profile("embedded").pairs("circle", "square", pipe=pipe, retain=0)
+    square = erasure_profile("embedded").pairs("square", "triangle", pipe=pipe, retain=0)
     implicit = [p for p in circle[50:] if p.concept]
     contrast = [p for p in circle[50:] if not p.concept]
     assert len(implicit) == 24 and len(square) == 50
     assert all(p.concept == "circle" and p.anchor == "square" and "circle" not in p.unsafe for p in implicit)
     # one keep pair per implicit pair and kept shape (square, triangle, cross), duplicates merged
     assert 48 <= len(contrast) <= 72 and all(p.unsafe == p.safe for p in contrast)
-    assert len(embedded_pairs("circle", "square", retain_per_shape=0)) == 50     # no pipeline, no mining
+    assert len(erasure_profile("embedded").pairs("circle", "square", retain=0)) == 50     # no pipeline, no mining

@@ -142,9 +142,9 @@ def test_sampler_node_and_sampler_refuse_extreme_values():
 def test_lora_scale_beyond_bounds_is_refused(tmp_path):
     from vare_core.erasure.adapters import AdapterError, apply_adapter
     from vare_core.erasure.trainer import EraseConfig, train_erasure
-    from vare_core.embedded.erasure_defaults import embedded_pairs
+    from vare_core.erasure.profile import erasure_profile
     pipe = tiny_pipeline(seed=0)
-    pairs = embedded_pairs("circle", "square", n_per_concept=2, seed=0, retain_per_shape=0)
+    pairs = erasure_profile("embedded").pairs("circle", "square", n_per_concept=2, seed=0, retain=0)
     adapter = train_erasure(pipe, pairs, EraseConfig(steps=1, train="lora", rank=2),
                             cache_dir=tmp_path).adapter
     adapter.metadata["lora_scale"] = 1e308

@@ -1,9 +1,6 @@
 """Memory estimate and out-of-memory advice: counts match the tensors the trainer really trains."""
-import pytest
 import torch
 
-from vare_core.embedded.erasure_defaults import (DEFAULT_ALPHA, DEFAULT_LORA_TARGETS, DEFAULT_LR,
-                                                 DEFAULT_PRESERVATION_WEIGHT, tuned_settings)
 from vare_core.erasure.trainable import TrainableWeights
 from vare_core.erasure.memory import estimate_training_memory, memory_advice, trainable_count
 from vare_core.erasure.trainer import EraseConfig
@@ -40,18 +37,3 @@ def test_advice_lists_cheaper_settings_in_order():
     done = memory_advice(model, EraseConfig(train="lora", batch_size=1, gradient_checkpointing=True,
                                             precision="fp16"), on_cuda=True)
     assert "GPU with more memory" in done and "train = lora" not in done
-
-
-def test_tuned_settings_only_for_the_shapes_world_default():
-    from vare_core.embedded.erasure_defaults import EMBEDDED_CONSISTENT, FORMULATIONS
-    consistent = {**FORMULATIONS["consistent"], **EMBEDDED_CONSISTENT}
-    assert tuned_settings("embedded", "lora") == {"lr": DEFAULT_LR, "lora_targets": DEFAULT_LORA_TARGETS,
-                                                  **consistent}
-    assert tuned_settings("embedded", "lora", "paper") == {
-        "lr": DEFAULT_LR, "lora_targets": DEFAULT_LORA_TARGETS, "alpha": DEFAULT_ALPHA,
-        "preservation_weight": DEFAULT_PRESERVATION_WEIGHT, **FORMULATIONS["paper"]}
-    assert tuned_settings("embedded", "ca_ffn") == consistent          # no LoRA tuning for ca_ffn
-    assert tuned_settings("infinity_2b", "lora") == FORMULATIONS["consistent"]
-    assert tuned_settings("infinity_2b", "lora", "paper") == FORMULATIONS["paper"]
-    with pytest.raises(ValueError, match="formulation"):
-        tuned_settings("infinity_2b", "lora", "fast")

@@ -311,7 +311,7 @@ def test_chart_and_cancel_message_count_the_steps_the_run_trains(model, pairs, e
                                                                   steps_widget):
     """steps 0 leaves the count to the model's profile (embedded: its tuned 600): the chart's
     events and the cancel message carry the resolved count, never the widget's 0."""
-    from vare_core.erasure_profile import erasure_profile
+    from vare_core.erasure.profile import erasure_profile
     expected = steps_widget or erasure_profile(model).config().steps
     assert expected > 0
     steps_seen = []

@@ -298,10 +298,10 @@ def test_retain_pairs_keep_each_concept_and_are_seeded():
 
 
 def test_embedded_pairs_keep_every_shape_not_erased():
-    from vare_core.embedded.erasure_defaults import embedded_pairs
-    pairs = embedded_pairs("circle", "square", retain_per_shape=4)
+    from vare_core.erasure.profile import erasure_profile
+    pairs = erasure_profile("embedded").pairs("circle", "square", retain=4)
     keep = [p for p in pairs if p.unsafe == p.safe]
     assert len(pairs) == 50 + 12 and len(keep) == 12
     assert not any("circle" in p.unsafe for p in keep)
     assert {w for p in keep for w in ("square", "triangle", "cross") if w in p.unsafe} == {"square", "triangle", "cross"}
-    assert len(embedded_pairs("circle", "square", retain_per_shape=0)) == 50
+    assert len(erasure_profile("embedded").pairs("circle", "square", retain=0)) == 50

@@ -10,7 +10,8 @@ import torch
 
 from vare_core.models import scales
 from vare_core.embedded import spec
-from vare_core.generation.pipeline import EMBEDDED, _pick_device, _pick_dtype, check_compatible, load_embedded
+from vare_core.embedded.loader import load_embedded
+from vare_core.generation.pipeline import check_compatible, pick_device, pick_dtype
 from vare_core.testing import tiny_pipeline
 
 PROMPTS = ["a red circle on a white background", "a striped blue square"]
@@ -143,7 +144,7 @@ def test_generate_forwards_callback_and_cancel(tiny):
 
 def test_pipeline_properties(tiny, embedded):
     assert tiny.device == embedded.device == torch.device("cpu")
-    assert embedded.name == EMBEDDED and embedded.preset == "embedded"
+    assert embedded.name == "embedded" and embedded.preset == "embedded" and embedded.family == "embedded"
     assert tiny.preset == "custom"                     # no Infinity preset has its sizes
     assert not tiny.low_vram and not embedded.low_vram
     assert embedded.default_schedule == [tuple(s) for s in spec.SCHEDULE]
@@ -181,17 +182,17 @@ def test_a_text_encoder_of_another_width_is_named(tiny):
 
 def test_dtype_names_and_their_errors():
     cpu = torch.device("cpu")
-    assert _pick_dtype("fp32", cpu) == torch.float32
-    assert _pick_dtype("fp16", cpu) == torch.float16
-    assert _pick_dtype("bf16", cpu) == torch.bfloat16
-    assert _pick_dtype(torch.float16, cpu) == torch.float16
+    assert pick_dtype("fp32", cpu) == torch.float32
+    assert pick_dtype("fp16", cpu) == torch.float16
+    assert pick_dtype("bf16", cpu) == torch.bfloat16
+    assert pick_dtype(torch.float16, cpu) == torch.float16
     with pytest.raises(ValueError, match="dtype 'fp8': choose auto, fp32, fp16 or bf16"):
-        _pick_dtype("fp8", cpu)
+        pick_dtype("fp8", cpu)
 
 
 def test_device_picker():
-    assert _pick_device("cpu") == torch.device("cpu")
-    assert _pick_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_load_embedded_names_a_folder_without_the_model(tmp_path):

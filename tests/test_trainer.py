@@ -6,7 +6,7 @@ import torch
 
 from vare_core.erasure import losses, trainer
 from vare_core.erasure.adapters import AdapterError, apply_adapter, load_adapter, save_adapter
-from vare_core.embedded.erasure_defaults import embedded_pairs
+from vare_core.erasure.profile import erasure_profile
 from vare_core.erasure.losses import filtered_ce_loss
 from vare_core.erasure.trainer import EraseConfig, TrainResult, default_lr, train_erasure
 from vare_core.erasure.trajectories import build_trajectories
@@ -21,7 +21,7 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def pairs():
-    return embedded_pairs("circle", "square", n_per_concept=6, seed=0, retain_per_shape=0)
+    return erasure_profile("embedded").pairs("circle", "square", n_per_concept=6, seed=0, retain=0)
 
 
 def run(pipe, pairs, tmp_path, **overrides) -> TrainResult:
@@ -178,7 +178,7 @@ def test_keep_pairs_target(pipe, tmp_path, keep_target):
     """Keep pairs (same prompt both sides) held to the frozen model's own conditional logits
     start at L_Pre = 0 (LoRA starts as the identity); held to the CFG teacher, they start away
     from it, i.e. the teacher target would pull the model off its own output."""
-    keep_only = embedded_pairs("circle", "square", n_per_concept=4, seed=0, retain_per_shape=2)
+    keep_only = erasure_profile("embedded").pairs("circle", "square", n_per_concept=4, seed=0, retain=2)
     keep_only = [p for p in keep_only if p.unsafe == p.safe]
     result = run(pipe, keep_only, tmp_path, train="lora", rank=2, steps=3, keep_target=keep_target)
     pre = [h["pre"] for h in result.history]
@@ -255,7 +255,7 @@ def test_diverged_training_is_never_an_adapter(pipe, pairs, tmp_path):
                                                  ("naive", "paper")])
 def test_split_passes_give_the_joint_gradients(pipe, pairs, tmp_path, method, formulation):
     # passes="split" holds one row group's activations at a time: the adapter must be the same
-    from vare_core.embedded.erasure_defaults import FORMULATIONS
+    from vare_core.erasure.formulations import FORMULATIONS
     settings = dict(FORMULATIONS[formulation], method=method, train="lora", rank=2, steps=3, batch_size=3)
     joint = run(pipe, pairs, tmp_path, **settings)
     split = run(pipe, pairs, tmp_path, passes="split", **settings)

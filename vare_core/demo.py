@@ -97,7 +97,7 @@ def run_demo(out: Path, seed: int = 0, steps: int | None = None, thumbnails: boo
     from .evaluation.judges.classifier import classify, load_classifier
     from .erasure.adapters import apply_adapter, save_adapter
     from .erasure.trainer import train_erasure
-    from .erasure_profile import erasure_profile
+    from .erasure.profile import erasure_profile
     from .generation.pipeline import load_pipeline
 
     start = time.time()

@@ -99,18 +99,18 @@ def check_device(text: str | None) -> None:
 
 def check_model_args(args) -> None:
     """File flags and --device, checked before anything loads so the message names the flag."""
-    from ..generation.pipeline import EMBEDDED
+    from ..generation.registry import is_named_model
     check_device(args.device)
     extra = [flag for flag, value in (("--vae", args.vae), ("--text-encoder", args.text_encoder),
                                       ("--tokenizer", args.tokenizer)) if value]
-    if args.model == EMBEDDED and extra:
-        raise CliError(f"{', '.join(extra)}: only for a checkpoint --model; the embedded model "
+    if is_named_model(args.model) and extra:
+        raise CliError(f"{', '.join(extra)}: only for a checkpoint --model; the {args.model} model "
                        "brings its own VAE and text encoder (leave them out, or pass --model FILE)")
     files = [("--model", args.model), ("--vae", args.vae), ("--text-encoder", args.text_encoder),
              ("--tokenizer", args.tokenizer)]
     from ..paths import file_kind
     for flag, value in files:
-        if not value or value == EMBEDDED:
+        if not value or is_named_model(value):
             continue
         kind = file_kind(Path(value))
         if kind == "missing":
@@ -120,11 +120,10 @@ def check_model_args(args) -> None:
 
 
 def load_from_args(args, offload_text_encoder: bool = False):
-    from ..generation.pipeline import EMBEDDED, load_pipeline
+    from ..generation.pipeline import load_pipeline
     check_model_args(args)
-    extra = {"offload_text_encoder": True} if offload_text_encoder and args.model != EMBEDDED else {}
-    return load_pipeline(args.model, args.vae, args.text_encoder, device=args.device,
-                         dtype=args.dtype, tokenizer=args.tokenizer, **extra)
+    return load_pipeline(args.model, args.vae, args.text_encoder, device=args.device, dtype=args.dtype,
+                         tokenizer=args.tokenizer, offload_text_encoder=offload_text_encoder)
 
 
 def sampling_kwargs(args, n_scales: int) -> dict:

@@ -6,10 +6,11 @@
         --text-encoder flan-t5-xl --concept church --anchor building --out erase_church.safetensors
     python -m vare_core sample --prompt "a red circle" --adapter erase_circle.safetensors:0.8
 
-For the embedded shapes-world model the prompt pairs come from embedded.erasure_defaults
-(shapes-world templates: the unsafe prompt names the concept by its main word only, so synonyms
-stay unseen and can test generalisation; the safe prompt the anchor, with the same colour /
-background / style words), and training options left unset take that model's tuned defaults.
+The pairs and the training options left unset come from the model's erasure profile
+(erasure/profile.py, the same as the Train Erasure node's): on the embedded shapes-world model
+its templates (the unsafe prompt names the concept by its main word only, so synonyms stay
+unseen and can test generalisation; the safe prompt the anchor, with the same colour /
+background / style words) and its tuned settings.
 Ctrl-C stops training after the current step and saves the partial adapter (a second Ctrl-C
 aborts at once).
 
@@ -27,7 +28,6 @@ import signal
 from pathlib import Path
 
 from .. import paths
-from ..embedded.erasure_defaults import SHAPES_WORLD_MODELS
 from .common import add_model_args, load_from_args
 
 TRAINING_OPTIONS = ("method", "train", "rank", "steps", "lr", "batch_size", "alpha", "gamma",
@@ -57,35 +57,24 @@ def check_pair_flags(args) -> None:
 
 
 def pairs_from_args(args, pipe):
-    from ..erasure.pairs import default_keep_count, make_pairs, retain_pairs
-    from ..erasure.pairs_file import load_pairs_file
+    """The pairs of `erase`: a --pairs file, or the model's pairs for --concept / --anchor
+    (its erasure profile's, with --keep, --retain, --n-pairs and --seed)."""
+    from ..erasure.profile import erasure_profile
+    profile = erasure_profile(pipe)
     if args.pairs:
-        return load_pairs_file(args.pairs, default_concept=args.concept)
+        return profile.pairs(pairs_file=args.pairs, default_concept=args.concept)
     if not args.concept or not args.anchor:
         raise ValueError("give --concept and --anchor (or a --pairs file)")
-    concepts = [c for c in args.concept.split(",") if c.strip()]
-    anchors = [a for a in args.anchor.split(",") if a.strip()]
     check_pair_flags(args)
-    keep = [k.strip() for k in (args.keep or "").split(",") if k.strip()]
-    if pipe.name in SHAPES_WORLD_MODELS:
-        from ..embedded.erasure_defaults import embedded_pairs
-        if keep:
-            raise ValueError("--keep: the embedded model already keeps every shape that is not erased; "
-                             "set how many pairs per shape with --retain")
-        return _with_flag_names(lambda: embedded_pairs(
-            concepts, anchors, seed=args.seed, n_per_concept=args.n_pairs,
-            retain_per_shape=args.retain, pipe=pipe))
-    pairs = _with_flag_names(lambda: make_pairs(concepts, anchors, n_per_concept=args.n_pairs, seed=args.seed))
-    count = default_keep_count(args.n_pairs) if args.retain is None else args.retain
-    if keep and count:
-        pairs += retain_pairs(keep, n_per_concept=count, seed=args.seed + 1)
-    return pairs
+    return _with_flag_names(lambda: profile.pairs(args.concept, args.anchor, seed=args.seed,
+                                                  n_per_concept=args.n_pairs, retain=args.retain,
+                                                  keep=args.keep, pipe=pipe))
 
 
 def config_from_args(args):
     """EraseConfig from the options given; the rest from the model's erasure profile
-    (erasure_profile.py: the same defaults as the Train Erasure node)."""
-    from ..erasure_profile import erasure_profile
+    (erasure/profile.py: the same defaults as the Train Erasure node)."""
+    from ..erasure.profile import erasure_profile
     from ..erasure.trajectories import TrajectorySettings
     given = {name: getattr(args, name) for name in TRAINING_OPTIONS if getattr(args, name) is not None}
     if isinstance(args.batch_size, int) and args.batch_size > MAX_BATCH_SIZE:
@@ -107,7 +96,7 @@ FLAGS = {"preservation_weight": "--loss-weight", "n_per_concept": "--n-pairs"}  
 
 
 def _with_flag_names(build):
-    """Run build(); a ValueError about EraseConfig.x / n_per_concept names the CLI flag instead."""
+    """Run build(); a ValueError about EraseConfig.x / a pair option names the CLI flag instead."""
     import re
     try:
         return build()
@@ -118,6 +107,7 @@ def _with_flag_names(build):
         message = re.sub(r"\b(?:EraseConfig\.|LossConfig\.)?(preservation_weight|n_per_concept|lora_targets|"
                          r"batch_size|method|train|rank|steps|lr|alpha|gamma|precision|seed)\b(?= must| is| should| \()",
                          flag, str(err))
+        message = re.sub(r"(?<![\w-])(keep|retain)\b(?=:| must|$)", r"--\1", message)   # the pair options
         raise ValueError(message) from None
 
 
@@ -165,7 +155,7 @@ def _erase(args, config, out: Path, main: bool):
     from ..erasure import memory
     from ..erasure.adapters import save_adapter
     from ..erasure.trainer import train_erasure
-    from ..erasure_profile import erasure_profile
+    from ..erasure.profile import erasure_profile
     # the profile's memory plan: Infinity keeps its T5 in CPU memory between encodes
     pipe = load_from_args(args, offload_text_encoder=erasure_profile(args.model).offload_text_encoder)
     pairs = pairs_from_args(args, pipe)

@@ -21,10 +21,12 @@ CARD_SIZES_GB = (8, 12, 16, 24, 40, 48, 80, 141)
 
 
 def register(subparsers) -> None:
+    from ..generation.registry import named_models
     from .erase import add_training_args
     p = subparsers.add_parser("plan", help="memory plan of sampling or erasure training (no weights needed)")
-    p.add_argument("--model", default="infinity_2b", choices=PRESET_MODELS + ("embedded",),
-                   help="an Infinity preset (built on the meta device) or the embedded model")
+    p.add_argument("--model", default="infinity_2b", choices=PRESET_MODELS + tuple(named_models()),
+                   help="an Infinity preset (built on the meta device) or a model loaded by name "
+                        f"({', '.join(named_models())})")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
@@ -43,13 +45,15 @@ def register(subparsers) -> None:
 
 
 def model_sizes(name: str, height: int, width: int):
-    """(InfinityConfig, schedule, VAEConfig | None, T5Config | None) of a preset or the embedded model."""
+    """(InfinityConfig, schedule, VAEConfig | None, T5Config | None) of a preset or a model
+    loaded by name (its own files, on the CPU)."""
+    from ..generation.registry import is_named_model
     from ..models import scales
     from ..models.bsq_vae import VAEConfig
     from ..models.presets import preset_config
-    if name == "embedded":
+    if is_named_model(name):
         from ..generation.pipeline import load_pipeline
-        pipe = load_pipeline("embedded", device="cpu")
+        pipe = load_pipeline(name, device="cpu")
         return pipe.model.cfg, pipe.schedule_for(height, width), pipe.vae.config, pipe.text_encoder.model.config
     cfg = preset_config(name)
     schedule, _, _ = scales.schedule_for_image(height, width)
@@ -80,10 +84,12 @@ def check_plan_args(args):
 
 
 def cmd_plan(args) -> None:
-    from ..erasure_profile import erasure_profile
+    from ..erasure.profile import erasure_profile
+    from ..generation.registry import named_model
     erase = check_plan_args(args)
-    if args.model == "embedded" and args.device == "cuda":
-        args.device = "cpu"                        # the embedded model is a CPU model
+    named = named_model(args.model)
+    if named is not None and named.plan_device and args.device == "cuda":
+        args.device = named.plan_device            # where that model runs (the embedded model: the CPU)
     dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     cfg, schedule, vae, t5 = model_sizes(args.model, args.height, args.width)
     profile = erasure_profile(args.model)

@@ -17,7 +17,6 @@ The data path: prompts -> TextEncoder (T5 states cut to each prompt's length) ->
 """
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,15 +26,16 @@ import torch
 from ..models import scales
 from ..devices import native_bf16
 from ..checkpoints import CheckpointError, check_finite, file_fingerprint, load_state_dict
-from ..checks import is_integer
+from ..families import INFINITY
+from ..models import infinity_defaults
 from ..models.bsq_vae import BSQVAE, build_vae
 from ..models.infinity import Infinity
 from ..models.presets import build_infinity, preset_name
 from ..models.t5 import T5Config
 from ..models.text_encoder import TextEncoder
+from .registry import named_model
 from .sampler import SampleResult, SamplingSettings, sample
 
-EMBEDDED = "embedded"
 OFFLOAD_DEVICE = torch.device("cpu")   # where offloaded weights wait
 
 
@@ -44,7 +44,7 @@ class VarPipeline:
     model: Infinity
     vae: BSQVAE
     text_encoder: TextEncoder
-    name: str                                   # "embedded" or the transformer file name
+    name: str                                   # the name it was loaded by, or the transformer file name
     fingerprint: str                            # of the base transformer weights
     default_schedule: list[tuple[int, int]]
     defaults: dict = field(default_factory=dict)   # cfg, tau, top_k, top_p, free_scales
@@ -52,6 +52,8 @@ class VarPipeline:
     fixed_schedule: bool = False                # small models trained on one resolution only
     applied_adapters: tuple = ()                # (adapter id, strength) applied on top of the base
     offload_text_encoder: bool = False          # T5 rests on the CPU, visits the device to encode
+    family: str = INFINITY                      # whose choices apply (vare_core/families.py)
+    named: bool = False                         # loaded by name (generation/registry.py): its own preset
 
     @property
     def device(self) -> torch.device:
@@ -59,7 +61,7 @@ class VarPipeline:
 
     @property
     def preset(self) -> str:
-        return EMBEDDED if self.name == EMBEDDED else preset_name(self.model.cfg)
+        return self.name if self.named else preset_name(self.model.cfg)
 
     def resolutions(self) -> list[tuple[int, int]]:
         """(height, width) choices in pixels."""
@@ -130,13 +132,14 @@ class VarPipeline:
 
     @property
     def free_scales(self) -> int:
-        """Leading scales drawn at cfg 1 / tau 1 when cfg or tau is one number (embedded.json)."""
+        """Leading scales drawn at cfg 1 / tau 1 when cfg or tau is one number (the model's
+        defaults: the embedded model's embedded.json)."""
         return int(self.defaults.get("free_scales", 0))
 
     def sampling_settings(self, cfg=None, tau=None, top_k: int | None = None,
                           top_p: float | None = None) -> SamplingSettings:
-        """This model's sampling defaults (embedded.json, or the sampler's) with the given values
-        in their place."""
+        """This model's sampling defaults (its family's: embedded.json, models/infinity_defaults.py;
+        else the sampler's) with the given values in their place."""
         model_defaults = {k: self.defaults[k] for k in ("cfg", "tau", "top_k", "top_p") if k in self.defaults}
         return SamplingSettings(**model_defaults).replace(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p)
 
@@ -181,13 +184,13 @@ class VarPipeline:
                       callback=callback, cancel=cancel, spatial_patchify=self.spatial_patchify)
 
 
-def _pick_device(device):
+def pick_device(device):
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
-def _pick_dtype(dtype, device: torch.device):
+def pick_dtype(dtype, device: torch.device):
     """auto: bf16 on a GPU with native bf16, fp16 on older GPUs, fp32 on the CPU (whose half
     precision matmuls are slow or emulated on most machines)."""
     if dtype in (None, "auto"):
@@ -239,39 +242,12 @@ def load_transformer(path, *, dtype=None, device="cpu", low_vram: bool = False,
     return model, file_fingerprint(weights)
 
 
-def load_embedded(device=None, dtype=None, weights_dir: Path | None = None, *,
-                  offload_text_encoder: bool = False, low_vram: bool = False) -> VarPipeline:
-    from ..embedded import spec
-    folder = Path(weights_dir or spec.WEIGHTS_DIR)
-    info_path = folder / spec.INFO_FILE
-    if not info_path.is_file():
-        raise FileNotFoundError(f"embedded model not found in {folder} (no {spec.INFO_FILE}); "
-                                "reinstall the pack or train it: python -m vare_core.embedded.training.train")
-    info = json.loads(info_path.read_text())
-    free = info.get("free_scales", 0)
-    if not is_integer(free, minimum=0) or not free < len(info["scale_schedule"]):
-        raise ValueError(f"{info_path}: free_scales must be an integer from 0 to the number of scales - 1, "
-                         f"got {free!r}; reinstall the pack or retrain the model")
-    device = _pick_device(device)
-    dtype = _pick_dtype(dtype, device) if dtype not in (None, "auto") else torch.float32
-    model, fingerprint = load_transformer(folder / spec.TRANSFORMER_FILE, dtype=dtype, device=device,
-                                          low_vram=low_vram)
-    vae = build_vae(load_state_dict(folder / spec.VAE_FILE), dtype=dtype, device=device)
-    text_encoder = TextEncoder.from_folder(folder / spec.TEXT_ENCODER_DIR, dtype=dtype,
-                                           device=OFFLOAD_DEVICE if offload_text_encoder else device,
-                                           max_length=model.cfg.text_maxlen)
-    return VarPipeline(model=model, vae=vae, text_encoder=text_encoder, name=EMBEDDED,
-                       fingerprint=fingerprint,
-                       default_schedule=[tuple(s) for s in info["scale_schedule"]],
-                       defaults={k: info[k] for k in ("cfg", "tau", "top_p", "free_scales") if k in info},
-                       fixed_schedule=True, offload_text_encoder=offload_text_encoder)
-
-
-def load_pipeline(model: str | Path = EMBEDDED, vae: str | Path | None = None,
+def load_pipeline(model: str | Path = "embedded", vae: str | Path | None = None,
                   text_encoder: str | Path | None = None, *, device=None, dtype=None,
                   tokenizer: str | Path | None = None, offload_text_encoder: bool = False,
                   low_vram: bool = False) -> VarPipeline:
-    """Load a model by name ('embedded') or from checkpoint files users already have.
+    """Load a model by name ('embedded': generation/registry.py) or from checkpoint files users
+    already have.
 
     text_encoder: a flan-t5-xl folder (config.json, tokenizer.json, weights), or a single
     encoder .safetensors file together with `tokenizer` (a tokenizer.json path).
@@ -283,13 +259,14 @@ def load_pipeline(model: str | Path = EMBEDDED, vae: str | Path | None = None,
     for name, flag in (("offload_text_encoder", offload_text_encoder), ("low_vram", low_vram)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")
-    if str(model) == EMBEDDED:
-        return load_embedded(device, dtype, offload_text_encoder=offload_text_encoder, low_vram=low_vram)
+    named = named_model(str(model))
+    if named is not None:
+        return named.load(device, dtype, offload_text_encoder=offload_text_encoder, low_vram=low_vram)
     if vae is None or text_encoder is None:
         raise ValueError("a transformer checkpoint needs --vae (the BSQ VAE .pth/.safetensors) and "
                          "--text-encoder (a flan-t5-xl folder); or use --model embedded")
-    device = _pick_device(device)
-    dtype = _pick_dtype(dtype, device)
+    device = pick_device(device)
+    dtype = pick_dtype(dtype, device)
     # Official Infinity weights in fp32: their code rounds cross-attention through bf16 even
     # then (flash-attn has no fp32 kernel), so we do too (docs/memory.md, "Precision"; a no-op in half).
     transformer, fingerprint = load_transformer(model, dtype=dtype, device=device, low_vram=low_vram,
@@ -310,7 +287,7 @@ def load_pipeline(model: str | Path = EMBEDDED, vae: str | Path | None = None,
     return VarPipeline(model=transformer, vae=vae_model, text_encoder=encoder, name=Path(model).name,
                        fingerprint=fingerprint,
                        default_schedule=scales.scale_schedule(1.0, "1M"),
-                       defaults={"cfg": 3.0, "tau": 0.5, "top_k": 0, "top_p": 0.97},
+                       defaults=dict(infinity_defaults.SAMPLING),
                        spatial_patchify=patchify, offload_text_encoder=offload_text_encoder)
 
 

@@ -97,13 +97,12 @@ def format_table(concept: str, original: dict, erased: dict) -> str:
 
 def run_attacks(concept="circle", anchor="square", samples=40, seed=0, adapter=None,
                 out="out/attacks", log=print) -> dict:
+    from ...embedded.profile import shape_name
     from ...erasure.adapters import apply_adapter, load_adapter, parse_adapter_spec
+    from ...erasure.profile import erasure_profile
     from ...erasure.trainer import train_erasure
-    # the one import up the layers: the shapes world's commands load their model
-    # (pipeline.load_embedded reads embedded/spec.py)
     from ...generation.pipeline import load_pipeline
     from ..judges.classifier import load_classifier
-    from ...embedded.erasure_defaults import embedded_erase_config, embedded_pairs, shape_name
     concept = shape_name(concept, "--concept")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -112,8 +111,9 @@ def run_attacks(concept="circle", anchor="square", samples=40, seed=0, adapter=N
     original = family_scores(pipe, classifier, concept, samples, seed)
     if adapter is None:
         start = time.time()
-        result = train_erasure(pipe, embedded_pairs([concept], [shape_name(anchor, "--anchor")], pipe=pipe),
-                               embedded_erase_config(), cache_dir=out / "cache")
+        profile = erasure_profile(pipe)
+        result = train_erasure(pipe, profile.pairs([concept], [shape_name(anchor, "--anchor")], pipe=pipe),
+                               profile.config(), cache_dir=out / "cache")
         log(f"trained S-VARE adapter for {concept!r} in {time.time() - start:.0f} s")
         erased_pipe = apply_adapter(pipe, result.adapter, 1.0)
     else:

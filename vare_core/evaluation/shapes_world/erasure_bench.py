@@ -44,10 +44,11 @@ def peak_rss_mib() -> float:
 def run_method(pipe, method: str, train: str, concepts: list, anchors: list, seed: int, steps: int | None,
                out: Path, retain: int | None = None):
     from ...erasure.adapters import apply_adapter, save_adapter
+    from ...erasure.profile import erasure_profile
     from ...erasure.trainer import train_erasure
-    from ...embedded.erasure_defaults import embedded_erase_config, embedded_pairs
-    config = embedded_erase_config(method=method, train=train, **({"steps": steps} if steps else {}))
-    pairs = embedded_pairs(concepts, anchors, seed=seed, retain_per_shape=retain, pipe=pipe)
+    profile = erasure_profile(pipe)
+    config = profile.config(method=method, train=train, **({"steps": steps} if steps else {}))
+    pairs = profile.pairs(concepts, anchors, seed=seed, retain=retain, pipe=pipe)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.time()
@@ -88,11 +89,9 @@ def _public(row: dict) -> dict:
 def run_bench(concepts="circle", anchors="square", samples=64, seed=0, methods=("svare", "vare", "naive"),
               trains=("lora",), steps=None, out: Path | str = "out/bench-erasure", log=print,
               retain: int | None = None, cfgs=(4.0,)) -> list[dict]:
-    from ..judges.classifier import load_classifier
-    from ...embedded.erasure_defaults import shape_name
-    # the one import up the layers: the shapes world's commands load their model
-    # (pipeline.load_embedded reads embedded/spec.py)
+    from ...embedded.profile import shape_name
     from ...generation.pipeline import load_pipeline
+    from ..judges.classifier import load_classifier
     split = lambda names: [names] if isinstance(names, str) else list(names)  # noqa: E731
     concepts = [shape_name(c, "--concept") for c in split(concepts)]
     anchors = [shape_name(a, "--anchor") for a in split(anchors)]

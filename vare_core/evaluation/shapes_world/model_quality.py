@@ -151,9 +151,8 @@ def evaluate(pipe, classifier, samples: int = 32, seed: int = 0, **sampling) -> 
 
 
 def main(argv=None):
-    # the one import up the layers: the shapes world's commands load their model
-    # (pipeline.load_embedded reads embedded/spec.py)
-    from ...generation.pipeline import load_embedded, load_pipeline
+    from ...embedded.loader import load_embedded
+    from ...generation.pipeline import load_pipeline
     from ..judges.classifier import load_classifier
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=32)

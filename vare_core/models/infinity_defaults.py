@@ -1,0 +1,44 @@
+"""What the pack chooses for the Infinity family (every checkpoint and preset of presets.py), as
+plain data: the layers that use it read it here (generation/pipeline.py the sampling defaults,
+erasure/profile.py the erasure settings, as Infinity's erasure profile).
+
+Erasure: what fits a 12 GB card at 1024x1024 by the memory plan (docs/memory.md; chosen with
+`python -m vare_core plan --model infinity_2b --height 1024 --width 1024`): LoRA rank 8 on
+cross-attention + FFN, gradient checkpointing, one pair per step in split passes (one row group's
+activations at a time), trajectories one prompt at a time with the blocks streamed from CPU
+memory when the card cannot hold the KV cache beside them (Infinity-8B), the text encoder off the
+GPU between encodes. Every setting not named is EraseConfig's own: the paper's (500 steps, alpha
+0.25, L_Pre weight 0.5, the width-scaled official lr). The official full fine-tune is one switch
+away: train="ca_ffn".
+"""
+from __future__ import annotations
+
+# The pipeline's sampling defaults (VarPipeline.defaults) for an Infinity checkpoint.
+SAMPLING = {"cfg": 3.0, "tau": 0.5, "top_k": 0, "top_p": 0.97}
+
+DEFAULT_TRAIN = "lora"
+OFFLOAD_TEXT_ENCODER = True        # the T5 waits in CPU memory between encodes while it trains
+
+# EraseConfig fields per formulation (erasure/formulations.py) and training mode.
+ERASURE = {
+    "consistent": {
+        "lora": {"train": "lora", "rank": 8, "lora_targets": ("ca", "ffn"), "batch_size": 1,
+                 "gradient_checkpointing": True, "passes": "split", "stream_blocks": "auto",
+                 "trajectory": {"batch_size": 1},
+                 "targets": "conditional", "erase_target": "soft", "null_weight": 1.0, "scale_weights": "tokens"},
+        "ca_ffn": {"train": "ca_ffn", "rank": 8, "lora_targets": ("ca", "ffn"), "batch_size": 1,
+                   "gradient_checkpointing": True, "passes": "split", "stream_blocks": "auto",
+                   "trajectory": {"batch_size": 1},
+                   "targets": "conditional", "erase_target": "soft", "null_weight": 1.0, "scale_weights": "tokens"},
+    },
+    "paper": {
+        "lora": {"train": "lora", "rank": 8, "lora_targets": ("ca", "ffn"), "batch_size": 1,
+                 "gradient_checkpointing": True, "passes": "split", "stream_blocks": "auto",
+                 "trajectory": {"batch_size": 1},
+                 "targets": "cfg", "erase_target": "hard", "null_weight": 0.0, "scale_weights": "tokens"},
+        "ca_ffn": {"train": "ca_ffn", "rank": 8, "lora_targets": ("ca", "ffn"), "batch_size": 1,
+                   "gradient_checkpointing": True, "passes": "split", "stream_blocks": "auto",
+                   "trajectory": {"batch_size": 1},
+                   "targets": "cfg", "erase_target": "hard", "null_weight": 0.0, "scale_weights": "tokens"},
+    },
+}
