@@ -3,11 +3,11 @@
     python bench/erasure_seeds.py --pairs all --seeds 0,1 --cfgs 1,2,4,6 --samples 64
     python bench/erasure_seeds.py --pairs circle:square,square:triangle --seeds 0,1 --set steps=200
 
-Trains the S-VARE adapter (embedded defaults, optionally overridden with --set key=value, keys of
-EraseConfig) once per pair and training seed, scores it with evaluation/shapes_world/fidelity.py at every cfg
-(the original model at the same prompts, seed and cfg is the reference), and prints one JSON
-line per (pair, seed, cfg), then markdown tables: the mean over pairs and seeds per cfg, and per
-pair at each cfg. `--pairs all` is every ordered pair of the four shapes (12). A setting is
+Trains the S-VARE adapter (the embedded model's profile, optionally overridden with --set
+key=value, keys of EraseConfig) once per pair and training seed, scores it with
+evaluation/shapes_world/fidelity.py at every cfg (the original model at the same prompts, seed
+and cfg is the reference), and prints one JSON line per (pair, seed, cfg), then markdown
+tables: the mean over pairs and seeds per cfg, and per pair at each cfg. `--pairs all` is every ordered pair of the four shapes (12). A setting is
 compared by its mean over pairs and seeds, never by one run.
 """
 from __future__ import annotations

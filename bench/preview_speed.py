@@ -1,4 +1,5 @@
-"""Per-scale previews: a full VAE decode vs the preview decode at the shown size (generation/preview.py).
+"""Per-scale previews: a full VAE decode vs the preview decode at the shown size
+(generation/preview.py).
 
     python bench/preview_speed.py                        # d32 VAE (Infinity-2B's), 1024², CPU
     python bench/preview_speed.py --device cuda          # the same on a GPU (bench/gpu_check.sh)

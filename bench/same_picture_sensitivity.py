@@ -3,8 +3,8 @@ model's own images when every raw logit gets a small Gaussian nudge.
 
     python bench/same_picture_sensitivity.py --cfg 4 --samples 32 --sigmas 0.003,0.01,0.03,0.1
 
-The "others" prompt set of the fidelity benchmark (evaluation/shapes_world/fidelity.py, the shapes other than
---concept) is sampled at the same seeds with and without noise of standard deviation sigma on
+The "others" prompt set of the fidelity benchmark (evaluation/shapes_world/fidelity.py, the
+shapes other than --concept) is sampled at the same seeds with and without noise of standard deviation sigma on
 the transformer's raw logits (before tau and guidance); a picture is the same when the mean
 absolute pixel difference is under fidelity.SAME_PICTURE.
 """

@@ -137,7 +137,7 @@ def run_row(preset: str, schedule, device: str, train: str, precision: str, chec
         if info["step"] == 1:   # warm-up done: measure from here
             reset_peak(device)
 
-    config = EraseConfig(method="svare", train=train, precision=precision, steps=steps + 1,
+    config = EraseConfig(method="svare", train=train, rank=4, precision=precision, steps=steps + 1,
                          batch_size=batch, gradient_checkpointing=checkpointing,
                          trajectory=TrajectorySettings(batch_size=len(pairs)))
     train_erasure(pipe, pairs, config, callback=on_step, cache_dir=cache_dir)

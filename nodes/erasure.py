@@ -1,7 +1,8 @@
 """Prompt Pairs and Train Erasure (S-VARE): concepts -> pairs -> adapter + loss history.
 
-Training reports one progress step per training step (after a first phase that samples the
-safe prompts' trajectories) and sends `vare.train` events that web/vare.js draws as a live loss
+Training runs as a TrainingSession (vare_core/erasure/session.py, the same as `erase`: memory
+check, out-of-memory advice). It reports one progress step per training step (after a first
+phase that samples the safe prompts' trajectories) and sends `vare.train` events that web/vare.js draws as a live loss
 chart on the node: {node, phase: start | trajectories | train | done | cancelled, steps, smoothing,
 ...}. `steps` is the number of steps the run trains (the resolved EraseConfig's: the widget's 0
 means the model's profile decides), `smoothing` the factor of the chart's smoothed loss curve
@@ -14,25 +15,20 @@ normally instead would make ComfyUI cache it as if training had finished.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
 from dataclasses import replace
 from datetime import datetime
 
-import torch
-
 from vare_core import paths
 from vare_core.erasure.adapters import save_adapter
-from vare_core.erasure.trainable import TRAIN_MODES
-from vare_core.erasure.losses import METHODS
-from vare_core.erasure.memory import memory_advice
+from vare_core.erasure.choices import Formulation, LoraTarget, Method, Passes, Precision, TrainMode, choices
+from vare_core.erasure.pairs import PAIRS_PER_CONCEPT
 from vare_core.erasure.pairs_file import pairs_to_text, parse_pairs_text
-from vare_core.erasure.plan import check_fits
-from vare_core.erasure.trainer import PRECISIONS, EraseConfig, train_erasure
-from vare_core.erasure.profile import erasure_profile, name_list
-from vare_core.models import rope
+from vare_core.erasure.profile import erasure_profile, name_list, profile_defaults
+from vare_core.erasure.session import TrainingSession, TrainStepProgress, TrajectoriesProgress
+from vare_core.erasure.trainer import OFFICIAL_LR, EraseConfig
 
 from . import drawing, host
 from .compat import CATEGORY, VareAdapter, VareLossHistory, VareModel, VarePairs, io, node_id
@@ -66,7 +62,7 @@ class PromptPairs(io.ComfyNode):
                                 tooltip="what to erase; several: comma separated (church, van gogh painting)"),
                 io.String.Input("anchors", default="square",
                                 tooltip="what to draw instead: one for all concepts, or one per concept"),
-                io.Int.Input("pairs_per_concept", default=50, min=1, max=1000,
+                io.Int.Input("pairs_per_concept", default=PAIRS_PER_CONCEPT, min=1, max=1000,
                              tooltip="generated pairs per concept"),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,
                              tooltip="which templates and attributes are drawn"),
@@ -124,13 +120,6 @@ def training_config(pipe, *, method, train, rank, steps, learning_rate, alpha, g
     return config
 
 
-def out_of_memory_message(pipe, config: EraseConfig, step: int) -> str:
-    where = "while sampling the trajectories" if step == 0 else f"at step {step}"
-    kind = "GPU" if pipe.device.type == "cuda" else str(pipe.device.type).upper()
-    return (f"out of {kind} memory {where} ({host.memory_summary(pipe.device)}); "
-            + memory_advice(pipe.model, config, on_cuda=pipe.device.type == "cuda"))
-
-
 def save_partial(adapter, history: LossHistory, config: EraseConfig) -> str:
     """The partial adapter of a cancelled run, under a generated name that always fits (long
     inferred concept names are shortened with a hash) and stays inside models/vare/partial."""
@@ -153,41 +142,47 @@ def finite(value):
 
 
 class _Reporter:
-    """Trainer callback -> progress bar + throttled vare.train events with the new loss points.
-    `config` is the resolved EraseConfig: its steps are the chart's step total."""
+    """The session's progress events -> progress bar + throttled vare.train events with the new
+    loss points. `config` is the resolved EraseConfig: its steps are the chart's step total."""
 
     def __init__(self, node, config: EraseConfig):
         self.node, self.steps, self.method = node, config.steps, config.method
         self.smoothing = drawing.smoothing(config.steps)
-        self.points, self.last_sent, self.last_step = [], 0.0, 0
+        self.points, self.last_sent = [], 0.0
 
     def send(self, phase: str, **data):
         host.send_event(EVENT, {"node": self.node, "phase": phase, "steps": self.steps,
                                 "method": self.method, "smoothing": self.smoothing, **data})
 
-    def __call__(self, info: dict):
+    def __call__(self, event: TrajectoriesProgress | TrainStepProgress):
         if host.interrupted():              # the progress hook would raise and lose the adapter
             return
-        if info["phase"] == "trajectories":
-            host.report_progress(self.node, info["done"], info["total"])
-            self.send("trajectories", done=info["done"], total=info["total"])
+        if isinstance(event, TrajectoriesProgress):
+            host.report_progress(self.node, event.done, event.total)
+            self.send("trajectories", done=event.done, total=event.total)
             return
-        self.last_step = info["step"]
-        host.report_progress(self.node, info["step"], info["steps"])
-        self.points.append([info["step"], finite(info["loss"])])
+        host.report_progress(self.node, event.step, event.steps)
+        self.points.append([event.step, finite(event.loss)])
         now = time.monotonic()
-        if now - self.last_sent < EVENT_INTERVAL_S and info["step"] < info["steps"]:
+        if now - self.last_sent < EVENT_INTERVAL_S and event.step < event.steps:
             return
         self.last_sent = now
-        per_step = info["seconds"] / info["step"]
-        terms = {k: finite(info[k]) for k in ("fce", "pre", "vare", "naive_ce", "selected_fraction") if k in info}
-        self.send("train", step=info["step"], loss=finite(info["loss"]), terms=terms, points=self.points,
-                  seconds=info["seconds"], eta=per_step * (info["steps"] - info["step"]),
-                  skipped=info["skipped_steps"])
+        terms = {k: finite(v) for k, v in event.terms.items()}
+        if event.selected_fraction is not None:
+            terms["selected_fraction"] = finite(event.selected_fraction)
+        self.send("train", step=event.step, loss=finite(event.loss), terms=terms, points=self.points,
+                  seconds=event.seconds, eta=event.eta, skipped=event.skipped_steps)
         self.points = []
 
 
-LORA_TARGET_CHOICES = ("auto", "ca", "ca,ffn", "kv", "ca,ffn,sa")
+# the combinations offered (erasure/choices.py LoraTarget lists the layers)
+LORA_TARGET_CHOICES = (AUTO, "ca", "ca,ffn", "kv", "ca,ffn,sa")
+assert all(set(c.split(",")) <= set(choices(LoraTarget)) for c in LORA_TARGET_CHOICES[1:])
+
+
+def profile_tooltip(setting, unset: str, **show) -> str:
+    """'0 = the profile's (embedded 600, Infinity 500)': the models' own values, from their profiles."""
+    return f"{unset} = the profile's ({profile_defaults(setting, **show)})"
 
 
 class TrainErasure(io.ComfyNode):
@@ -203,54 +198,57 @@ class TrainErasure(io.ComfyNode):
             inputs=[
                 VareModel.Input("model", tooltip="the model to erase from (on the GPU when ComfyUI has one)"),
                 VarePairs.Input("pairs", tooltip="from Erasure Prompt Pairs"),
-                io.Combo.Input("method", options=list(METHODS), default="svare",
+                io.Combo.Input("method", options=list(choices(Method)), default="svare",
                                tooltip="svare: the paper's method; vare: match the anchor's logits on "
                                        "every token; naive: plain cross-entropy on every token"),
-                io.Combo.Input("train", options=[AUTO] + list(TRAIN_MODES), default=AUTO,
-                               tooltip="auto: the model's profile (LoRA; Infinity: on cross-attention + "
-                                       "FFN, fits a 12 GB card at 1024px; embedded: cross-attention). "
-                                       "ca_ffn: the official full fine-tune of those weights (30 GB+); "
-                                       "lora: low-rank factors"),
-                io.Int.Input("rank", default=0, min=0, max=256, tooltip="LoRA rank (train = lora); 0 = the profile's (8)"),
+                io.Combo.Input("train", options=[AUTO, *choices(TrainMode)], default=AUTO,
+                               tooltip=f"auto: the model's profile ({profile_defaults('train')}: low-rank "
+                                       "factors on the layers of lora_targets). ca_ffn: the official full "
+                                       "fine-tune of cross-attention + FFN (30 GB+ on Infinity); lora: "
+                                       "low-rank factors"),
+                io.Int.Input("rank", default=0, min=0, max=256,
+                             tooltip=f"LoRA rank (train = lora); {profile_tooltip('rank', '0')}"),
                 io.Int.Input("steps", default=0, min=0, max=100000,
-                             tooltip="training steps; 0 = the profile's (embedded 600, Infinity 500)"),
+                             tooltip=f"training steps; {profile_tooltip('steps', '0')}"),
                 io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=1e-6, round=1e-8,
-                               tooltip="0 = the default: for the embedded model with LoRA the tuned 2e-3, "
-                                       "else the official 2.34e-5 scaled to the model width (x10 for LoRA)"),
+                               tooltip=profile_tooltip("lr", "0", show=lambda lr: (
+                                   f"the official {OFFICIAL_LR:g} scaled to the model width, x10 for LoRA"
+                                   .replace("e-0", "e-") if lr is None else f"{lr:g}"))),
                 io.Float.Input("alpha", default=-1.0, min=-1.0, max=1.0, step=0.01,
                                tooltip="a token is trained when at least this fraction of its bits is wrong; "
-                                       "-1 = the profile's (Infinity: the paper's 0.25; embedded: 0)"),
+                                       + profile_tooltip("alpha", "-1") + "; the paper's is 0.25"),
                 io.Float.Input("gamma", default=0.0, min=0.0, max=10.0, step=0.001, round=1e-6,
                                tooltip="a bit counts as wrong when its cross-entropy exceeds gamma; 0 = ln 2"),
                 io.Float.Input("loss_weight", default=-1.0, min=-1.0, max=100.0, step=0.05,
-                               tooltip="weight of the preservation loss (svare); -1 = the profile's "
-                                       "(Infinity: the paper's 0.5; embedded: 2.0)"),
+                               tooltip="weight of the preservation loss (svare); "
+                                       + profile_tooltip("preservation_weight", "-1") + "; the paper's is 0.5"),
                 io.Int.Input("batch_size", default=0, min=0, max=64,
-                             tooltip="pairs per step; 0 = the profile's (Infinity 1, embedded 8)"),
-                io.Combo.Input("precision", options=list(PRECISIONS), default="auto",
+                             tooltip=f"pairs per step; {profile_tooltip('batch_size', '0')}"),
+                io.Combo.Input("precision", options=list(choices(Precision)), default="auto",
                                tooltip="auto: the model's dtype (fp16 with loss scaling); an fp32 model "
                                        "trains in bf16 on GPUs that have it natively, fp16 with loss "
                                        "scaling on older GPUs, fp32 on CPU. Trained weights are fp32 "
                                        "masters in every case"),
                 io.Boolean.Input("gradient_checkpointing", default=False,
                                  tooltip="recompute activations in the backward pass: much less memory, "
-                                         "~30% slower (always on for Infinity models: their profile)"),
-                io.Int.Input("seed", default=42, min=0, max=2**31 - 1, control_after_generate=True,
+                                         "~30% slower; on turns it on, off leaves it to the profile ("
+                                         + profile_defaults("gradient_checkpointing") + ")"),
+                io.Int.Input("seed", default=EraseConfig.seed, min=0, max=2**31 - 1, control_after_generate=True,
                              tooltip="order of the pairs and LoRA initialisation"),
                 io.Combo.Input("lora_targets", options=list(LORA_TARGET_CHOICES), default="auto", optional=True,
-                               tooltip="layers that get LoRA factors (train = lora). auto: the model's tuned "
-                                       "choice (embedded: ca; others: ca,ffn). ca: cross-attention only, "
+                               tooltip="layers that get LoRA factors (train = lora). auto: the model's profile ("
+                                       + profile_defaults("lora_targets") + "). ca: cross-attention only, "
                                        "the most surgical, erases the word; ca,ffn: also the FFN, erases the "
                                        "picture and resists rewording; kv: cross-attention K/V only"),
-                io.Combo.Input("formulation", options=["auto", "consistent", "paper"], default="auto", optional=True,
+                io.Combo.Input("formulation", options=[AUTO, *choices(Formulation)], default="auto", optional=True,
                                tooltip="how training meets classifier-free guidance. auto = consistent: the "
                                        "prompt's own branch is trained toward the frozen model's conditional "
                                        "output and the null branch is held, so images stay clean at every cfg. "
                                        "paper: the S-VARE paper's objective (CFG-guided targets)"),
-                io.Combo.Input("passes", options=[AUTO, "joint", "split"], default=AUTO, optional=True,
+                io.Combo.Input("passes", options=[AUTO, *choices(Passes)], default=AUTO, optional=True,
                                tooltip="split: one row group (erased, safe, null prompts) per backward pass: "
                                        "a third of the activations, the same gradients, ~25% slower. "
-                                       "auto: the profile's (Infinity split, embedded joint)"),
+                                       f"auto: the profile's ({profile_defaults('passes')})"),
             ],
             outputs=[VareAdapter.Output(display_name="adapter"),
                      VareLossHistory.Output(display_name="loss_history")],
@@ -278,33 +276,16 @@ class TrainErasure(io.ComfyNode):
                                  gradient_checkpointing=gradient_checkpointing, seed=seed,
                                  lora_targets=lora_targets, formulation=formulation, passes=passes)
         concepts = sorted({p.concept for p in pairs if p.concept})
+        session = TrainingSession(pipe, pairs, config)
         reporter = _Reporter(node, config)
         host.free_accelerator_memory()      # ComfyUI's other models out, ...
         host.use_models(pipe)               # ... this one (back) in
-        # ComfyUI runs nodes under torch.inference_mode(); training needs autograd back, and
-        # RoPE tables cached while sampling in inference mode cannot enter autograd: drop them.
-        rope.clear_cache()
-        if pipe.device.type == "cuda":     # the plan first: a run that cannot fit never starts
-            free, _ = torch.cuda.mem_get_info(pipe.device)
-            with torch.inference_mode(False):
-                plan = check_fits(pipe, config, len(pairs), free + torch.cuda.memory_allocated(pipe.device),
-                                  erasure_profile(pipe).offload_text_encoder)
+        plan = session.check_memory()       # on a GPU: a run that cannot fit never starts
+        if plan is not None:
             host.log.info("VARE erasure memory plan:\n%s", plan.table())
         reporter.send("start", concepts=concepts)
-        out_of_memory = False
-        try:
-            # the profile's memory plan: Infinity's T5 waits in CPU memory while it trains
-            parked = pipe.text_encoder_offloaded() if erasure_profile(pipe).offload_text_encoder \
-                else contextlib.nullcontext()
-            with torch.inference_mode(False), torch.enable_grad(), parked:
-                result = train_erasure(pipe, pairs, config, callback=reporter, cancel=host.interrupted)
-        except Exception as err:
-            if not host.is_out_of_memory(err):
-                raise
-            out_of_memory = True    # freed below: inside `except` the traceback keeps the training state
-        if out_of_memory:
-            host.free_accelerator_memory()
-            raise MemoryError(out_of_memory_message(pipe, config, reporter.last_step))
+        result = session.train(progress=reporter, cancel=host.interrupted,
+                               release_memory=host.free_accelerator_memory)
         history = LossHistory(steps=result.history, method=method, concepts=concepts,
                               cancelled=result.cancelled)
         if result.cancelled:

@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 from vare_core import paths
-from vare_core.erasure import memory
 from vare_core.generation.preview import SHOWN_SIDE
 
 log = logging.getLogger("vare")
@@ -266,14 +265,6 @@ def free_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def memory_summary(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "CPU memory"
-    free, total = torch.cuda.mem_get_info(device)
-    return f"{free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB on {torch.cuda.get_device_name(device)}"
-
-
-is_out_of_memory = memory.is_out_of_memory
 
 TRIM_DELAY = 2.0            # seconds after the last big object died (its memory is freed after it)
 _trim_lock = threading.Lock()

@@ -11,13 +11,14 @@ Which file goes where (ComfyUI's model folders):
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import torch
 
-from vare_core.generation import budget
 from vare_core import paths
 from vare_core.checkpoints import sniff_format
-from vare_core.generation.pipeline import load_pipeline
+from vare_core.generation import budget
+from vare_core.generation.pipeline import ModelDtype, load_pipeline
 from vare_core.generation.registry import is_named_model, named_models
 
 from . import host
@@ -25,7 +26,7 @@ from .compat import CATEGORY, VareConditioning, VareModel, io
 from .types import VareConditioning as Conditioning
 
 TRANSFORMER_FOLDERS = ("diffusion_models", "checkpoints")
-DTYPES = ("auto", "fp16", "bf16", "fp32")
+DTYPES = get_args(ModelDtype)
 
 
 # The models loaded by name (the embedded model) come first; beside one, the VAE and text encoder

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import re
 
+from vare_core.devices import is_out_of_memory, memory_summary
 from vare_core.generation import budget
 from vare_core.generation.per_scale import check_setting_range, parse_setting, per_scale_values
-from vare_core.models import scales
 from vare_core.generation.preview import decode_preview
 from vare_core.generation.sampler import SamplingCancelled
+from vare_core.models import scales
 
 from . import host
 from .compat import CATEGORY, VareConditioning, VareModel, io, node_id
@@ -182,13 +183,13 @@ class Sampler(io.ComfyNode):
         except SamplingCancelled:
             host.raise_interrupted()
         except Exception as err:
-            if not host.is_out_of_memory(err):
+            if not is_out_of_memory(err):
                 raise
             out_of_memory = True    # freed below: inside `except` the traceback keeps the KV caches
         if out_of_memory:
             host.free_accelerator_memory()
             raise MemoryError(f"out of memory sampling {count} images at "
-                              f"{resolution} ({host.memory_summary(pipe.device)}); lower batch_size or "
+                              f"{resolution} ({memory_summary(pipe.device)}); lower batch_size or "
                               "the resolution, or load the model in fp16/bf16")
         images = result.images.float().cpu()
         del result

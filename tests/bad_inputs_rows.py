@@ -358,7 +358,7 @@ ROWS = [
          lambda ctx: ctx.raises(lambda: sample_node(ctx, resolution="1024x1024 (h/w 1, 1M)"))),
     node("VAR Sampler: conditioning", "encoded by another model", "encoded by another model's text encoder",
          lambda ctx: ctx.raises(lambda: sample_node(ctx, conditioning=encode(tiny_pipeline())))),
-    node("Load VAR Model: dtype", "fp8", "dtype 'fp8': choose one of auto, fp16, bf16, fp32",
+    node("Load VAR Model: dtype", "fp8", "dtype 'fp8': choose one of auto, fp32, fp16, bf16",
          lambda ctx: validated(loaders.LoadModel.validate_inputs("embedded", "embedded", "embedded", "fp8"))),
     node("Load VAR Model: vae", "embedded with a checkpoint", "needs its own vae",
          lambda ctx: validated(loaders.LoadModel.validate_inputs("tiny.safetensors", "embedded", "t5_128/", "auto"))),

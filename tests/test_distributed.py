@@ -32,7 +32,7 @@ STEPS, N_PAIRS, SEED = 3, 8, 42
 LAUNCHER = '''
 import json, os, sys
 import vare_core.erasure.adapters as adapters
-import vare_core.erasure.trainer as trainer
+import vare_core.erasure.session as session
 import vare_core.erasure.trajectories as trajectories
 from vare_core import cli
 
@@ -48,7 +48,7 @@ def spy(module, name, record):
 
 spy(trajectories, "generate_trajectories", lambda a, r: events.update(sampled=events["sampled"] + 1))
 spy(adapters, "save_adapter", lambda a, r: events["saved"].append(str(a[1])))
-spy(trainer, "train_erasure", lambda a, r: events.update(history=r.history))
+spy(session, "train_erasure", lambda a, r: events.update(history=r.history))   # as `erase` runs it
 if os.environ.get("INTERRUPT_AT"):       # "rank:step": Ctrl-C reaches that rank during that step
     rank, step = map(int, os.environ["INTERRUPT_AT"].split(":"))
     if rank == int(os.environ["RANK"]):

@@ -105,7 +105,7 @@ def test_bench_erasure_is_registered():
     assert args.samples == 8 and args.methods == "svare,naive" and callable(args.func)
 
 
-def test_embedded_pairs_and_defaults(tiny, tmp_path, capsys):
+def test_shapes_world_pairs_and_defaults(tiny, tmp_path, capsys):
     """Shapes-world models: pairs from their profile (main word, shared attributes) and the
     tuned settings for every option not given."""
     args = main_cli.build_parser().parse_args(

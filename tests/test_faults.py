@@ -84,17 +84,17 @@ def test_successful_save_replaces_the_file_completely(previous):
 
 def test_erase_cli_out_of_memory_names_the_settings_that_fit(tmp_path, monkeypatch, capsys):
     from vare_core import cli
-    from vare_core.erasure import trainer
+    from vare_core.erasure import session        # the training session runs the trainer
 
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    monkeypatch.setattr(trainer, "train_erasure", out_of_memory)
+    monkeypatch.setattr(session, "train_erasure", out_of_memory)
     out = tmp_path / "erase.safetensors"
     code = cli.main(["erase", "--model", "embedded", "--concept", "circle", "--anchor", "square",
                      "--train", "ca_ffn", "--batch-size", "4", "--out", str(out)])
     message = capsys.readouterr().err
     assert code == 2 and not out.exists()
-    assert "out of memory" in message
+    assert "out of CPU memory while sampling the trajectories" in message
     for tip in ("train = lora", "gradient_checkpointing on", "batch_size 2"):
         assert tip in message
 
@@ -204,9 +204,9 @@ def test_a_stop_before_the_first_step_leaves_the_adapter_at_out(previous, monkey
     import hashlib
 
     from vare_core import cli
-    from vare_core.erasure import trainer
+    from vare_core.erasure import session, trainer
     before = hashlib.sha256(previous.read_bytes()).hexdigest()
-    monkeypatch.setattr(trainer, "train_erasure",
+    monkeypatch.setattr(session, "train_erasure",
                         lambda *a, **k: trainer.TrainResult(adapter=None, history=[], cancelled=True))
     code = cli.main(["erase", "--model", "embedded", "--concept", "circle", "--anchor", "square",
                      "--out", str(previous)])

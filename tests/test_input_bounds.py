@@ -154,7 +154,7 @@ def test_lora_scale_beyond_bounds_is_refused(tmp_path):
 
 def test_cpu_out_of_memory_is_recognised_and_reported(tmp_path, capsys, monkeypatch):
     from vare_core import cli
-    from vare_core.erasure.memory import is_out_of_memory
+    from vare_core.devices import is_out_of_memory
     error = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
                          "you tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")
     assert is_out_of_memory(error) and not is_out_of_memory(RuntimeError("shape mismatch"))

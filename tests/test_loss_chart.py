@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from nodes import drawing, erasure, host
+from vare_core.erasure.session import progress_event
 from vare_core.erasure.trainer import EraseConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,8 +75,9 @@ def reporter_events(monkeypatch, steps: int, losses: list) -> list[dict]:
     reporter = erasure._Reporter("7", EraseConfig(method="svare", steps=steps))
     reporter.send("start", concepts=["circle"])
     for step, loss in enumerate(losses, 1):
-        reporter({"phase": "train", "step": step, "steps": steps, "loss": math.nan if loss is None else loss,
-                  "fce": 0.5, "pre": 0.01, "seconds": 0.1 * step, "skipped_steps": 0})
+        reporter(progress_event({"phase": "train", "step": step, "steps": steps,
+                                  "loss": math.nan if loss is None else loss, "fce": 0.5, "pre": 0.01,
+                                  "seconds": 0.1 * step, "skipped_steps": 0}))
     return sent
 
 

@@ -17,7 +17,9 @@ import nodes
 from nodes import adapters, drawing, erasure, evaluation, host, loaders, sampling
 from nodes.compat import io
 from nodes.types import LossHistory, VareConditioning
+from vare_core.erasure import session
 from vare_core.erasure.adapters import Adapter, load_adapter
+from vare_core.erasure.session import TrainStepProgress
 from vare_core.generation.pipeline import VarPipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -289,10 +291,10 @@ def test_cancel_saves_the_partial_adapter_and_ends_interrupted(model, pairs, eve
     steps_seen = []
     original = erasure._Reporter.__call__
 
-    def reporter(self, info):
-        original(self, info)
-        if info["phase"] == "train":
-            steps_seen.append(info["step"])
+    def reporter(self, event):
+        original(self, event)
+        if isinstance(event, TrainStepProgress):
+            steps_seen.append(event.step)
     monkeypatch.setattr(erasure._Reporter, "__call__", reporter)
     monkeypatch.setattr(host, "interrupted", lambda: len(steps_seen) >= 2)
     with pytest.raises(host.Interrupted):
@@ -317,10 +319,10 @@ def test_chart_and_cancel_message_count_the_steps_the_run_trains(model, pairs, e
     steps_seen = []
     original = erasure._Reporter.__call__
 
-    def reporter(self, info):
-        original(self, info)
-        if info["phase"] == "train":
-            steps_seen.append(info["step"])
+    def reporter(self, event):
+        original(self, event)
+        if isinstance(event, TrainStepProgress):
+            steps_seen.append(event.step)
     monkeypatch.setattr(erasure._Reporter, "__call__", reporter)
     monkeypatch.setattr(host, "interrupted", lambda: len(steps_seen) >= 2)
     with caplog.at_level("WARNING", logger="vare"), pytest.raises(host.Interrupted):
@@ -343,7 +345,7 @@ def test_out_of_memory_names_the_settings_to_change(model, pairs, monkeypatch):
         state_ref.append(weakref.ref(training_state))
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     state_ref = []
-    monkeypatch.setattr(erasure, "train_erasure", fail)
+    monkeypatch.setattr(session, "train_erasure", fail)
     monkeypatch.setattr(host, "free_accelerator_memory",
                         lambda: alive_when_freed.append(bool(state_ref) and state_ref[-1]() is not None))
     with pytest.raises(MemoryError, match="train = lora.*gradient_checkpointing on.*batch_size 1"):
@@ -501,7 +503,7 @@ def test_train_node_refuses_a_run_the_plan_says_does_not_fit(model, pairs, monke
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 * 2**20, 8 * 2**30))
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
     trained = []
-    monkeypatch.setattr(erasure, "train_erasure", lambda *a, **k: trained.append(1))
+    monkeypatch.setattr(session, "train_erasure", lambda *a, **k: trained.append(1))
     with pytest.raises(ValueError, match=r"this erasure needs about .* GiB at its peak .* is free"):
         train(model, pairs, train="ca_ffn", batch_size=2)
     assert not trained

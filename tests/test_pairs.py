@@ -297,7 +297,7 @@ def test_retain_pairs_keep_each_concept_and_are_seeded():
         retain_pairs("square", n_per_concept=0)
 
 
-def test_embedded_pairs_keep_every_shape_not_erased():
+def test_the_shapes_world_keeps_every_shape_not_erased():
     from vare_core.erasure.profile import erasure_profile
     pairs = erasure_profile("embedded").pairs("circle", "square", retain=4)
     keep = [p for p in pairs if p.unsafe == p.safe]

@@ -1,6 +1,6 @@
-"""vare_core.generation.pipeline: VarPipeline (schedule_for, resolutions, free_scales / laid_out, generate
-and generate_encoded with the model's defaults), check_compatible, the dtype / device pickers and
-load_embedded's own errors. On the tiny random pipeline and the shipped embedded model (CPU)."""
+"""vare_core.generation.pipeline: VarPipeline (schedule_for, resolutions, free_scales / laid_out,
+generate and generate_encoded with the model's defaults), check_compatible and the dtype / device
+pickers. On the tiny random pipeline and the shipped embedded model (CPU)."""
 import dataclasses
 import json
 from types import SimpleNamespace
@@ -178,7 +178,7 @@ def test_a_text_encoder_of_another_width_is_named(tiny):
         check_compatible(tiny.model, tiny.vae, encoder, "m.pth", "v.pth", "t5")
 
 
-# ----------------------------------------------------------------------------- pickers, loading
+# ----------------------------------------------------------------------------- pickers
 
 def test_dtype_names_and_their_errors():
     cpu = torch.device("cpu")
@@ -194,7 +194,3 @@ def test_device_picker():
     assert pick_device("cpu") == torch.device("cpu")
     assert pick_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
 
-
-def test_load_embedded_names_a_folder_without_the_model(tmp_path):
-    with pytest.raises(FileNotFoundError, match=f"embedded model not found in {tmp_path}.*{spec.INFO_FILE}"):
-        load_embedded("cpu", weights_dir=tmp_path)

@@ -133,3 +133,51 @@ def test_the_node_and_the_cli_build_the_same_pairs():
     args = cli_args("embedded", "--n-pairs", "6", "--seed", "3")
     assert pairs_from_args(args, pipe) == node == erasure_profile(pipe).pairs("circle", "square", n_per_concept=6,
                                                                                seed=3, pipe=pipe)
+
+
+def test_erase_configs_own_defaults_are_the_papers_setting():
+    """EraseConfig() is the S-VARE paper's published setting on Infinity; Infinity's profile asks for
+    the same run in its paper formulation, adding only the settings that save memory."""
+    import dataclasses
+
+    from vare_core.erasure.trainer import EraseConfig
+    memory_savers = {"gradient_checkpointing", "passes", "batch_size", "trajectory", "stream_blocks"}
+    paper = erasure_profile("infinity").config("paper", train="ca_ffn")
+    differ = {f.name for f in dataclasses.fields(EraseConfig) if getattr(paper, f.name) != getattr(EraseConfig(), f.name)}
+    assert differ == memory_savers
+    default = EraseConfig()
+    assert (default.train, default.alpha, default.preservation_weight, default.steps, default.targets,
+            default.erase_target, default.null_weight) == ("ca_ffn", 0.25, 0.5, 500, "cfg", "hard", 0.0)
+
+
+def test_help_texts_and_tooltips_name_the_profiles_values():
+    import io
+    from contextlib import redirect_stdout
+
+    from vare_core.erasure.profile import profile_defaults
+    assert profile_defaults("steps") == "embedded 600, Infinity 500" and profile_defaults("rank") == "8"
+    text = io.StringIO()
+    with redirect_stdout(text), pytest.raises(SystemExit):
+        main_cli.main(["erase", "--help"])
+    help_text = " ".join(text.getvalue().split())
+    tooltips = {i.id: i.tooltip for i in erasure_nodes.TrainErasure.GET_SCHEMA().inputs}
+    for field, widget in (("steps", "steps"), ("alpha", "alpha"), ("batch_size", "batch_size"),
+                          ("preservation_weight", "loss_weight"), ("passes", "passes"), ("lora_targets", "lora_targets")):
+        assert profile_defaults(field) in help_text, field
+        assert profile_defaults(field) in tooltips[widget], widget
+
+
+def test_nodes_doc_shows_the_profiles_defaults():
+    import os
+    from pathlib import Path
+
+    from vare_core.erasure.profile import defaults_table
+    doc = Path(__file__).resolve().parents[1] / "docs" / "nodes.md"
+    text = doc.read_text()
+    begin, end = "<!-- profile defaults: begin -->\n", "<!-- profile defaults: end -->"
+    head, rest = text.split(begin)
+    shown, tail = rest.split(end)
+    if os.environ.get("VARE_WRITE_DOCS"):
+        doc.write_text(head + begin + defaults_table() + end + tail)
+        return
+    assert shown == defaults_table(), "docs/nodes.md's defaults table is stale: VARE_WRITE_DOCS=1 rewrites it"

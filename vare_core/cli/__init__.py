@@ -37,7 +37,7 @@ def main(argv=None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except RuntimeError as err:      # torch's allocators say "out of memory" as RuntimeError
-        from ..erasure.memory import is_out_of_memory
+        from ..devices import is_out_of_memory
         if not is_out_of_memory(err):
             raise
         print(f"error: out of memory ({str(err).splitlines()[0][:160]}); use a smaller --batch, "

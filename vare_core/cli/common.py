@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 from PIL import Image
 
 from ..generation.budget import MAX_IMAGES  # noqa: F401  (images per run: the CLI and the nodes)
+from ..generation.pipeline import ModelDtype
 
 MAX_SEED = 2**63 - 1
 
@@ -60,7 +62,7 @@ def add_model_args(parser: argparse.ArgumentParser):
     group.add_argument("--text-encoder", help="flan-t5-xl folder, or an encoder .safetensors with --tokenizer")
     group.add_argument("--tokenizer", help="tokenizer.json when --text-encoder is a single file")
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    group.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    group.add_argument("--dtype", default="auto", choices=get_args(ModelDtype))
 
 
 def add_sampling_args(parser: argparse.ArgumentParser):

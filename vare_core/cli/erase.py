@@ -11,8 +11,10 @@ The pairs and the training options left unset come from the model's erasure prof
 its templates (the unsafe prompt names the concept by its main word only, so synonyms stay
 unseen and can test generalisation; the safe prompt the anchor, with the same colour /
 background / style words) and its tuned settings.
-Ctrl-C stops training after the current step and saves the partial adapter (a second Ctrl-C
-aborts at once).
+Training runs as a TrainingSession (erasure/session.py, as the node's): on a GPU the run's
+memory plan comes first, and a run that cannot fit is refused with the settings that fit; out of
+memory, the message says which settings to change. Ctrl-C stops training after the current step
+and saves the partial adapter (a second Ctrl-C aborts at once).
 
 Several processes (DDP; --fsdp shards the trained tensors and optimizer state, see
 erasure/distributed.py): the same command under torchrun. The global batch (--batch-size) is
@@ -150,46 +152,37 @@ def _erase(args, config, out: Path, main: bool):
     """Load, train, save; under torchrun only rank 0 (`main`) prints and writes."""
     from tqdm import tqdm
 
-    import torch
-
-    from ..erasure import memory
     from ..erasure.adapters import save_adapter
-    from ..erasure.trainer import train_erasure
     from ..erasure.profile import erasure_profile
+    from ..erasure.session import TrainingSession, TrajectoriesProgress
     # the profile's memory plan: Infinity keeps its T5 in CPU memory between encodes
     pipe = load_from_args(args, offload_text_encoder=erasure_profile(args.model).offload_text_encoder)
     pairs = pairs_from_args(args, pipe)
     if main:
         print(f"{len(pairs)} pairs, e.g. {pairs[0].unsafe!r} -> {pairs[0].safe!r}")
+    session = TrainingSession(pipe, pairs, config, cache_dir=args.cache_dir, fsdp=args.fsdp)
+    session.check_memory()                       # on a GPU: a run that cannot fit never starts
 
     bars = {}
 
-    def progress(info):
-        if info["phase"] == "trajectories":
-            bar = bars.setdefault("traj", tqdm(total=info["total"], desc="trajectories", unit="prompt"))
-            bar.n = info["done"]
+    def progress(event):
+        if isinstance(event, TrajectoriesProgress):
+            bar = bars.setdefault("traj", tqdm(total=event.total, desc="trajectories", unit="prompt"))
+            bar.n = event.done
             bar.refresh()
             return
-        bar = bars.setdefault("train", tqdm(total=info["steps"], desc=f"erase ({config.method})", unit="step"))
-        terms = {k: f"{info[k]:.4f}" for k in ("loss", "fce", "pre", "vare", "naive_ce") if k in info}
-        terms["sel"] = f"{info.get('selected_fraction', 0.0):.3f}"
-        if info["skipped_steps"]:
-            terms["skipped"] = info["skipped_steps"]
+        bar = bars.setdefault("train", tqdm(total=event.steps, desc=f"erase ({config.method})", unit="step"))
+        terms = {k: f"{v:.4f}" for k, v in {"loss": event.loss, **event.terms}.items()}
+        terms["sel"] = f"{event.selected_fraction or 0.0:.3f}"
+        if event.skipped_steps:
+            terms["skipped"] = event.skipped_steps
         bar.set_postfix(terms, refresh=False)
         bar.update(1)
 
     stop = _StopFlag(verbose=main)
     previous = signal.signal(signal.SIGINT, stop.handle)
     try:
-        result = train_erasure(pipe, pairs, config, callback=progress if main else None,
-                               cancel=stop, cache_dir=args.cache_dir, fsdp=args.fsdp)
-    except Exception as err:
-        if not memory.is_out_of_memory(err):
-            raise
-        if pipe.device.type == "cuda":
-            torch.cuda.empty_cache()
-        raise MemoryError(f"out of memory on {pipe.device} while training; "
-                          + memory.memory_advice(pipe.model, config, on_cuda=pipe.device.type == "cuda")) from None
+        result = session.train(progress=progress if main else None, cancel=stop)
     finally:
         signal.signal(signal.SIGINT, previous)
         for bar in bars.values():
@@ -218,13 +211,15 @@ def cmd_bench(args):
 
 
 def register(subparsers) -> None:
+    from ..erasure.choices import Method, TrainMode, choices
+    from ..erasure.pairs import PAIRS_PER_CONCEPT
     p = subparsers.add_parser("erase", help="train a concept-erasure adapter")
     add_model_args(p)
     g = p.add_argument_group("pairs")
     g.add_argument("--concept", help="what to erase, e.g. circle (several: comma separated)")
     g.add_argument("--anchor", help="what to draw instead, e.g. square")
     g.add_argument("--pairs", help="pairs file (.txt 'unsafe | safe' lines, .json or .csv)")
-    g.add_argument("--n-pairs", type=int, default=50, help="generated pairs per concept")
+    g.add_argument("--n-pairs", type=int, default=PAIRS_PER_CONCEPT, help="generated pairs per concept")
     g.add_argument("--keep", help="concepts to keep as they are (comma list): adds keep-as-is pairs "
                                   "(embedded model: every shape not erased, always)")
     g.add_argument("--retain", type=int, help="keep-as-is pairs per kept concept (default: 2/5 of --n-pairs; 0 = none)")
@@ -238,8 +233,8 @@ def register(subparsers) -> None:
     p.add_argument("--samples", type=int, default=64, help="images per prompt set")
     p.add_argument("--out", default="out/bench-erasure")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--methods", default="svare,vare,naive", help="comma list")
-    p.add_argument("--train", default="lora", help="comma list of what trains: ca_ffn, lora")
+    p.add_argument("--methods", default=",".join(choices(Method)), help="comma list")
+    p.add_argument("--train", default="lora", help=f"comma list of what trains: {', '.join(choices(TrainMode))}")
     p.add_argument("--cfg", default="4", help="guidance scales to sample at (comma list, e.g. 1,2,4,6)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the model's default)")
     p.add_argument("--retain", type=int, default=None,
@@ -248,51 +243,63 @@ def register(subparsers) -> None:
 
 
 def add_training_args(p) -> None:
-    """The training options of `erase` (and `plan`, which plans exactly these)."""
+    """The training options of `erase` (and `plan`, which plans exactly these); the choices and
+    the defaults named in the help are the library's own (erasure/choices.py, the profiles)."""
+    from ..erasure.choices import (EraseTarget, Formulation, KeepTarget, LoraTarget, Method, Passes, Precision,
+                                   StreamBlocks, Targets, TrainMode, choices)
+    from ..erasure.formulations import AUTO
+    from ..erasure.profile import profile_defaults
+    from ..erasure.trainer import OFFICIAL_LR, EraseConfig
+    profile = "the model's profile: "
     g = p.add_argument_group("training")
-    g.add_argument("--method", choices=["svare", "vare", "naive"], help="default svare")
-    g.add_argument("--train", choices=["ca_ffn", "lora"],
-                   help="default lora (Infinity: ca + FFN factors, the profile that fits 12 GB; "
-                        "embedded: its tuned cross-attention LoRA); ca_ffn = the official full fine-tune")
-    g.add_argument("--rank", type=int, help="LoRA rank (default 8)")
-    g.add_argument("--lora-targets", help="comma list of ca, kv (cross-attention K/V only), ffn, sa "
-                                          "(default ca,ffn; embedded: ca)")
-    g.add_argument("--steps", type=int, help="default 500 (official); embedded: its tuned 600")
-    g.add_argument("--lr", type=float, help="default: the official 2.34e-5 scaled to the model width")
-    g.add_argument("--batch-size", type=int, help="pairs per step (default: 1 for Infinity, 8 for embedded)")
+    g.add_argument("--method", choices=choices(Method), help=f"default {profile_defaults('method')}")
+    g.add_argument("--train", choices=choices(TrainMode),
+                   help=f"default: {profile}{profile_defaults('train')} (LoRA factors on the layers of "
+                        "--lora-targets); ca_ffn = the official full fine-tune of cross-attention + FFN")
+    g.add_argument("--rank", type=int, help=f"LoRA rank (default {profile_defaults('rank')})")
+    g.add_argument("--lora-targets", help=f"comma list of {', '.join(choices(LoraTarget))} (kv: cross-attention "
+                                          f"K/V only; default: {profile}{profile_defaults('lora_targets')})")
+    g.add_argument("--steps", type=int, help=f"default: {profile}{profile_defaults('steps')}")
+    width_scaled = f"the official {OFFICIAL_LR:g} scaled to the model width".replace("e-0", "e-")
+    g.add_argument("--lr", type=float, help=f"default: {profile}"
+                   + profile_defaults("lr", show=lambda lr: width_scaled if lr is None else f"{lr:g}"))
+    g.add_argument("--batch-size", type=int, help=f"pairs per step (default: {profile}{profile_defaults('batch_size')})")
     g.add_argument("--alpha", type=float, help="fraction of wrong bits that selects a token "
-                                               "(default: the profile's; Infinity the paper's 0.25, embedded 0)")
+                                               f"(default: {profile}{profile_defaults('alpha')})")
     g.add_argument("--gamma", type=float, help="bit CE threshold (default ln 2)")
     g.add_argument("--loss-weight", type=float, dest="preservation_weight",
-                   help="weight of the preservation loss L_Pre (default: Infinity the paper's 0.5, embedded 2.0)")
-    g.add_argument("--keep-target", choices=["frozen", "teacher"],
+                   help=f"weight of the preservation loss L_Pre (default: {profile}"
+                        f"{profile_defaults('preservation_weight')})")
+    g.add_argument("--keep-target", choices=choices(KeepTarget),
                    help="what keep pairs are held to in L_Pre: frozen = the model's own conditional "
                         "logits (default), teacher = the CFG teacher like the safe prompts")
-    g.add_argument("--formulation", choices=["auto", "consistent", "paper"],
+    g.add_argument("--formulation", choices=(AUTO,) + choices(Formulation),
                    help="consistent (auto, every model): guidance-consistent targets, the null branch held; "
                         "paper: the S-VARE paper's objective as published. --targets / --erase-target "
                         "override single parts")
-    g.add_argument("--targets", choices=["cfg", "conditional", "guided"],
+    g.add_argument("--targets", choices=choices(Targets),
                    help="what the prompts' logits are trained toward: cfg = the CFG-combined teacher "
                         "(the paper), conditional = the frozen model's conditional logits of the safe "
                         "prompt (guidance-consistent; the default), guided = the student's CFG "
                         "output with the frozen null branch against the paper's targets")
-    g.add_argument("--erase-target", choices=["hard", "soft"],
+    g.add_argument("--erase-target", choices=choices(EraseTarget),
                    help="L_FCE on selected tokens: hard = the sampled bits (paper), soft = the target "
                         "logits' distribution (the default)")
-    g.add_argument("--precision", choices=["auto", "fp16", "bf16", "fp32"], help="default auto")
+    g.add_argument("--precision", choices=choices(Precision), help=f"default: {profile}{profile_defaults('precision')}")
     g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="recompute activations in backward (default: on for Infinity, off for embedded)")
-    g.add_argument("--passes", choices=["joint", "split"],
+                   help="recompute activations in backward (default: "
+                        f"{profile}{profile_defaults('gradient_checkpointing')})")
+    g.add_argument("--passes", choices=choices(Passes),
                    help="split: one row group (unsafe, safe, null) per backward, a third of the "
-                        "activations, same gradients (default: split for Infinity, joint for embedded)")
-    g.add_argument("--stream-blocks", choices=["off", "on", "auto"],
+                        f"activations, same gradients (default: {profile}{profile_defaults('passes')})")
+    g.add_argument("--stream-blocks", choices=choices(StreamBlocks),
                    help="sample the trajectories and targets with the blocks in CPU memory, one on the "
-                        "GPU at a time (auto: when the KV cache would not fit; default auto for Infinity)")
+                        "GPU at a time (auto: when the KV cache would not fit; default: "
+                        f"{profile}{profile_defaults('stream_blocks')})")
     g.add_argument("--trajectory-batch", type=int,
-                   help="safe prompts sampled together for the trajectories and the targets "
-                        "(default: 1 for Infinity, 8 for embedded)")
-    g.add_argument("--seed", type=int, help="training and pair seed (default 42)")
+                   help="safe prompts sampled together for the trajectories and the targets (default: "
+                        f"{profile}{profile_defaults(lambda config: config.trajectory.batch_size)})")
+    g.add_argument("--seed", type=int, help=f"training and pair seed (default {EraseConfig.seed})")
     g.add_argument("--cache-dir", default=None, help="trajectory cache (default $VARE_CACHE_DIR or ~/.cache/vare)")
     g.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the trained tensors, gradients and optimizer state "

@@ -1,5 +1,5 @@
 """`python -m vare_core evaluate`: a prompt set (CSV) sampled with and without an adapter, judged,
-tabled (the work is prompt_eval.py's).
+tabled (the work is evaluation/prompt_eval.py's).
 
     python -m vare_core evaluate --model embedded --prompts prompts.csv --judge shapes \
         --concept circle --adapter erase_circle.safetensors --out out/eval

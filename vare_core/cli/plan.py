@@ -12,6 +12,7 @@ the model's sizes), with that command's message, before anything is built.
 from __future__ import annotations
 
 import argparse
+from typing import get_args
 
 from ..erasure.plan import GiB, plan_memory
 from .common import CliError
@@ -21,6 +22,8 @@ CARD_SIZES_GB = (8, 12, 16, 24, 40, 48, 80, 141)
 
 
 def register(subparsers) -> None:
+    from ..erasure.pairs import PAIRS_PER_CONCEPT
+    from ..generation.pipeline import ModelDtype
     from ..generation.registry import named_models
     from .erase import add_training_args
     p = subparsers.add_parser("plan", help="memory plan of sampling or erasure training (no weights needed)")
@@ -29,7 +32,7 @@ def register(subparsers) -> None:
                         f"({', '.join(named_models())})")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+    p.add_argument("--dtype", default=None, choices=[d for d in get_args(ModelDtype) if d != "auto"],
                    help="compute dtype (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="where the run happens")
     p.add_argument("--sample", action="store_true", help="plan sampling instead of training")
@@ -38,7 +41,7 @@ def register(subparsers) -> None:
                    help="sampling with the blocks streamed from CPU memory (Load VAR Model: low_vram)")
     p.add_argument("--offload-text-encoder", action=argparse.BooleanOptionalAction, default=None,
                    help="the T5 stays in CPU memory between encodes (default: on for erasure on Infinity)")
-    p.add_argument("--n-pairs", type=int, default=50, help="pairs per concept (their targets)")
+    p.add_argument("--n-pairs", type=int, default=PAIRS_PER_CONCEPT, help="pairs per concept (their targets)")
     p.add_argument("--concepts", type=int, default=1, help="concepts erased together")
     add_training_args(p)
     p.set_defaults(func=cmd_plan)

@@ -22,7 +22,7 @@ from ..models.bsq_vae import build_vae
 from ..models.text_encoder import TextEncoder
 from . import spec
 
-NAME = "embedded"
+NAME = spec.NAME
 
 
 def load_embedded(device=None, dtype=None, weights_dir: Path | None = None, *,

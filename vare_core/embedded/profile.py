@@ -25,9 +25,10 @@ import random
 from ..erasure.implicit import mine_implicit_pairs
 from ..erasure.pairs import PromptPair, draw_slot_values, render_template
 from ..erasure.profile import ErasureProfile, PairMining, PairWorld, register_profile
+from . import spec
 from .world import BACKGROUNDS, COLORS, GENERIC_SHAPE_WORD, SHAPES, SYNONYMS, VOCABULARY
 
-FAMILY = "embedded"
+FAMILY = spec.NAME
 WORLD_TEMPLATES = (
     "a {color} {}",
     "a {}",

@@ -12,6 +12,7 @@ from ..models.bsq_vae import VAEConfig
 from ..models.infinity import InfinityConfig
 from ..models.t5 import T5Config
 
+NAME = "embedded"                            # its family, and the name it is loaded by
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 TRANSFORMER_FILE = "transformer.safetensors"
 VAE_FILE = "vae.safetensors"

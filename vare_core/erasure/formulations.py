@@ -13,11 +13,14 @@ FORMULATIONS holds the EraseConfig fields that make each objective; a model's er
 """
 from __future__ import annotations
 
+from .choices import Formulation, choices
+
 FORMULATIONS = {
     "paper": {"targets": "cfg", "erase_target": "hard", "null_weight": 0.0},
     "consistent": {"targets": "conditional", "erase_target": "soft", "null_weight": 1.0},
 }
-DEFAULT_FORMULATION = "consistent"
+assert tuple(FORMULATIONS) == choices(Formulation)
+DEFAULT_FORMULATION: Formulation = "consistent"
 AUTO = "auto"                 # the model's profile decides (DEFAULT_FORMULATION for every model)
 
 

@@ -44,10 +44,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..checks import is_real
+from .choices import EraseTarget, Method, choices
 
 LN2 = math.log(2)
-METHODS = ("svare", "vare", "naive")
-ERASE_TARGETS = ("hard", "soft")
+METHODS = choices(Method)
+ERASE_TARGETS = choices(EraseTarget)
 
 
 @dataclass
@@ -55,8 +56,8 @@ class LossConfig:
     gamma: float = LN2                # a bit is wrong when its CE > gamma (ln 2: p(label) < 0.5)
     alpha: float = 0.25              # a token is selected when >= alpha of its bits are wrong
     preservation_weight: float = 0.5  # official reg_lambda
-    erase_target: str = "hard"       # L_FCE on selected tokens: hard (CE to the sampled bits,
-                                     # official) | soft (CE to the target logits' distribution)
+    erase_target: EraseTarget = "hard"   # L_FCE on selected tokens: hard (CE to the sampled bits,
+                                         # official) | soft (CE to the target logits' distribution)
 
     def __post_init__(self):
         if self.erase_target not in ERASE_TARGETS:

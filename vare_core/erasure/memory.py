@@ -5,13 +5,11 @@
     print(estimate["optimizer_bytes"] / 2**30, "GiB of optimiser state")
     print(memory_advice(pipe.model, config, on_cuda=True))   # cheapest change first
 
-Used by the Train Erasure node and the erase CLI to turn an out-of-memory error into advice.
+The training session (session.py) turns an out-of-memory error into this advice.
 """
 from __future__ import annotations
 
 from dataclasses import replace
-
-import torch
 
 from .trainable import ca_ffn_parameter_names, lora_layer_names
 
@@ -54,13 +52,3 @@ def memory_advice(model, config, on_cuda: bool) -> str:
         tips.append("precision fp16")
     return (f"{state}. Change, in this order until it fits: "
             + "; ".join(tips or ["a smaller model dtype or a GPU with more memory"]))
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """CUDA's own error, or a RuntimeError of another backend (MPS, XPU) saying so."""
-    if isinstance(err, torch.cuda.OutOfMemoryError):
-        return True
-    if isinstance(err, MemoryError):
-        return True
-    text = str(err).lower()   # the CPU allocator says "DefaultCPUAllocator: can't allocate memory"
-    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)

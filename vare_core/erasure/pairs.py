@@ -189,6 +189,7 @@ def _check_vocabulary(name: str, what: str, vocabulary: set[str]) -> None:
                              f"model's vocabulary; {hint}")
 
 
+PAIRS_PER_CONCEPT = 50     # generated pairs per concept when none is given (every entry point)
 # Every pair's safe prompt is sampled once as a trajectory (about a second each on a GPU at
 # 1024^2, far more on a CPU): more pairs than this is a mistake, not a bigger run.
 MAX_PAIRS = 20_000
@@ -212,7 +213,7 @@ def check_pair_count(n_per_concept) -> None:
                          "safe prompt is sampled once before training (hours at this count); 50-500 is typical")
 
 
-def make_pairs(concepts: list[str] | str, anchors: list[str] | str, n_per_concept: int = 50,
+def make_pairs(concepts: list[str] | str, anchors: list[str] | str, n_per_concept: int = PAIRS_PER_CONCEPT,
                seed: int = 0, templates: list[str] | None = None,
                vocabulary: set[str] | None = None,
                slot_values: dict[str, list[str]] | None = None) -> list[PromptPair]:

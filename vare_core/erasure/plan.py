@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ..generation.pipeline import DTYPES
+
 GiB = 2**30
 CUDA_RESERVE = int(0.75 * GiB)      # context + allocator slack; measured on recent drivers: 0.5-1 GiB
 # CPU: memory the runtime holds beside the tensors (autograd engine, oneDNN/GEMM packing
@@ -38,7 +40,6 @@ CUDA_RESERVE = int(0.75 * GiB)      # context + allocator slack; measured on rec
 # tensors that LiveBytes counts exactly (checked against real CPU tensors there).
 CPU_RESERVE = 64 * 2**20
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class LiveBytes(TorchDispatchMode):
@@ -339,7 +340,7 @@ def plan_memory(model_cfg, schedule, *, dtype: str = "bf16", device: str = "cuda
 
 
 def _plan_streaming(plan: MemoryPlan, model, erase, gpu: bool, low_vram: bool) -> None:
-    """stream_blocks: the no-grad phases hold one block instead of all (trainer._blocks_streamed).
+    """stream_blocks: the no-grad phases hold one block instead of all (lean.blocks_streamed).
     'auto' streams when a GPU could not hold those phases where it holds the training step."""
     if erase.stream_blocks == "off" or low_vram:
         return

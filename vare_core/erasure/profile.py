@@ -14,7 +14,8 @@ A family registers its profile where the model lives (vare_core/families.py list
 embedded shapes world in embedded/profile.py, the tiny test model in testing.py; Infinity's
 settings are plain data beside its presets (models/infinity_defaults.py), registered here. A
 family's EraseConfig settings are one flat dict per formulation (erasure/formulations.py) and
-training mode; a field a dict does not name is EraseConfig's own (the paper's setting).
+training mode; a field a dict does not name is EraseConfig's own (the paper's setting). Help
+texts, tooltips and docs/nodes.md name these values through profile_defaults / defaults_table.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from .. import families
 from ..checks import is_integer
 from ..models import infinity_defaults
 from .formulations import DEFAULT_FORMULATION, FORMULATIONS, formulation_name
-from .pairs import PromptPair, default_keep_count, make_pairs, retain_pairs
+from .pairs import PAIRS_PER_CONCEPT, PromptPair, default_keep_count, make_pairs, retain_pairs
 from .pairs_file import load_pairs_file, parse_pairs_text
 from .trainable import TRAIN_MODES
 from .trainer import EraseConfig
@@ -88,7 +89,7 @@ class ErasureProfile:
         everything `given` in their place."""
         return EraseConfig(**{**self.settings_for(formulation, given.get("train")), **given})
 
-    def pairs(self, concepts=(), anchors=(), *, seed: int = 0, n_per_concept: int = 50, retain=None,
+    def pairs(self, concepts=(), anchors=(), *, seed: int = 0, n_per_concept: int = PAIRS_PER_CONCEPT, retain=None,
               keep=(), pipe=None, implicit=None, custom_text: str | None = None, pairs_file=None,
               default_concept: str | None = None) -> list[PromptPair]:
         """The pairs this model trains on.
@@ -188,6 +189,56 @@ def erasure_profile(model) -> ErasureProfile:
 def listed_profiles() -> list[ErasureProfile]:
     """The profiles help texts name, in the order vare_core/families.py lists them."""
     return [erasure_profile(f) for f in families.ERASURE_PROFILES if erasure_profile(f).listed]
+
+
+def shown(value) -> str:
+    """A setting as help texts write it: 0.25, ca,ffn, on / off."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def profile_defaults(setting, show: Callable = shown) -> str:
+    """What the listed models' profiles decide for one EraseConfig field (or a function of the
+    config), for help texts and tooltips: 'embedded 600, Infinity 500', or '8' when all agree."""
+    get = (lambda config: getattr(config, setting)) if isinstance(setting, str) else setting
+    values = [(profile.title, show(get(profile.config()))) for profile in listed_profiles()]
+    if len({value for _, value in values}) == 1:
+        return values[0][1]
+    return ", ".join(f"{title} {value}" for title, value in values)
+
+
+# What defaults_table shows: EraseConfig field -> label
+TABLE_FIELDS = {"train": "trained weights", "rank": "LoRA rank", "lora_targets": "LoRA layers", "steps": "steps",
+                "lr": "learning rate", "alpha": "alpha", "preservation_weight": "loss weight (L_Pre)",
+                "batch_size": "pairs per step", "precision": "precision",
+                "gradient_checkpointing": "gradient checkpointing", "passes": "passes",
+                "stream_blocks": "blocks streamed", "trajectory": "trajectories sampled together",
+                "targets": "targets", "erase_target": "erase target", "null_weight": "null weight",
+                "scale_weights": "scale weights"}
+
+
+def defaults_table(formulation: str = "auto") -> str:
+    """The listed models' default EraseConfig as a markdown table (docs/nodes.md shows it)."""
+    profiles = listed_profiles()
+    configs = [profile.config(formulation) for profile in profiles]
+
+    def cell(config, name):
+        value = getattr(config, name)
+        if name == "trajectory":
+            return str(value.batch_size)
+        if name == "lr" and value is None:
+            return "the official, width-scaled"
+        return shown(value)
+
+    rows = ["| setting | " + " | ".join(p.title for p in profiles) + " |", "|---" * (len(profiles) + 1) + "|"]
+    rows += [f"| {label} (`{name}`) | " + " | ".join(cell(c, name) for c in configs) + " |"
+             for name, label in TABLE_FIELDS.items()]
+    return "\n".join(rows) + "\n"
 
 
 register_profile(ErasureProfile(family=families.INFINITY, title="Infinity", settings=infinity_defaults.ERASURE,

@@ -21,12 +21,14 @@ import torch.nn as nn
 
 from ..checks import is_integer
 from ..models.lowrank import LowRankUpdate, add_update, is_update_parameter, remove_update
+from .choices import LoraTarget, TrainMode, choices
 
-TRAIN_MODES = ("ca_ffn", "lora")
+TRAIN_MODES = choices(TrainMode)
 LORA_TARGETS = {"ca": ("ca.mat_q", "ca.mat_kv", "ca.proj"),
                 "kv": ("ca.mat_kv",),          # only the text side of cross-attention
                 "ffn": ("ffn.fc1", "ffn.fc2"),
                 "sa": ("sa.mat_qkv", "sa.proj")}
+assert tuple(LORA_TARGETS) == choices(LoraTarget)
 CA_FFN_PARAM = re.compile(r"^blocks\.\d+\.(ca|ffn)\.[\w.]+$")
 
 

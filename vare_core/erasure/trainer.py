@@ -66,6 +66,8 @@ from ..devices import native_bf16
 from ..generation.sampler import SamplingCancelled
 from . import distributed, lean
 from .adapters import FORMAT_VERSION, Adapter
+from .choices import (EraseTarget, KeepTarget, LoraTarget, Method, Passes, Precision, ScaleWeights, StreamBlocks,
+                      Targets, TrainMode, choices)
 from .losses import LN2, METHODS, LossConfig
 from .pairs import PromptPair, run_pairs_problem
 from .step import PromptBank, Stepper, batch_indices
@@ -73,47 +75,54 @@ from .targets import prepare_targets
 from .trainable import LORA_TARGETS, TRAIN_MODES, TrainableWeights, check_lora_rank, shared_copy
 from .trajectories import TrajectorySettings, build_trajectories
 
-PRECISIONS = ("auto", "fp16", "bf16", "fp32")
-KEEP_TARGETS = ("frozen", "teacher")
-TARGETS = ("cfg", "conditional", "guided")
-SCALE_WEIGHTS = ("tokens", "balanced")
-PASSES = ("joint", "split")
-STREAM_BLOCKS = ("off", "on", "auto")
+PRECISIONS = choices(Precision)
+KEEP_TARGETS = choices(KeepTarget)
+TARGETS = choices(Targets)
+SCALE_WEIGHTS = choices(ScaleWeights)
+PASSES = choices(Passes)
+STREAM_BLOCKS = choices(StreamBlocks)
 OFFICIAL_LR, OFFICIAL_WIDTH = 2.34e-5, 2048   # S-VARE code's effective lr on Infinity-2B
 
 
 @dataclass
 class EraseConfig:
-    method: str = "svare"                     # svare | vare | naive
-    train: str = "ca_ffn"                     # ca_ffn (official) | lora
-    rank: int = 4                             # LoRA rank
-    lora_targets: tuple = ("ca", "ffn")       # from ca, ffn, sa
+    """One erasure run's settings. The defaults are the S-VARE paper's published setting on
+    Infinity: the full CA+FFN fine-tune (train="ca_ffn"), alpha 0.25, L_Pre weight 0.5, 500
+    steps, the official lr scaled to the model's width, targets "cfg" with hard L_FCE targets
+    (the "paper" formulation, formulations.py). The LoRA fields (rank, lora_targets) hold the
+    pack's choice for train="lora". What a product entry point trains with is the model's
+    erasure profile (profile.py), which adds its own settings to these: memory-saving ones for
+    Infinity (checkpointing, split passes, batch 1, ...), measured tuning for the embedded model."""
+    method: Method = "svare"                  # svare | vare | naive
+    train: TrainMode = "ca_ffn"               # ca_ffn (official) | lora
+    rank: int = 8                             # LoRA rank
+    lora_targets: tuple[LoraTarget, ...] = ("ca", "ffn")   # from ca, kv, ffn, sa
     lora_scale: float = 1.0                   # weight change = lora_scale * B @ A
     steps: int = 500
     lr: float | None = None                   # None: default_lr(train, width)
-    batch_size: int = 2
+    batch_size: int = 2                       # pairs per step (a step holds all their activations)
     alpha: float = 0.25                       # token selected when >= alpha of its bits are wrong
     gamma: float = LN2                        # a bit is wrong when its CE > gamma
     preservation_weight: float = 0.5          # w of L_Pre (svare)
     null_weight: float = 0.0                  # svare: weight of holding the null (unconditional)
                                               # branch to its frozen self on the trajectories
-    keep_target: str = "frozen"               # keep pairs' L_Pre target: frozen (own conditional
+    keep_target: KeepTarget = "frozen"        # keep pairs' L_Pre target: frozen (own conditional
                                               # logits) | teacher (CFG-combined, like safe prompts)
-    targets: str = "cfg"                      # cfg (paper: CFG-combined teacher) | conditional (the
+    targets: Targets = "cfg"                  # cfg (paper: CFG-combined teacher) | conditional (the
                                               # frozen conditional logits of the safe prompt) | guided
                                               # (student's CFG output with the frozen null branch)
-    erase_target: str = "hard"                # L_FCE on selected tokens: hard (sampled bits) | soft
-    scale_weights: str = "tokens"             # tokens: every token counts the same (paper) |
+    erase_target: EraseTarget = "hard"        # L_FCE on selected tokens: hard (sampled bits) | soft
+    scale_weights: ScaleWeights = "tokens"    # tokens: every token counts the same (paper) |
                                               # balanced: every scale counts the same
     erase_free_scales: bool = False           # L_FCE also on the model's free scales (drawn without
                                               # guidance: the layout a prompt leaves open, e.g. the
                                               # embedded model's first); False: only L_Pre holds them
-    precision: str = "auto"                   # half model: its dtype; fp32 model: fp16 on CUDA, else fp32
+    precision: Precision = "auto"             # half model: its dtype; fp32 model: fp16 on CUDA, else fp32
     gradient_checkpointing: bool = False
-    stream_blocks: str = "off"                # trajectories + targets with the blocks streamed from
+    stream_blocks: StreamBlocks = "off"       # trajectories + targets with the blocks streamed from
                                               # CPU memory (low_vram): off | on | auto (on a GPU
                                               # whose free memory cannot hold the KV cache beside them)
-    passes: str = "joint"                     # joint: every row in one forward/backward | split:
+    passes: Passes = "joint"                  # joint: every row in one forward/backward | split:
                                               # one row group (unsafe, safe, null) at a time, the
                                               # same gradients with a third of the activations
     seed: int = 42

@@ -20,6 +20,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -37,6 +38,8 @@ from .registry import named_model
 from .sampler import SampleResult, SamplingSettings, sample
 
 OFFLOAD_DEVICE = torch.device("cpu")   # where offloaded weights wait
+ModelDtype = Literal["auto", "fp32", "fp16", "bf16"]   # what a model is loaded in (pick_dtype)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -198,10 +201,9 @@ def pick_dtype(dtype, device: torch.device):
             return torch.bfloat16 if native_bf16(device) else torch.float16
         return torch.float32
     if isinstance(dtype, str):
-        names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-        if dtype not in names:
+        if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}: choose auto, fp32, fp16 or bf16")
-        return names[dtype]
+        return DTYPES[dtype]
     return dtype
 
 
