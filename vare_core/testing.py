@@ -48,4 +48,5 @@ def tiny_pipeline(seed: int = 0, depth: int = 2, embed_dim: int = 64,
                        defaults={"cfg": 3.0, "tau": 1.0, "top_p": 0.0}, fixed_schedule=True, family=FAMILY)
 
 
-register_profile(replace(SHAPES_WORLD_PROFILE, family=FAMILY, title="tiny", mining=None, listed=False))
+register_profile(replace(SHAPES_WORLD_PROFILE, family=FAMILY, title="tiny", mining=None, listed=False,
+                         guard={**SHAPES_WORLD_PROFILE.guard, "blocks": (0, 1), "scales": 2}))

@@ -19,12 +19,13 @@ texts, tooltips and docs/nodes.md name these values through profile_defaults / d
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from .. import families
 from ..checks import is_integer
 from ..models import infinity_defaults
+from ..generation.guard import GUARD_FIELDS, GuardSettings
 from .formulations import DEFAULT_FORMULATION, FORMULATIONS, formulation_name
 from .pairs import PAIRS_PER_CONCEPT, PromptPair, default_keep_count, make_pairs, retain_pairs
 from .pairs_file import load_pairs_file, parse_pairs_text
@@ -67,6 +68,7 @@ class ErasureProfile:
     world: PairWorld | None = None            # None: the default templates (erasure/pairs.py)
     mining: PairMining | None = None          # None: nothing is mined
     listed: bool = True                       # named in help texts (the tiny test model is not)
+    guard: Mapping[str, Any] = field(default_factory=dict)   # GuardSettings fields but the concepts
 
     def __post_init__(self):
         missing = [f"{f}/{t}" for f in FORMULATIONS for t in TRAIN_MODES if t not in self.settings.get(f, {})]
@@ -83,6 +85,14 @@ class ErasureProfile:
         if isinstance(fields.get("trajectory"), Mapping):
             fields["trajectory"] = TrajectorySettings(**fields["trajectory"])
         return fields
+
+    def guard_settings(self, concepts, **given) -> GuardSettings:
+        """The Concept Guard (generation/guard.py) for `concepts` ((concept, anchor) pairs) with
+        this family's settings, `given` in their place (ValueError names a bad value)."""
+        unknown = sorted(set(given) - set(GUARD_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown guard setting(s) {', '.join(unknown)}; known: {', '.join(GUARD_FIELDS)}")
+        return GuardSettings(concepts=concepts, **{**self.guard, **given})
 
     def config(self, formulation: str | None = "auto", **given) -> EraseConfig:
         """EraseConfig: the family's settings for the formulation and `given`'s train mode, with
@@ -243,4 +253,5 @@ def defaults_table(formulation: str = "auto") -> str:
 
 register_profile(ErasureProfile(family=families.INFINITY, title="Infinity", settings=infinity_defaults.ERASURE,
                                 default_train=infinity_defaults.DEFAULT_TRAIN,
-                                offload_text_encoder=infinity_defaults.OFFLOAD_TEXT_ENCODER))
+                                offload_text_encoder=infinity_defaults.OFFLOAD_TEXT_ENCODER,
+                                guard=infinity_defaults.GUARD))

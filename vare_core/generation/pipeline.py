@@ -17,6 +17,7 @@ The data path: prompts -> TextEncoder (T5 states cut to each prompt's length) ->
 """
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from ..models.infinity import Infinity
 from ..models.presets import build_infinity, preset_name
 from ..models.t5 import T5Config
 from ..models.text_encoder import TextEncoder
+from .guard import ConceptGuard, GuardSettings
 from .registry import named_model
 from .sampler import SampleResult, SamplingSettings, sample
 
@@ -57,6 +59,7 @@ class VarPipeline:
     offload_text_encoder: bool = False          # T5 rests on the CPU, visits the device to encode
     family: str = INFINITY                      # whose choices apply (vare_core/families.py)
     named: bool = False                         # loaded by name (generation/registry.py): its own preset
+    guard: GuardSettings | None = None          # a Concept Guard on every image it samples (guarded())
 
     @property
     def device(self) -> torch.device:
@@ -85,6 +88,13 @@ class VarPipeline:
             return list(self.default_schedule)
         schedule, _, _ = scales.schedule_for_image(height, width)
         return schedule
+
+    def guarded(self, settings: GuardSettings | None) -> "VarPipeline":
+        """A pipeline that samples with a Concept Guard (guard.py), the same weights, this one
+        unchanged; None: without one. Adapters applied later keep the guard."""
+        if settings is not None and not isinstance(settings, GuardSettings):
+            raise ValueError(f"guard must be GuardSettings or None, got {type(settings).__name__}")
+        return dataclasses.replace(self, guard=settings, defaults=dict(self.defaults))
 
     @property
     def low_vram(self) -> bool:
@@ -182,9 +192,10 @@ class VarPipeline:
                 negative_lens = negative_lens.expand(states.shape[0])
         generator = torch.Generator(self.device).manual_seed(int(seed))
         settings = (settings or self.sampling_settings()).laid_out(len(schedule), self.free_scales)
+        guard = ConceptGuard.prepare(self.guard, self.model, self.encode_prompts) if self.guard else None
         return sample(self.model, self.vae, states.to(self.device), lens.to(self.device), schedule, settings,
                       negative_states=negative_states, negative_lens=negative_lens, generator=generator,
-                      callback=callback, cancel=cancel, spatial_patchify=self.spatial_patchify)
+                      callback=callback, cancel=cancel, spatial_patchify=self.spatial_patchify, guard=guard)
 
 
 def pick_device(device):

@@ -13,9 +13,13 @@ logits per bit for the conditional and the unconditional half of the batch (one 
 logits are divided by tau, mixed as cfg * cond + (1 - cfg) * uncond, filtered (top-k, top-p)
 and every bit is drawn from its 2-way softmax. The drawn codes are upsampled to the final grid
 and added to the running sum; the VAE decodes that sum at the end.
+
+With a Concept Guard (guard.py) the batch also carries the guard's texts on its first scales;
+the guard mixes those rows' logits instead of plain guidance there, then its rows leave.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -25,6 +29,7 @@ import torch
 from ..checks import is_finite_number, is_integer
 from ..models.bsq_quant import codes_from_bits, next_scale_input, unpatchify_tokens, upsample_codes
 from ..models.infinity import Infinity
+from .guard import ConceptGuard
 from .per_scale import check_setting_range, parse_per_scale, per_scale_values, with_free_scales
 
 
@@ -98,6 +103,7 @@ class ScaleStep:
     bits: torch.Tensor         # (B, h, w, bits) drawn at this scale
     summed_codes: torch.Tensor  # (B, bits, H, W) codes so far, decodable for a preview
     logits: torch.Tensor | None = None  # (B, h*w, 2*bits) fp32 after tau and CFG, before top-k/top-p
+    guard_mask: torch.Tensor | None = None   # (B, h, w) bool: tokens a Concept Guard watches here
 
 
 @dataclass
@@ -132,6 +138,27 @@ def _pad_rows(states: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([states, pad], dim=1)
 
 
+def _batch_conditions(model, text_states, text_lens, negative_states, negative_lens, with_null: bool,
+                      guard: ConceptGuard | None):
+    """The rows of the batch, image by image within each group: the prompts, then (guided or
+    guarded) the unconditional rows: the negative prompt or the learned null condition, then the
+    guard's texts. All padded to one length."""
+    groups = [(text_states, text_lens)]
+    if with_null:
+        if negative_states is not None:
+            groups.append((negative_states.to(text_states.device, text_states.dtype), negative_lens.to(text_lens.device)))
+        else:
+            groups.append((model.null_text(text_lens, text_states.shape[1]).to(text_states.dtype), text_lens))
+    if guard is not None:
+        states, lens = guard.batch_states(text_states.shape[0])
+        groups.append((states.to(text_states.device, text_states.dtype), lens.to(text_lens.device)))
+    if len(groups) == 1:
+        return text_states, text_lens
+    length = max(states.shape[1] for states, _ in groups)
+    return (torch.cat([_pad_rows(states, length) for states, _ in groups]),
+            torch.cat([lens for _, lens in groups]))
+
+
 @torch.no_grad()
 def sample(model: Infinity, vae, text_states: torch.Tensor, text_lens: torch.Tensor,
            scale_schedule: Sequence[tuple[int, int]], settings: SamplingSettings | None = None, *,
@@ -140,7 +167,7 @@ def sample(model: Infinity, vae, text_states: torch.Tensor, text_lens: torch.Ten
            callback: Callable[[ScaleStep], None] | None = None,
            cancel: Callable[[], bool] | None = None, rope_grid=None,
            spatial_patchify: bool = False, decode: bool = True,
-           applied: str | None = None) -> SampleResult:
+           applied: str | None = None, guard: ConceptGuard | None = None) -> SampleResult:
     """Sample one image per prompt. text_states (B, T, C) / text_lens (B,) come from the text
     encoder; without a negative prompt the unconditional half uses the learned null condition
     cut to each prompt's length. settings: SamplingSettings() when None.
@@ -148,7 +175,9 @@ def sample(model: Infinity, vae, text_states: torch.Tensor, text_lens: torch.Ten
     codes are summed and resized at twice the schedule's size.
     applied: what the model carries (e.g. "adapter erase.safetensors at strength 1.5"; default:
     the model's `applied_description`, which adapters.apply_adapter sets), named by the
-    NonFiniteLogits error a scale with inf/NaN logits raises."""
+    NonFiniteLogits error a scale with inf/NaN logits raises.
+    guard: a prepared ConceptGuard (guard.py): its rows join the batch on its first scales and
+    leave it (and the key/value caches) after them."""
     schedule = [tuple(map(int, s)) for s in scale_schedule]
     n_scales = len(schedule)
     settings = SamplingSettings() if settings is None else settings
@@ -160,17 +189,15 @@ def sample(model: Infinity, vae, text_states: torch.Tensor, text_lens: torch.Ten
     text_states, text_lens = text_states.to(device, dtype), text_lens.to(device)
 
     guided = any(c != 1.0 for c in cfgs)
-    if guided:
-        if negative_states is not None:
-            length = max(text_states.shape[1], negative_states.shape[1])
-            uncond = _pad_rows(negative_states.to(device, dtype), length)
-            text_states, uncond_lens = _pad_rows(text_states, length), negative_lens.to(device)
-        else:
-            uncond, uncond_lens = model.null_text(text_lens, text_states.shape[1]).to(dtype), text_lens
-        text_states = torch.cat([text_states, uncond])
-        text_lens = torch.cat([text_lens, uncond_lens])
+    text_states, text_lens = _batch_conditions(model, text_states, text_lens, negative_states, negative_lens,
+                                               guided or guard is not None, guard)
     cond = model.encode_condition(text_states, text_lens)
-    state = model.start_sampling(cond, schedule, rope_grid)
+    guard_until = min(guard.settings.scales, n_scales) if guard is not None else 0
+    guard_tokens = None          # the guard's rows only ever need cache room for its own scales
+    if guard is not None and guard_until < n_scales:
+        guard_tokens = sum(h * w for h, w in schedule[:guard_until])
+    state = model.start_sampling(cond, schedule, rope_grid, cache_tokens=guard_tokens)
+    rows = text_states.shape[0] // batch                   # rows per image in the batch now
 
     bits_per_token = model.cfg.bits
     factor = 2 if spatial_patchify else 1
@@ -181,14 +208,23 @@ def sample(model: Infinity, vae, text_states: torch.Tensor, text_lens: torch.Ten
     for k, (h, w) in enumerate(schedule):
         if cancel is not None and cancel():
             raise SamplingCancelled(f"sampling cancelled before scale {k + 1} of {n_scales}")
+        if guard is not None and k == guard_until:         # the guard's rows leave the batch
+            rows = 2 if guided else 1
+            state = model.keep_rows(state, rows * batch)
+        guarding = guard is not None and k < guard_until
         x_scale = None
         if k > 0:
             x_scale = next_scale_input(summed, (h * factor, w * factor), spatial_patchify)
-            if guided:
-                x_scale = torch.cat([x_scale, x_scale])
-        raw = model.forward_scale(state, k, x_scale)                       # (2B or B, hw, 2d) fp32
+            if rows > 1:
+                x_scale = x_scale.repeat(rows, 1, 1)
+        with guard.capturing(model, batch) if guarding else contextlib.nullcontext():
+            raw = model.forward_scale(state, k, x_scale)              # (rows * B, hw, 2d) fp32
         logits = raw / taus[k]
-        if guided:
+        guard_mask = None
+        if guarding:
+            logits, guard_mask = guard.combine(k, logits, cfgs[k], batch)
+            guard_mask = guard_mask.view(batch, h, w)
+        elif guided:
             logits = cfgs[k] * logits[:batch] + (1 - cfgs[k]) * logits[batch:]
         combined = logits                      # what the callback sees (erasure teacher targets)
         # one reduction per scale (meta tensors, in the memory plan, hold no values)
@@ -203,7 +239,7 @@ def sample(model: Infinity, vae, text_states: torch.Tensor, text_lens: torch.Ten
         summed = summed + upsample_codes(codes_from_bits(vae_bits), final)
         if callback is not None:
             callback(ScaleStep(index=k, total=n_scales, bits=bits, summed_codes=summed,
-                               logits=combined))
+                               logits=combined, guard_mask=guard_mask))
 
     images = None
     if decode:

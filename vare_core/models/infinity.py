@@ -287,8 +287,10 @@ class Infinity(nn.Module):
 
     # ---------------------------------------------------------------- incremental pass
     def start_sampling(self, cond: Condition, scale_schedule,
-                       rope_grid: tuple[int, int] | None = None) -> SamplingState:
-        """Prepare caches: text K/V once per image, empty self-attention caches."""
+                       rope_grid: tuple[int, int] | None = None, cache_tokens: int | None = None) -> SamplingState:
+        """Prepare caches: text K/V once per image, empty self-attention caches for the whole
+        schedule, or for its first `cache_tokens` tokens (rows that leave the batch before the
+        end: keep_rows gives the others room for the rest)."""
         counts = [h * w for h, w in scale_schedule]
         offsets = [0]
         for c in counts:
@@ -301,12 +303,30 @@ class Infinity(nn.Module):
         for blk in self.blocks:
             with self._on_compute_device(blk.ca):   # only what the text K/V needs
                 cross_kv.append(blk.ca.project_kv(cond.text, cond.text_mask))
-        self_kv = [(torch.empty(batch, heads, offsets[-1], head_dim, device=device, dtype=dtype),
-                    torch.empty(batch, heads, offsets[-1], head_dim, device=device, dtype=dtype))
+        length = offsets[-1] if cache_tokens is None else min(int(cache_tokens), offsets[-1])
+        self_kv = [(torch.empty(batch, heads, length, head_dim, device=device, dtype=dtype),
+                    torch.empty(batch, heads, length, head_dim, device=device, dtype=dtype))
                    for _ in self.blocks]
         rope = rope_table(scale_schedule, head_dim, rope_grid, device)
         return SamplingState(cond=cond.cond, ada=ada, head_ada=head_ada, cross_kv=cross_kv,
                              self_kv=self_kv, rope=rope, offsets=offsets)
+
+    @staticmethod
+    def keep_rows(state: SamplingState, rows: int) -> SamplingState:
+        """The state of the first `rows` rows of the batch, the others' tensors released: their
+        own copies (a view would keep the whole batch alive) with self-attention caches for the
+        whole schedule, what is filled so far carried over."""
+        def first(tensor):
+            return tensor[:rows].clone()
+
+        def grown(cache):
+            full = cache.new_empty(rows, cache.shape[1], state.offsets[-1], cache.shape[3])
+            full[:, :, :state.filled] = cache[:rows, :, :state.filled]
+            return full
+        return SamplingState(cond=first(state.cond), ada=first(state.ada), head_ada=first(state.head_ada),
+                             cross_kv=[(first(k), first(v), first(mask)) for k, v, mask in state.cross_kv],
+                             self_kv=[(grown(k), grown(v)) for k, v in state.self_kv],
+                             rope=state.rope, offsets=state.offsets, filled=state.filled)
 
     def forward_scale(self, state: SamplingState, scale_index: int,
                       x_scale: torch.Tensor | None = None) -> torch.Tensor:

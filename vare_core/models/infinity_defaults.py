@@ -42,3 +42,11 @@ ERASURE = {
                    "targets": "cfg", "erase_target": "hard", "null_weight": 0.0, "scale_weights": "tokens"},
     },
 }
+
+# The Concept Guard (generation/guard.py): ScaleErasure's published configuration for
+# Infinity-2B/8B at 1024x1024 (13 scales; sampled at cfg 3, tau 0.5): the first 8 scales guarded,
+# queries of blocks 1-5, tokens at an unsafe share >= 0.332, the bit threshold 0.1 / tau (0.2)
+# doubling per scale, penalty 3, 2 warm-up scales.
+GUARD = {"neutral": "background, object, animal, tree, sky, architecture", "scales": 8,
+         "blocks": (1, 2, 3, 4, 5), "token_threshold": 0.332, "bit_threshold": 0.2, "bit_growth": 2.0,
+         "penalty": 3.0, "warmup": 2}
