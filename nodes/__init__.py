@@ -5,6 +5,7 @@ vare_core and reports progress. See docs/nodes.md for the node reference.
     sampling.py    VAR Sampler
     erasure.py     Erasure Prompt Pairs, Train Erasure (S-VARE)
     adapters.py    Apply / Save / Load Erasure Adapter
+    guard.py       Concept Guard (erasure while sampling, no training)
     evaluation.py  Erasure Loss Plot, Erasure Check, Before/After Grid
     compat.py      the V3 API (or standin.py outside ComfyUI) and the custom link types
     host.py        model folders, device, progress, interrupts, events
@@ -12,8 +13,9 @@ vare_core and reports progress. See docs/nodes.md for the node reference.
 from .adapters import ApplyAdapter, LoadAdapter, SaveAdapter
 from .erasure import PromptPairs, TrainErasure
 from .evaluation import CompareGrid, ErasureCheck, LossPlot
+from .guard import ConceptGuard
 from .loaders import LoadModel, TextEncode
 from .sampling import Sampler
 
 NODES = [LoadModel, TextEncode, Sampler, PromptPairs, TrainErasure, ApplyAdapter, SaveAdapter,
-         LoadAdapter, LossPlot, ErasureCheck, CompareGrid]
+         LoadAdapter, ConceptGuard, LossPlot, ErasureCheck, CompareGrid]

@@ -11,7 +11,7 @@ import re
 from vare_core.devices import is_out_of_memory, memory_summary
 from vare_core.generation import budget
 from vare_core.generation.per_scale import check_setting_range, parse_setting, per_scale_values
-from vare_core.generation.preview import decode_preview
+from vare_core.generation.preview import decode_preview, tint_mask
 from vare_core.generation.sampler import SamplingCancelled
 from vare_core.models import scales
 
@@ -130,6 +130,9 @@ class Sampler(io.ComfyNode):
                 io.Boolean.Input("preview", default=True,
                                  tooltip="decode the partial image after every scale and show it on the node "
                                          "(at most 512 px: a quarter of a full decode at 1024²)"),
+                io.Boolean.Input("preview_guard_mask", default=False, optional=True,
+                                 tooltip="with a Concept Guard on the model: tint red, in the preview, the "
+                                         "tokens where the guard changes the image (on the scales it guards)"),
             ],
             outputs=[io.Image.Output(display_name="images", tooltip="RGB, prompts in order, "
                                      "batch_size images each")],
@@ -149,7 +152,7 @@ class Sampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, conditioning, seed, cfg, tau, top_k, top_p, resolution, batch_size,
-                preview=True):
+                preview=True, preview_guard_mask=False):
         pipe, node = model, node_id(cls)
         if conditioning.encoder != encoder_id(pipe):
             raise ValueError("the conditioning was encoded by another model's text encoder: connect "
@@ -166,7 +169,10 @@ class Sampler(io.ComfyNode):
                 return
             image = None
             if preview:
-                image = host.to_pil(decode_preview(pipe.vae, step.summed_codes[:1])[0])
+                image = decode_preview(pipe.vae, step.summed_codes[:1])[0]
+                if preview_guard_mask and step.guard_mask is not None:
+                    image = tint_mask(image, step.guard_mask[0])
+                image = host.to_pil(image)
             host.report_progress(node, step.index + 1, n, image)
 
         # ComfyUI unloads its other models to make room for the sampler's peak, then the request

@@ -90,7 +90,7 @@ def pairs(model):
 
 def test_every_node_is_prefixed_described_and_has_a_tooltip_on_every_input():
     ids = [n.GET_SCHEMA().node_id for n in nodes.NODES]
-    assert len(ids) == len(set(ids)) == 11
+    assert len(ids) == len(set(ids)) == 12
     for node in nodes.NODES:
         schema = node.GET_SCHEMA()
         assert schema.node_id.startswith("VARE_") and schema.category.startswith("VARE")

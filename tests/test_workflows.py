@@ -32,7 +32,8 @@ BUILTINS = {
                                          "filename_prefix": ["STRING", {"default": "ComfyUI"}]}}, "output": []},
 }
 EXPECTED = {"vare_embedded_text_to_image", "vare_embedded_erase_before_after", "vare_infinity_2b_text_to_image",
-            "vare_infinity_2b_train_svare", "vare_load_and_apply_adapter", "vare_infinity_2b_erase_nudity"}
+            "vare_infinity_2b_train_svare", "vare_load_and_apply_adapter", "vare_infinity_2b_erase_nudity",
+            "vare_embedded_concept_guard", "vare_infinity_2b_concept_guard"}
 
 
 def object_info_of_pack() -> dict:
@@ -258,9 +259,10 @@ def test_api_conversion_of_the_text_to_image_workflow():
 
 def test_thumbnail_prompts_are_the_workflows_own():
     """`demo --thumbnails` draws the template pictures from the prompts the workflows carry."""
-    from vare_core.demo import APPLY_ADAPTER_PROMPTS, TEXT_TO_IMAGE_PROMPTS
+    from vare_core.demo import APPLY_ADAPTER_PROMPTS, GUARD_PROMPTS, TEXT_TO_IMAGE_PROMPTS
     for name, prompts in (("vare_embedded_text_to_image", TEXT_TO_IMAGE_PROMPTS),
-                          ("vare_load_and_apply_adapter", APPLY_ADAPTER_PROMPTS)):
+                          ("vare_load_and_apply_adapter", APPLY_ADAPTER_PROMPTS),
+                          ("vare_embedded_concept_guard", GUARD_PROMPTS)):
         workflow = load(REPO / "workflows" / f"{name}.json")
         encode = next(n for n in workflow["nodes"] if n["type"] == "VARE_TextEncode")
         assert encode["widgets_values"][0].splitlines() == prompts, name

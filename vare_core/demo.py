@@ -31,6 +31,8 @@ TEXT_TO_IMAGE_PROMPTS = ["a red circle on a white background", "a striped blue s
                          "a yellow triangle on a black background", "a green cross"]
 APPLY_ADAPTER_PROMPTS = ["a red circle", "a blue disc on a white background", "a striped green round shape",
                          "a yellow square"]
+GUARD_PROMPTS = ["a red circle on a white background", "a blue disc", "a striped green round shape on a black background",
+                 "a yellow square on a gray background", "a purple triangle"]     # vare_embedded_concept_guard.json
 
 
 def image_grid(columns: list[list[np.ndarray]], row_labels: list[str], column_labels: list[str],
@@ -77,7 +79,8 @@ def tiled(images: list[np.ndarray], columns: int = 2, cell: int = 192) -> Image.
 
 def workflow_thumbnails(pipe, erased, out: Path, seed: int = 0) -> list[Path]:
     """The embedded workflows' template pictures other than the demo's own (which is
-    thumbnail.jpg): text to image with the base model, and base vs adapter."""
+    thumbnail.jpg): text to image with the base model, base vs adapter, base vs Concept Guard."""
+    from .erasure.profile import erasure_profile
     out.mkdir(parents=True, exist_ok=True)
     text_to_image = out / "vare_embedded_text_to_image.jpg"
     tiled(to_uint8(pipe.generate(TEXT_TO_IMAGE_PROMPTS, seed=seed).images)).save(text_to_image, quality=90)
@@ -86,7 +89,13 @@ def workflow_thumbnails(pipe, erased, out: Path, seed: int = 0) -> list[Path]:
     titles = [p.removeprefix("a ").split(" on ")[0].removeprefix("striped ") for p in APPLY_ADAPTER_PROMPTS]
     apply_adapter = out / "vare_load_and_apply_adapter.jpg"
     thumbnail(base, adapted, titles, rows=("base", "adapter")).save(apply_adapter, quality=90)
-    return [text_to_image, apply_adapter]
+    guard = out / "vare_embedded_concept_guard.jpg"
+    guarded = pipe.guarded(erasure_profile(pipe).guard_settings([(CONCEPT, ANCHOR)]))
+    base = to_uint8(pipe.generate(GUARD_PROMPTS, seed=seed).images)
+    after = to_uint8(guarded.generate(GUARD_PROMPTS, seed=seed).images)
+    titles = [p.removeprefix("a ").split(" on ")[0].removeprefix("striped ") for p in GUARD_PROMPTS]
+    thumbnail(base, after, titles, rows=("base", "guard")).save(guard, quality=90)
+    return [text_to_image, apply_adapter, guard]
 
 
 def to_uint8(images) -> list[np.ndarray]:

@@ -1,5 +1,5 @@
-"""`python -m vare_core evaluate`: a prompt set (CSV) sampled with and without an adapter, judged,
-tabled (the work is evaluation/prompt_eval.py's).
+"""`python -m vare_core evaluate`: a prompt set (CSV) sampled with and without an adapter
+(and/or a Concept Guard: --guard CONCEPT:ANCHOR), judged, tabled (the work is evaluation/prompt_eval.py's).
 
     python -m vare_core evaluate --model embedded --prompts prompts.csv --judge shapes \
         --concept circle --adapter erase_circle.safetensors --out out/eval
@@ -9,6 +9,7 @@ Checked before the model loads: the flags, the CSV (a regular file, bounded, eve
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -17,6 +18,7 @@ from ..erasure.adapters import parse_adapter_spec
 from ..evaluation.judges import JUDGES, make_judge
 from ..evaluation.prompt_eval import (MAX_ROWS, check_out_folder, evaluate_prompt_set, fingerprint,
                                       read_prompt_rows, results_table)
+from .guard_args import add_guard_args, check_guard_args, guard_from_args
 from .common import (CliError, add_model_args, add_sampling_args, apply_adapter_args, load_from_args,
                      sampling_kwargs)
 
@@ -25,6 +27,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="a prompt set (CSV) with and without an adapter, judged (shapes or NudeNet)")
     add_model_args(p)
     add_sampling_args(p)
+    add_guard_args(p)
     p.add_argument("--prompts", required=True, help="CSV with a 'prompt' column (I2P's sd_seed, sd_guidance_scale read too)")
     p.add_argument("--judge", required=True, choices=JUDGES,
                    help="shapes: the embedded world (needs --concept); nudenet: exposed body parts (optional package)")
@@ -48,6 +51,7 @@ def cmd_evaluate(args):
         raise CliError("--judge shapes needs --concept: the shape or colour to count, e.g. --concept circle")
     if args.judge != "nudenet" and args.threshold is not None:
         raise CliError("--threshold is the nudenet judge's; leave it out with --judge shapes")
+    check_guard_args(args)
     out = Path(args.out)
     rows = read_prompt_rows(Path(args.prompts), args.seed)
     check_out_folder(out)
@@ -61,6 +65,9 @@ def cmd_evaluate(args):
     pipes = {"base": base}
     if args.adapter:
         pipes["adapter"] = apply_adapter_args(base, args.adapter)
+    guard = guard_from_args(args, base)
+    if guard is not None:               # what the guard adds, on top of the adapters if any
+        pipes["guarded"] = pipes.get("adapter", base).guarded(guard)
     sampling = sampling_kwargs(args, len(base.schedule_for(args.height, args.width)))
     if args.height is not None:
         sampling.update(height=args.height, width=args.width)
@@ -69,6 +76,7 @@ def cmd_evaluate(args):
     settings = {"model": args.model, "adapters": args.adapter,
                 "adapter_sha256": fingerprint([parse_adapter_spec(spec)[0] for spec in args.adapter]),
                 "judge": args.judge, "concept": args.concept, "threshold": getattr(judge, "threshold", None),
+                "guard": dataclasses.asdict(guard) if guard is not None else None,
                 "n_per_prompt": args.n_per_prompt, "seed": args.seed, "rows": len(rows),
                 "prompts": Path(args.prompts).name, "prompts_sha256": hashlib.sha256(
                     json.dumps(rows).encode()).hexdigest()[:16],

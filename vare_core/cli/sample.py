@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .common import (MAX_SEED, CliError, add_model_args, add_sampling_args, apply_adapter_args, check_image_count,
                      check_image_size, load_from_args, sampling_kwargs, save_images)
+from .guard_args import add_guard_args, check_guard_args, guard_from_args
 
 
 def check_sample_args(args) -> None:
@@ -16,6 +17,7 @@ def check_sample_args(args) -> None:
     check_image_count("--n", args.n, hint=hint)
     check_image_count("--batch", args.batch, hint=hint)
     check_image_size(args.height, args.width)
+    check_guard_args(args)
     if not 0 <= args.seed <= MAX_SEED - args.n:
         raise CliError(f"--seed {args.seed}: must be between 0 and {MAX_SEED - args.n} "
                        f"(the batch that starts at image i uses seed + i; torch seeds are 63-bit)")
@@ -37,6 +39,10 @@ def cmd_sample(args):
     check_sample_args(args)
     negative = args.negative if args.negative and args.negative.strip() else None
     pipe = apply_adapter_args(load_from_args(args), args.adapter)
+    guard = guard_from_args(args, pipe)
+    if guard is not None:
+        pipe = pipe.guarded(guard)
+        print(guard.describe())
     schedule = pipe.schedule_for(args.height, args.width)
     settings = pipe.sampling_settings(**sampling_kwargs(args, len(schedule)))
     written, batches = [], -(-args.n // args.batch)
@@ -65,6 +71,7 @@ def register(sub) -> None:
     p = sub.add_parser("sample", help="generate images")
     add_model_args(p)
     add_sampling_args(p)
+    add_guard_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--n", type=int, default=4, help="number of images")
     p.add_argument("--batch", type=int, default=8, help="images per forward batch")

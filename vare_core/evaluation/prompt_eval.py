@@ -49,7 +49,7 @@ from .judges import class_totals
 from .run_folder import MARKER_NAME, RunFolder, TooLarge, read_regular_file
 from ..generation.per_scale import check_setting_range
 
-SIDES = ("base", "adapter")
+SIDES = ("base", "adapter", "guarded")     # guarded: a Concept Guard on top of the adapters, if any
 STATE_FILE = "verdicts.jsonl"
 RESULT_FILES = ("results.md", "results.json")
 MAX_ROWS = 100_000
@@ -380,8 +380,9 @@ def summarize(state: dict, sides: list[str], n_rows: int, classes) -> dict:
 
 def results_table(summary: dict) -> str:
     sides = list(summary["sides"])
-    titles = {"base": "without adapter", "adapter": "with adapter"}
     settings = summary["settings"]
+    titles = {"base": "without erasure" if settings.get("guard") else "without adapter", "adapter": "with adapter",
+              "guarded": "with adapter and guard" if settings.get("adapters") else "with guard"}
     lines = [f"# Prompt-set evaluation ({settings['judge']} judge)", "",
              f"{settings['rows']} prompts x {settings['n_per_prompt']} images, seed {settings['seed']}; "
              f"prompts {settings['prompts']}", "",

@@ -158,13 +158,15 @@ class ConceptGuard:
 
     def combine(self, scale: int, logits: torch.Tensor, cfg: float, batch: int):
         """logits ((2 + 2n) * batch, L, 2 bits), divided by tau, rows ordered prompt, null, then
-        the guard's texts (batch_states) -> (guided logits (batch, L, 2 bits), token mask (batch, L))."""
+        the guard's texts (batch_states) -> (guided logits (batch, L, 2 bits), where it acts
+        (batch, L): the tokens with a guarded bit; in the warm-up the tokens it watches)."""
         prompt, null = logits[:batch], logits[batch:2 * batch]
         out = cfg * prompt + (1 - cfg) * null
         token_masks = self.token_shares() >= self.settings.token_threshold        # (n, B, L)
         if scale < self.settings.warmup:
             return out, token_masks.any(dim=0)
         threshold = self.settings.bit_threshold * self.settings.bit_growth ** scale
+        acting = torch.zeros_like(token_masks[0])
         for i in range(len(self.settings.concepts)):
             safe = logits[(2 + 2 * i) * batch:(3 + 2 * i) * batch]
             unsafe = logits[(3 + 2 * i) * batch:(4 + 2 * i) * batch]
@@ -172,7 +174,8 @@ class ConceptGuard:
             bits = (unsafe - prompt).abs() < threshold
             act = bits & token_masks[i].unsqueeze(-1)
             out = torch.where(act, toward_safe, out)
-        return out, token_masks.any(dim=0)
+            acting |= act.any(dim=-1)
+        return out, acting
 
 
 def unsafe_share(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

@@ -42,3 +42,12 @@ def decode_preview(vae, summed_codes: torch.Tensor, max_side: int = SHOWN_SIDE) 
     if grid != (height, width):
         summed_codes = F.interpolate(summed_codes.float(), size=grid, mode="area")
     return decode_images(vae, summed_codes)
+
+
+def tint_mask(image: torch.Tensor, mask: torch.Tensor, color=(1.0, 0.1, 0.1), opacity: float = 0.45) -> torch.Tensor:
+    """(H, W, 3) image in [0, 1] with the cells of a coarse (h, w) bool mask (e.g. the tokens a
+    Concept Guard acts on, ScaleStep.guard_mask) tinted `color`."""
+    height, width = image.shape[:2]
+    cells = F.interpolate(mask[None, None].float(), size=(height, width), mode="nearest")[0, 0, :, :, None]
+    tint = torch.tensor(color, dtype=image.dtype, device=image.device)
+    return image * (1 - opacity * cells) + tint * opacity * cells
