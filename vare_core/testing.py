@@ -49,4 +49,4 @@ def tiny_pipeline(seed: int = 0, depth: int = 2, embed_dim: int = 64,
 
 
 register_profile(replace(SHAPES_WORLD_PROFILE, family=FAMILY, title="tiny", mining=None, listed=False,
-                         guard={**SHAPES_WORLD_PROFILE.guard, "blocks": (0, 1), "scales": 2}))
+                         guard={**SHAPES_WORLD_PROFILE.guard, "blocks": (0, 1), "scales": 2, "warmup": 1}))

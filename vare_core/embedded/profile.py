@@ -160,14 +160,15 @@ def mined_pairs(pipe, concepts, anchors, kept, limit: int, seed: int = 0) -> lis
 WORLD = PairWorld(templates=WORLD_TEMPLATES, slot_values=SLOT_VALUES, vocabulary=frozenset(VOCABULARY),
                   concepts=tuple(SHAPES), concept_word="shape", concept_name=shape_name)
 MINING = PairMining(share=IMPLICIT_SHARE, mine=mined_pairs)
-# The Concept Guard's settings on this model (generation/guard.py; docs/guard.md has the
-# measurements they were chosen from): every scale guarded (the shape is settled at the 6x6 and
-# 8x8 scales here, not the first), every token (the cross-attention queries of this 4-block model
-# barely tell a concept's prompts from the others': the token mask would select at random), the
-# bits selected by a constant threshold (a growing one guards every bit of the last scales and
-# changes the other shapes' pictures).
+# The Concept Guard's settings on this model (generation/guard.py), chosen on four ordered pairs at
+# cfg 2, 4 and 6 and checked on all twelve (docs/guard.md): every scale carries the guard's rows,
+# but it acts only on the last two (6x6, 8x8: where this model settles the shape; acting on the
+# layout scales moves the other shapes' pictures and does not erase); every token (the
+# cross-attention queries of this 4-block model barely tell a concept's prompts from the others':
+# AUC 0.55-0.69, a token mask would select at random); bits within 0.8 of the concept's logits,
+# the same at both scales; penalty 1.5 (3 erases no more and costs colour and stripes).
 GUARD = {"neutral": "background, colour, stripes", "scales": 5, "blocks": (0, 1, 2, 3), "token_threshold": 0.0,
-         "bit_threshold": 0.5, "bit_growth": 1.0, "penalty": 3.0, "warmup": 1}
+         "bit_threshold": 0.8, "bit_growth": 1.0, "penalty": 1.5, "warmup": 3}
 
 PROFILE = ErasureProfile(family=FAMILY, title="embedded", settings=ERASURE, default_train=DEFAULT_TRAIN,
                          world=WORLD, mining=MINING, guard=GUARD)
