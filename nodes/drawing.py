@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-CURVES = (("loss", (31, 119, 180)), ("fce", (214, 39, 40)), ("pre", (44, 160, 44)),
+CURVES = (("loss", (31, 119, 180)), ("fce", (214, 39, 40)), ("entropy", (140, 86, 75)), ("pre", (44, 160, 44)),
           ("vare", (148, 103, 189)), ("naive_ce", (255, 127, 14)))
 GOOD, BAD = (30, 140, 60), (200, 40, 40)
 RAW_ALPHA = 0.3                        # the per-step curves: this much of the term's colour on white

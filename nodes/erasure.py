@@ -200,7 +200,10 @@ class TrainErasure(io.ComfyNode):
                 VarePairs.Input("pairs", tooltip="from Erasure Prompt Pairs"),
                 io.Combo.Input("method", options=list(choices(Method)), default="svare",
                                tooltip="svare: the paper's method; vare: match the anchor's logits on "
-                                       "every token; naive: plain cross-entropy on every token"),
+                                       "every token; naive: plain cross-entropy on every token; early: "
+                                       "svare's erasure loss on the first scales only (the model's profile: "
+                                       f"{profile_defaults('early_scales')}) with an entropy term that keeps "
+                                       "the erased bits as sharp as the anchor's"),
                 io.Combo.Input("train", options=[AUTO, *choices(TrainMode)], default=AUTO,
                                tooltip=f"auto: the model's profile ({profile_defaults('train')}: low-rank "
                                        "factors on the layers of lora_targets). ca_ffn: the official full "

@@ -14,7 +14,7 @@ const COLOURS = {               // [title bar, body] per category
   "VARE/adapters": ["#5a4a1e", "#3b3114"],
   "VARE/evaluation": ["#2e5a3c", "#1f3d29"],
 };
-const CURVES = [["loss", "#4ea1ff"], ["fce", "#ff6b6b"], ["pre", "#5fd068"], ["vare", "#b48cff"], ["naive_ce", "#ffa94d"]];
+const CURVES = [["loss", "#4ea1ff"], ["fce", "#ff6b6b"], ["entropy", "#d9a066"], ["pre", "#5fd068"], ["vare", "#b48cff"], ["naive_ce", "#ffa94d"]];
 // The smoothed loss curve's EMA factor comes in every vare.train event ("smoothing"): Python
 // decides it (nodes/drawing.py smoothing(), which the Loss Plot uses too). This is only the
 // stand-in for an event without it.

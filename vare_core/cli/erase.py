@@ -34,7 +34,7 @@ from .common import add_model_args, load_from_args
 
 TRAINING_OPTIONS = ("method", "train", "rank", "steps", "lr", "batch_size", "alpha", "gamma",
                     "preservation_weight", "keep_target", "targets", "erase_target", "precision", "seed",
-                    "passes", "stream_blocks")
+                    "passes", "stream_blocks", "early_scales", "entropy_weight")
 # Pairs per training step (the global batch): a step holds every one of their sequences' activations
 # at once. Far above any run that fits (Infinity trains 1 at 1024x1024, the embedded model 8); a
 # larger number is a typo, and building its index lists alone would exhaust the memory.
@@ -107,7 +107,8 @@ def _with_flag_names(build):
             name = match.group(1)
             return FLAGS.get(name, "--" + name.replace("_", "-"))
         message = re.sub(r"\b(?:EraseConfig\.|LossConfig\.)?(preservation_weight|n_per_concept|lora_targets|"
-                         r"batch_size|method|train|rank|steps|lr|alpha|gamma|precision|seed)\b(?= must| is| should| \()",
+                         r"batch_size|method|train|rank|steps|lr|alpha|gamma|precision|seed|early_scales|"
+                         r"entropy_weight)\b(?= must| is| should| \()",
                          flag, str(err))
         message = re.sub(r"(?<![\w-])(keep|retain)\b(?=:| must|$)", r"--\1", message)   # the pair options
         raise ValueError(message) from None
@@ -239,6 +240,12 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the model's default)")
     p.add_argument("--retain", type=int, default=None,
                    help="keep-as-is pairs per shape not erased (default 20 = 2/5 of the 50 pairs; 0 = the paper's pairs only)")
+    p.add_argument("--early-scales", type=int, default=None,
+                   help="method early: the first K scales it erases on (default: the model's profile)")
+    p.add_argument("--entropy-weight", type=float, default=None,
+                   help="method early: weight of its entropy term (default: the model's profile)")
+    p.add_argument("--erase-free-scales", action="store_true",
+                   help="the erasure loss also on the model's free scales (drawn without guidance)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -252,7 +259,9 @@ def add_training_args(p) -> None:
     from ..erasure.trainer import OFFICIAL_LR, EraseConfig
     profile = "the model's profile: "
     g = p.add_argument_group("training")
-    g.add_argument("--method", choices=choices(Method), help=f"default {profile_defaults('method')}")
+    g.add_argument("--method", choices=choices(Method),
+                   help=f"default {profile_defaults('method')}; early: svare's erasure loss on the first "
+                        "--early-scales scales, with an entropy term (--entropy-weight)")
     g.add_argument("--train", choices=choices(TrainMode),
                    help=f"default: {profile}{profile_defaults('train')} (LoRA factors on the layers of "
                         "--lora-targets); ca_ffn = the official full fine-tune of cross-attention + FFN")
@@ -270,6 +279,12 @@ def add_training_args(p) -> None:
     g.add_argument("--loss-weight", type=float, dest="preservation_weight",
                    help=f"weight of the preservation loss L_Pre (default: {profile}"
                         f"{profile_defaults('preservation_weight')})")
+    g.add_argument("--early-scales", type=int, metavar="K",
+                   help="method early: the erasure loss and its entropy term on the first K scales of the "
+                        f"schedule (the free ones still left out; default: {profile}{profile_defaults('early_scales')})")
+    g.add_argument("--entropy-weight", type=float, metavar="W",
+                   help="method early: weight of the entropy term that keeps the erased bits as sharp as the "
+                        f"target's (default: {profile}{profile_defaults('entropy_weight')})")
     g.add_argument("--keep-target", choices=choices(KeepTarget),
                    help="what keep pairs are held to in L_Pre: frozen = the model's own conditional "
                         "logits (default), teacher = the CFG teacher like the safe prompts")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-Method = Literal["svare", "vare", "naive"]                 # losses.erasure_objective
+Method = Literal["svare", "vare", "naive", "early"]        # losses.erasure_objective, early.early_objective
 TrainMode = Literal["ca_ffn", "lora"]                      # trainable.TrainableWeights
 LoraTarget = Literal["ca", "kv", "ffn", "sa"]              # trainable.LORA_TARGETS
 Precision = Literal["auto", "fp16", "bf16", "fp32"]        # trainer.resolve_precision
@@ -20,6 +20,10 @@ ScaleWeights = Literal["tokens", "balanced"]               # how the scales are 
 Passes = Literal["joint", "split"]                         # rows per forward/backward
 StreamBlocks = Literal["off", "on", "auto"]                # blocks streamed for the no-grad phases
 Formulation = Literal["paper", "consistent"]               # formulations.FORMULATIONS
+
+
+# The methods trained on S-VARE's L_FCE + L_Pre: safe rows, null rows and keep pairs as svare's
+FILTERED_CE_METHODS: tuple[Method, ...] = ("svare", "early")
 
 
 def choices(kind) -> tuple[str, ...]:

@@ -131,7 +131,7 @@ def _token_weights(token_mask: Tensor | None, like: Tensor) -> Tensor:
     return valid / counts
 
 
-def _token_average(per_token: Tensor, token_mask: Tensor | None) -> Tensor:
+def token_average(per_token: Tensor, token_mask: Tensor | None) -> Tensor:
     """mean_b [ sum_t per_token[b, t] / L_b ], L_b = number of valid tokens of row b."""
     weights = _token_weights(token_mask, per_token)
     return (per_token * weights).sum(dim=1).mean()
@@ -228,7 +228,7 @@ def filtered_ce_loss(student_logits: Tensor, bit_labels: Tensor, gamma: float = 
     bit_ce = bit_cross_entropy(student_logits, bit_labels)
     wrong = bit_error_mask(bit_ce, gamma)
     selected = token_selection(bit_ce, gamma, alpha)  # detached: selection never carries gradient
-    loss = _token_average(token_mean_bit_ce(bit_ce) * selected.float(), token_mask)
+    loss = token_average(token_mean_bit_ce(bit_ce) * selected.float(), token_mask)
     return loss, _selection_stats(bit_ce, selected, wrong, token_mask)
 
 
@@ -245,28 +245,28 @@ def soft_filtered_ce_loss(student_logits: Tensor, target_logits: Tensor, bit_lab
     wrong = bit_error_mask(bit_ce, gamma)
     selected = token_selection(bit_ce, gamma, alpha)  # detached: selection never carries gradient
     soft_ce = -(bit_probs(target_logits.detach()) * bit_log_probs(student_logits)).sum(-1).mean(-1)
-    loss = _token_average(soft_ce * selected.float(), token_mask)
+    loss = token_average(soft_ce * selected.float(), token_mask)
     return loss, _selection_stats(bit_ce, selected, wrong, token_mask)
 
 
 def preservation_loss(student_logits: Tensor, teacher_logits: Tensor,
                       token_mask: Tensor | None = None) -> Tensor:
     """L_Pre without its weight: mean_b [ sum_t token_kl[b,t] / L ] (official convention)."""
-    return _token_average(token_kl(student_logits, teacher_logits), token_mask)
+    return token_average(token_kl(student_logits, teacher_logits), token_mask)
 
 
 def naive_ce_loss(student_logits: Tensor, bit_labels: Tensor,
                   token_mask: Tensor | None = None) -> Tensor:
     """Baseline: mean CE over every bit of every (valid) token, no filtering."""
     bit_ce = bit_cross_entropy(student_logits, bit_labels)
-    return _token_average(token_mean_bit_ce(bit_ce), token_mask)
+    return token_average(token_mean_bit_ce(bit_ce), token_mask)
 
 
 def vare_loss(student_logits: Tensor, teacher_logits: Tensor,
               token_mask: Tensor | None = None) -> Tensor:
     """Basic VARE: MSE between the student's bit probabilities (unsafe prompt) and the frozen
     teacher's (safe prompt) on the same trajectory: mean_b [ sum_t token_prob_mse[b,t] / L ]."""
-    return _token_average(token_prob_mse(student_logits, teacher_logits), token_mask)
+    return token_average(token_prob_mse(student_logits, teacher_logits), token_mask)
 
 
 def _filtered_ce_on_rows(logits: Tensor, bit_labels: Tensor, config: LossConfig,
@@ -315,6 +315,8 @@ def erasure_objective(method: str, student_unsafe_logits: Tensor,
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "early":
+        raise ValueError("method 'early' has its own objective (the first scales, an entropy term): early.early_objective")
     if not isinstance(config, LossConfig):
         raise ValueError(f"config must be a LossConfig, got {type(config).__name__}")
     _check_logits(student_unsafe_logits, "student_unsafe_logits")

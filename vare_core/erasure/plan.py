@@ -32,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ..generation.pipeline import DTYPES
+from .choices import FILTERED_CE_METHODS
 
 GiB = 2**30
 CUDA_RESERVE = int(0.75 * GiB)      # context + allocator slack; measured on recent drivers: 0.5-1 GiB
@@ -315,14 +316,14 @@ def plan_memory(model_cfg, schedule, *, dtype: str = "bf16", device: str = "cuda
             sampling_peak(model, vae, schedule, min(traj_batch, n_pairs), text_tokens, torch_dtype,
                           cfg=erase.trajectory.cfg, decode=False, record=True, patchify=patchify), **host}
     targets_chunk = erase.trajectory.batch_size      # targets.prepare_targets
-    holds_null_rows = erase.method == "svare" and erase.null_weight > 0
+    holds_null_rows = erase.method in FILTERED_CE_METHODS and erase.null_weight > 0
     targets = n_pairs * total * 2 * model_cfg.bits * logit_bytes * holds_null_rows
     host["frozen-model targets"] = targets
     plan.phases["targets"] = {f"frozen forward of {min(targets_chunk, n_pairs)} pairs at a time":
                               targets_peak(model, schedule, min(targets_chunk, n_pairs), text_tokens, torch_dtype),
                               **host}
-    needs_safe = erase.method in ("svare", "vare")
-    holds_null = erase.method == "svare" and erase.null_weight > 0
+    needs_safe = erase.method in (*FILTERED_CE_METHODS, "vare")
+    holds_null = erase.method in FILTERED_CE_METHODS and erase.null_weight > 0
     sequences = erase.batch_size * (1 + needs_safe + holds_null)
     # split passes: one row group's graph at a time (and every row's logits without one)
     graph = erase.batch_size if erase.passes == "split" else sequences

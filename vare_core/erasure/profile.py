@@ -229,7 +229,8 @@ TABLE_FIELDS = {"train": "trained weights", "rank": "LoRA rank", "lora_targets":
                 "gradient_checkpointing": "gradient checkpointing", "passes": "passes",
                 "stream_blocks": "blocks streamed", "trajectory": "trajectories sampled together",
                 "targets": "targets", "erase_target": "erase target", "null_weight": "null weight",
-                "scale_weights": "scale weights"}
+                "scale_weights": "scale weights", "early_scales": "first scales (method early)",
+                "entropy_weight": "entropy weight (method early)"}
 
 
 def defaults_table(formulation: str = "auto") -> str:

@@ -35,7 +35,7 @@ from .plan import MemoryPlan, check_fits
 from .profile import erasure_profile
 from .trainer import EraseConfig, TrainResult, train_erasure
 
-LOSS_TERMS = ("fce", "pre", "vare", "naive_ce")     # the methods' loss terms (losses.py)
+LOSS_TERMS = ("fce", "entropy", "pre", "vare", "naive_ce")   # the methods' loss terms (losses.py, early.py)
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,8 @@ class TrainStepProgress:
     loss: float                          # NaN on a skipped step
     seconds: float                       # since training began
     skipped_steps: int                   # so far (non-finite gradients, fp16 overflow)
-    terms: dict[str, float]              # the method's loss terms: fce and pre, vare, or naive_ce
+    terms: dict[str, float]              # the method's loss terms: fce and pre (early: + entropy),
+                                         # vare, or naive_ce
     selected_fraction: float | None      # tokens L_FCE trained (None: the method selects none)
     record: dict = field(repr=False)     # the trainer's whole record of the step (the loss history's)
 

@@ -7,9 +7,9 @@
 A step: the pairs of the batch (this rank's slice in a process group), one teacher-forced pass
 over all scales on [unsafe prompts; safe prompts; null rows] x the safe trajectory (the safe
 rows only when L_Pre is on, the null rows only when null_weight > 0), the method's objective
-(losses.erasure_objective, plus the null rows held to their frozen logits), backward (joint, or
-one row group at a time with passes="split"), gradient clipping, and the optimiser step, which
-is skipped when the gradients are not finite.
+(losses.erasure_objective, early.early_objective for method early, plus the null rows held to
+their frozen logits), backward (joint, or one row group at a time with passes="split"), gradient
+clipping, and the optimiser step, which is skipped when the gradients are not finite.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import time
 
 import torch
 
-from . import distributed, lean, losses
+from . import distributed, early, lean, losses
+from .choices import FILTERED_CE_METHODS
 
 
 class PromptBank:
@@ -83,7 +84,7 @@ class Stepper:
         self.use_scaler = use_scaler
         self.optimizer = make_optimizer(parallel.parameters, lr, config)
         self.scaler = parallel.make_scaler(device, use_scaler)
-        self.needs_safe = config.method == "svare" and config.preservation_weight > 0
+        self.needs_safe = config.method in FILTERED_CE_METHODS and config.preservation_weight > 0
         self.holds_null = targets.null_rows is not None      # svare with null_weight > 0
         self.split_passes = config.passes == "split" and context is None   # DDP syncs once per backward
         self.loss_config = config.loss_config()
@@ -104,10 +105,13 @@ class Stepper:
         erase_rows = torch.tensor([p.unsafe != p.safe for p in chosen])   # False: keep pairs
         token_mask = None if targets.token_weights is None else targets.token_weights.expand(n, -1)
         erase_mask = None if targets.erase_weights is None else targets.erase_weights.expand(n, -1)
-        loss, stats = losses.erasure_objective(
-            config.method, unsafe_logits, safe_logits, batch["teacher_logits"],
-            batch["bit_labels"], self.loss_config, erase_rows=erase_rows, token_mask=token_mask,
-            erase_token_mask=erase_mask)
+        inputs = (unsafe_logits, safe_logits, batch["teacher_logits"], batch["bit_labels"], self.loss_config)
+        if config.method == "early":
+            loss, stats = early.early_objective(*inputs, config.entropy_weight, erase_rows=erase_rows,
+                                                token_mask=token_mask, erase_token_mask=erase_mask)
+        else:
+            loss, stats = losses.erasure_objective(config.method, *inputs, erase_rows=erase_rows,
+                                                   token_mask=token_mask, erase_token_mask=erase_mask)
         if self.holds_null:
             null_pre = losses.preservation_loss(logits[-n:], targets.null_rows[local], token_mask)
             loss = loss + config.null_weight * null_pre

@@ -5,7 +5,8 @@
     targets.null_rows           # frozen null-branch logits per row (null_weight > 0), or None
     targets.guide(logits, rows, "unsafe")   # "guided": the student's CFG mix, else unchanged
     targets.token_weights       # (1, L) per-token weights (scale_weights="balanced"), or None
-    targets.erase_weights       # (1, L) L_FCE's token weights: the free scales' tokens at 0, or
+    targets.erase_weights       # (1, L) L_FCE's token weights: the free scales' tokens at 0 (and,
+                                # method early, every token past its first scales), or
                                 # token_weights when there are none
 
 Why: the sampler mixes two branches, cfg * cond + (1 - cfg) * null. The paper trains the
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .choices import FILTERED_CE_METHODS
+from .early import within_first_scales
 from .trajectories import frozen_conditional_logits
 
 
@@ -29,6 +32,7 @@ class Targets:
     guided_null: dict | None              # "guided": {"unsafe"|"safe": (N, L, 2d)} frozen null logits
     token_weights: torch.Tensor | None    # (1, L), sums to 1
     erase_weights: torch.Tensor | None    # (1, L), sums to 1: token_weights without the free scales
+                                          # (method early: only its first scales)
     cfg: float
     tau: float
 
@@ -75,7 +79,7 @@ def prepare_targets(model, bank, trajs, pairs, config, autocast, free_scales: in
         return frozen_conditional_logits(model, condition, trajs, indices, prompts, settings.tau,
                                          chunk=settings.batch_size, autocast=autocast).to(trajs.teacher_logits)
 
-    svare = config.method == "svare"
+    svare = config.method in FILTERED_CE_METHODS
     null_rows = frozen(bank.null_condition, safe) if svare and config.null_weight > 0 else None
     guided_null = None
     if config.targets == "conditional":
@@ -91,6 +95,8 @@ def prepare_targets(model, bank, trajs, pairs, config, autocast, free_scales: in
     weights = scale_balanced_weights(trajs.schedule).to(trajs.teacher_logits.device) \
         if config.scale_weights == "balanced" else None
     erase_weights = without_free_scales(weights, trajs.schedule, free_scales)
+    if config.method == "early":       # L_FCE and the entropy term on the first scales only
+        erase_weights = within_first_scales(erase_weights, trajs.schedule, config.early_scales)
     if erase_weights is not None:
         erase_weights = erase_weights.to(trajs.teacher_logits.device)
     return Targets(null_rows=null_rows, guided_null=guided_null, token_weights=weights, erase_weights=erase_weights,

@@ -16,10 +16,11 @@ What happens:
 3. Only the trained tensors get fp32 master copies (trainable.TrainableWeights); every other
    tensor is shared with the pipeline's model, which is restored unchanged afterwards.
 4. Per step: a seeded batch of pairs; one teacher-forced pass over all scales on
-   [unsafe prompts; safe prompts] x safe trajectory (the safe half only for svare with a
-   preservation weight > 0); loss = losses.erasure_objective: L_FCE + w * L_Pre for svare (the
+   [unsafe prompts; safe prompts] x safe trajectory (the safe half only for svare / early with
+   a preservation weight > 0); loss = losses.erasure_objective: L_FCE + w * L_Pre for svare (the
    paper's single objective; the official code's variant with two optimiser steps per iteration,
-   L_FCE then w * L_Pre, is not used), MSE to the teacher for vare, plain CE for naive.
+   L_FCE then w * L_Pre, is not used), MSE to the teacher for vare, plain CE for naive; early:
+   early.early_objective (L_FCE on the first early_scales scales + an entropy term + L_Pre).
    Keep pairs (unsafe == safe, pairs.retain_pairs) take part in L_Pre only.
    What the logits are trained toward (`targets`):
    - "cfg" (the paper): L_FCE on the bits sampled with guidance, L_Pre toward the CFG-combined
@@ -64,10 +65,12 @@ from .. import __version__
 from ..checks import is_integer
 from ..devices import native_bf16
 from ..generation.sampler import SamplingCancelled
+from ..models.infinity_defaults import EARLY as INFINITY_EARLY
 from . import distributed, lean
 from .adapters import FORMAT_VERSION, Adapter
 from .choices import (EraseTarget, KeepTarget, LoraTarget, Method, Passes, Precision, ScaleWeights, StreamBlocks,
                       Targets, TrainMode, choices)
+from .early import check_early_scales
 from .losses import LN2, METHODS, LossConfig
 from .pairs import PromptPair, run_pairs_problem
 from .step import PromptBank, Stepper, batch_indices
@@ -90,10 +93,11 @@ class EraseConfig:
     Infinity: the full CA+FFN fine-tune (train="ca_ffn"), alpha 0.25, L_Pre weight 0.5, 500
     steps, the official lr scaled to the model's width, targets "cfg" with hard L_FCE targets
     (the "paper" formulation, formulations.py). The LoRA fields (rank, lora_targets) hold the
-    pack's choice for train="lora". What a product entry point trains with is the model's
+    pack's choice for train="lora", the early method's (early_scales, entropy_weight) Infinity's
+    profile's (models/infinity_defaults.EARLY: no published setting). What a product entry point trains with is the model's
     erasure profile (profile.py), which adds its own settings to these: memory-saving ones for
     Infinity (checkpointing, split passes, batch 1, ...), measured tuning for the embedded model."""
-    method: Method = "svare"                  # svare | vare | naive
+    method: Method = "svare"                  # svare | vare | naive | early
     train: TrainMode = "ca_ffn"               # ca_ffn (official) | lora
     rank: int = 8                             # LoRA rank
     lora_targets: tuple[LoraTarget, ...] = ("ca", "ffn")   # from ca, kv, ffn, sa
@@ -104,6 +108,11 @@ class EraseConfig:
     alpha: float = 0.25                       # token selected when >= alpha of its bits are wrong
     gamma: float = LN2                        # a bit is wrong when its CE > gamma
     preservation_weight: float = 0.5          # w of L_Pre (svare)
+    early_scales: int = INFINITY_EARLY["early_scales"]    # early: L_FCE and the entropy term on
+                                              # the first k scales of the schedule (the free ones
+                                              # still left out unless erase_free_scales)
+    entropy_weight: float = INFINITY_EARLY["entropy_weight"]   # early: weight of (H_student -
+                                              # H_target)^2 (early.py)
     null_weight: float = 0.0                  # svare: weight of holding the null (unconditional)
                                               # branch to its frozen self on the trajectories
     keep_target: KeepTarget = "frozen"        # keep pairs' L_Pre target: frozen (own conditional
@@ -144,7 +153,7 @@ class EraseConfig:
                               ("stream_blocks", STREAM_BLOCKS)):
             if getattr(self, name) not in allowed:
                 fail(name, f"one of {allowed}", getattr(self, name))
-        for name, low in (("steps", 1), ("batch_size", 1), ("rank", 1), ("seed", 0)):
+        for name, low in (("steps", 1), ("batch_size", 1), ("rank", 1), ("seed", 0), ("early_scales", 1)):
             value = getattr(self, name)
             if not is_integer(value, minimum=low):
                 fail(name, f"an integer >= {low}", value)
@@ -152,7 +161,7 @@ class EraseConfig:
             fail("seed", f"an integer >= 0 and < {2**63 - 2}", self.seed)
         if self.lr is not None and not (real("lr", self.lr) and self.lr > 0):
             fail("lr", "a finite number > 0 (or None for the default)", self.lr)
-        for name in ("grad_clip", "weight_decay", "preservation_weight", "null_weight"):
+        for name in ("grad_clip", "weight_decay", "preservation_weight", "null_weight", "entropy_weight"):
             value = getattr(self, name)
             if not (real(name, value) and value >= 0):
                 fail(name, "a finite number >= 0", value)
@@ -227,7 +236,7 @@ def _check_pairs(pairs) -> list[PromptPair]:
 
 
 def _final_losses(history: list, last: int = 10) -> dict:
-    keys = ("loss", "fce", "pre", "vare", "naive_ce", "selected_fraction", "bit_error_rate")
+    keys = ("loss", "fce", "entropy", "pre", "vare", "naive_ce", "selected_fraction", "bit_error_rate")
     good = [h for h in history if not h["skipped"]][-last:]
     return {k: sum(h[k] for h in good) / len(good) for k in keys if good and k in good[0]}
 
@@ -238,13 +247,21 @@ class TrainingDiverged(ValueError):
 
 def _check_launch(pipe, config: EraseConfig, context, fsdp: bool) -> None:
     """What can be refused before any sampling: fsdp without processes, a batch smaller than
-    the world, a LoRA rank above a target layer's size."""
+    the world, a LoRA rank above a target layer's size, an early window outside the schedule or
+    holding only free scales."""
     if fsdp and context is None:
         raise ValueError("fsdp shards the training state across processes: launch with "
                          "torchrun --nproc_per_node N (N >= 2)")
     distributed.shard(range(config.batch_size), context)   # refuses batch_size < world size
     if config.train == "lora":
         check_lora_rank(pipe.model, config.rank, config.lora_targets)
+    if config.method == "early":
+        check_early_scales(config.early_scales, len(pipe.default_schedule), _free_scales(pipe, config))
+
+
+def _free_scales(pipe, config: EraseConfig) -> int:
+    """The first scales L_FCE leaves out: the model's free scales, unless erase_free_scales."""
+    return 0 if config.erase_free_scales else getattr(pipe, "free_scales", 0)
 
 
 def _prepare(pipe, pairs, config: EraseConfig, callback, cancel, cache_dir, context, autocast):
@@ -262,8 +279,8 @@ def _prepare(pipe, pairs, config: EraseConfig, callback, cancel, cache_dir, cont
     with lean.blocks_streamed(pipe.model, lean.should_stream_blocks(pipe, config, context)):
         trajs = distributed.main_first(sample_trajectories, context, "trajectories").to(pipe.device)
         bank = PromptBank(pipe, [p.unsafe for p in pairs] + [p.safe for p in pairs])
-        free = 0 if config.erase_free_scales else getattr(pipe, "free_scales", 0)
-        targets = prepare_targets(pipe.model, bank, trajs, pairs, config, autocast, free_scales=free)
+        targets = prepare_targets(pipe.model, bank, trajs, pairs, config, autocast,
+                                  free_scales=_free_scales(pipe, config))
     return trajs, bank, targets
 
 
@@ -306,6 +323,8 @@ def adapter_metadata(pipe, pairs, config: EraseConfig, *, lr: float, precision: 
              "grad_clip": config.grad_clip, "betas": list(config.betas), "weight_decay": config.weight_decay,
              "gradient_checkpointing": config.gradient_checkpointing, "passes": config.passes,
              "stream_blocks": config.stream_blocks, "trajectory": asdict(config.trajectory)}
+    if config.method == "early":
+        hyper.update(early_scales=config.early_scales, entropy_weight=config.entropy_weight)
     if context is not None:
         hyper["distributed"] = {"world_size": context.world_size, "strategy": "fsdp" if fsdp else "ddp"}
     return {
@@ -329,7 +348,7 @@ def train_erasure(pipe, pairs, config: EraseConfig | None = None, callback=None,
 
     callback(info) gets {"phase": "trajectories", "done", "total"} while trajectories are
     sampled, then one dict per step: phase "train", step, steps, loss, the method's terms (fce,
-    pre, pre_weighted / vare / naive_ce), selected_fraction, bit_error_rate, lr, grad_norm,
+    pre, pre_weighted, and for early entropy, entropy_weighted / vare / naive_ce), selected_fraction, bit_error_rate, lr, grad_norm,
     seconds (since training began), skipped (this step), skipped_steps, loss_scale.
     In a process group the stats are those of the global batch, the same on every rank."""
     config = config or EraseConfig()

@@ -19,27 +19,36 @@ SAMPLING = {"cfg": 3.0, "tau": 0.5, "top_k": 0, "top_p": 0.97}
 DEFAULT_TRAIN = "lora"
 OFFLOAD_TEXT_ENCODER = True        # the T5 waits in CPU memory between encodes while it trains
 
+# Early-scale erasure (method "early", erasure/early.py), not measured on Infinity: the first 6
+# scales (1x1 to 12x12 tokens a side, the same in every preset), about half of the 1M schedule's 13
+# like the embedded model's 3 of 5, and inside the smallest preset's 7 (a window past the schedule
+# is refused); the entropy weight the embedded model's. EraseConfig's own early settings are these.
+EARLY = {"early_scales": 6, "entropy_weight": 1.0}
 # EraseConfig fields per formulation (erasure/formulations.py) and training mode.
 ERASURE = {
     "consistent": {
         "lora": {"train": "lora", "rank": 8, "lora_targets": ("ca", "ffn"), "batch_size": 1,
                  "gradient_checkpointing": True, "passes": "split", "stream_blocks": "auto",
                  "trajectory": {"batch_size": 1},
-                 "targets": "conditional", "erase_target": "soft", "null_weight": 1.0, "scale_weights": "tokens"},
+                 "targets": "conditional", "erase_target": "soft", "null_weight": 1.0, "scale_weights": "tokens",
+                 **EARLY},
         "ca_ffn": {"train": "ca_ffn", "rank": 8, "lora_targets": ("ca", "ffn"), "batch_size": 1,
                    "gradient_checkpointing": True, "passes": "split", "stream_blocks": "auto",
                    "trajectory": {"batch_size": 1},
-                   "targets": "conditional", "erase_target": "soft", "null_weight": 1.0, "scale_weights": "tokens"},
+                   "targets": "conditional", "erase_target": "soft", "null_weight": 1.0, "scale_weights": "tokens",
+                   **EARLY},
     },
     "paper": {
         "lora": {"train": "lora", "rank": 8, "lora_targets": ("ca", "ffn"), "batch_size": 1,
                  "gradient_checkpointing": True, "passes": "split", "stream_blocks": "auto",
                  "trajectory": {"batch_size": 1},
-                 "targets": "cfg", "erase_target": "hard", "null_weight": 0.0, "scale_weights": "tokens"},
+                 "targets": "cfg", "erase_target": "hard", "null_weight": 0.0, "scale_weights": "tokens",
+                 **EARLY},
         "ca_ffn": {"train": "ca_ffn", "rank": 8, "lora_targets": ("ca", "ffn"), "batch_size": 1,
                    "gradient_checkpointing": True, "passes": "split", "stream_blocks": "auto",
                    "trajectory": {"batch_size": 1},
-                   "targets": "cfg", "erase_target": "hard", "null_weight": 0.0, "scale_weights": "tokens"},
+                   "targets": "cfg", "erase_target": "hard", "null_weight": 0.0, "scale_weights": "tokens",
+                   **EARLY},
     },
 }
 

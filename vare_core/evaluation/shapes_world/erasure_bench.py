@@ -42,12 +42,12 @@ def peak_rss_mib() -> float:
 
 
 def run_method(pipe, method: str, train: str, concepts: list, anchors: list, seed: int, steps: int | None,
-               out: Path, retain: int | None = None):
+               out: Path, retain: int | None = None, settings: dict | None = None):
     from ...erasure.adapters import apply_adapter, save_adapter
     from ...erasure.profile import erasure_profile
     from ...erasure.trainer import train_erasure
     profile = erasure_profile(pipe)
-    config = profile.config(method=method, train=train, **({"steps": steps} if steps else {}))
+    config = profile.config(method=method, train=train, **({"steps": steps} if steps else {}), **(settings or {}))
     pairs = profile.pairs(concepts, anchors, seed=seed, retain=retain, pipe=pipe)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -88,7 +88,8 @@ def _public(row: dict) -> dict:
 
 def run_bench(concepts="circle", anchors="square", samples=64, seed=0, methods=("svare", "vare", "naive"),
               trains=("lora",), steps=None, out: Path | str = "out/bench-erasure", log=print,
-              retain: int | None = None, cfgs=(4.0,)) -> list[dict]:
+              retain: int | None = None, cfgs=(4.0,), settings: dict | None = None) -> list[dict]:
+    """settings: EraseConfig fields set on top of the profile's for every method (e.g. early_scales)."""
     from ...embedded.profile import shape_name
     from ...generation.pipeline import load_pipeline
     from ..judges.classifier import load_classifier
@@ -106,7 +107,7 @@ def run_bench(concepts="circle", anchors="square", samples=64, seed=0, methods=(
         rows.append(row)
         log(format_table(rows[-1:]).splitlines()[-1])
     for method, train in itertools.product(methods, trains):
-        erased, info = run_method(pipe, method, train, concepts, anchors, seed, steps, out, retain)
+        erased, info = run_method(pipe, method, train, concepts, anchors, seed, steps, out, retain, settings)
         for cfg in cfgs:
             row = {"method": method, "train": train, **info,
                    **score(erased, classifier, concepts, samples, seed, cfg, references[cfg])}
@@ -116,7 +117,9 @@ def run_bench(concepts="circle", anchors="square", samples=64, seed=0, methods=(
     table = format_table(rows)
     command = (f"python -m vare_core bench-erasure --concept {','.join(concepts)} --anchor {','.join(anchors)} --samples {samples} "
                f"--seed {seed} --methods {','.join(methods)} --train {','.join(trains)} --cfg {','.join(f'{c:g}' for c in cfgs)}"
-               + (f" --retain {retain}" if retain is not None else ""))
+               + (f" --retain {retain}" if retain is not None else "")
+               + "".join(f" --{k.replace('_', '-')}" + ("" if v is True else f" {v:g}")
+                         for k, v in (settings or {}).items()))
     (out / "bench.md").write_text(f"{command}\n\n{table}\n")
     (out / "bench.json").write_text(json.dumps({"command": command, "rows": [_public(r) for r in rows]},
                                                indent=1, default=str))
@@ -158,5 +161,7 @@ def main(args) -> None:
     cfgs = parse_cfgs(getattr(args, "cfg", "4"))
     torch.set_num_threads(2)
     rows = run_bench(concepts, anchors, args.samples, args.seed, methods, trains,
-                     getattr(args, "steps", None), args.out, retain=getattr(args, "retain", None), cfgs=cfgs)
+                     getattr(args, "steps", None), args.out, retain=getattr(args, "retain", None), cfgs=cfgs,
+                     settings={k: getattr(args, k) for k in ("early_scales", "entropy_weight", "erase_free_scales")
+                               if getattr(args, k, None) not in (None, False)})
     print(format_table(rows))
