@@ -4,7 +4,8 @@
     bash bench/gpu_check.sh                       # on a CUDA machine (a few minutes on one GPU)
     python bench/gpu_check.py --quick --device cpu   # the same code on a tiny model (CI)
 
-Rows: sampling in bf16 and in fp16, sampling with low_vram + the T5 offloaded, and the S-VARE
+Rows: sampling in bf16 and in fp16, sampling with low_vram + the T5 offloaded, sampling with the
+Concept Guard (its published Infinity settings: compare time and peak with the first row), and the S-VARE
 erasure with the pack's Infinity defaults (erasure/profile.py: LoRA, checkpointing, split passes,
 one pair per step; 2 pairs, 2 steps). Measured: seconds, and on CUDA the peak of
 torch.cuda.max_memory_allocated (tensors; the plan's CUDA reserve is left out of the compared
@@ -89,10 +90,16 @@ def row(name, seconds, peak, plan, reserve) -> dict:
             "error": None if peak is None else (planned - peak) / peak}
 
 
-def sample_row(quick, device, precision, low_vram=False) -> dict:
+def sample_row(quick, device, precision, low_vram=False, guard=False) -> dict:
     dtype = DTYPES[precision]
     pipe = build(quick, device, dtype, low_vram)
     cfg, schedule, vae_cfg, t5_cfg = sizes(quick)
+    settings = None
+    if guard:     # the published Infinity settings: 8 of 13 scales guarded at 1024²
+        settings = erasure_profile("infinity").guard_settings([("circle", "square")])
+        if quick:
+            settings = erasure_profile("infinity").guard_settings([("circle", "square")], scales=2, blocks=(0, 1))
+        pipe = pipe.guarded(settings)
     pipe.generate([PROMPT], seed=0)                        # warm-up (kernels, RoPE tables)
     peak_window(device)
     start = time.perf_counter()
@@ -102,8 +109,9 @@ def sample_row(quick, device, precision, low_vram=False) -> dict:
     seconds = time.perf_counter() - start
     tokens = len(pipe.text_encoder.tokenizer.encode(PROMPT).ids)
     plan = plan_memory(cfg, schedule, dtype=precision, device=device.type, t5_config=t5_cfg, vae_config=vae_cfg,
-                       text_tokens=tokens, low_vram=low_vram, offload_text_encoder=low_vram)
-    name = f"sample 1 image, {precision}" + (", low_vram + T5 offloaded" if low_vram else "")
+                       text_tokens=tokens, low_vram=low_vram, offload_text_encoder=low_vram, guard=settings)
+    name = (f"sample 1 image, {precision}" + (", low_vram + T5 offloaded" if low_vram else "")
+            + (f", Concept Guard ({settings.scales} scales)" if settings else ""))
     return row(name, seconds, measured_peak(device), plan, reserve(device))
 
 
@@ -152,6 +160,7 @@ def main(argv=None) -> list[dict]:
     half = ("bf16", "fp16") if device.type == "cuda" else ("fp32",)
     rows = [sample_row(args.quick, device, precision) for precision in half]
     rows.append(sample_row(args.quick, device, half[0], low_vram=True))
+    rows.append(sample_row(args.quick, device, half[0], guard=True))    # beside the unguarded first row
     rows.append(erase_row(args.quick, device, half[0]))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     model = "tiny model, 128 px" if args.quick else "Infinity-2B (random weights), 1024x1024"

@@ -158,9 +158,10 @@ def test_gpu_check_quick_on_cpu(capsys):
     rows = load_bench("gpu_check").main(["--quick", "--device", "cpu"])
     out = capsys.readouterr().out
     table = table_rows(out)
-    assert len(table) == len(rows) == 3
+    assert len(table) == len(rows) == 4
     assert all(r["seconds"] > 0 and r["plan"] > 0 and r["peak"] is None for r in rows)
     assert "S-VARE erasure, defaults (lora, split passes)" in out and "DDP (NCCL): skipped" in out
+    assert "Concept Guard (2 scales)" in out
 
 
 def test_preview_speed_quick(capsys):

@@ -59,3 +59,11 @@ def test_evaluate_adds_a_guarded_side(tmp_path):
     assert main_cli.main(["evaluate", "--model", "embedded", "--prompts", str(prompts), "--judge", "shapes",
                           "--concept", "circle", "--out", str(out), "--guard", "circle:square",
                           "--guard-penalty", "1"]) == 2
+
+
+def test_plan_counts_the_guard_and_refuses_it_without_sampling(capsys):
+    plan = ["plan", "--model", "embedded", "--height", "64", "--width", "64", "--device", "cpu"]
+    assert main_cli.main(plan + ["--guard", "circle:square"]) == 2
+    assert "add --sample" in capsys.readouterr().err
+    assert main_cli.main(plan + ["--sample", "--guard", "circle:square", "--guard", "cross:triangle"]) == 0
+    assert "Concept Guard: 4 extra rows per image on 5 of 5 scales" in capsys.readouterr().out

@@ -96,3 +96,42 @@ def test_guard_settings_from_the_profile_and_their_errors(pipe):
         erasure_profile(pipe).guard_settings([("circle", "square")], strength=2)
     with pytest.raises(ValueError, match="blocks 0 to 2"):
         pipe.guarded(_settings(pipe, blocks=(5,))).generate(PROMPTS, seed=0)
+
+
+def test_the_request_budget_and_the_plan_count_the_guard_rows(pipe):
+    from vare_core.erasure.plan import plan_memory
+    from vare_core.generation.budget import sampling_bytes
+    from vare_core.models import scales
+    from vare_core.models.presets import preset_config
+    guarded = pipe.guarded(_settings(pipe, scales=2))
+    assert sampling_bytes(guarded, 4, 16) > sampling_bytes(pipe, 4, 16)
+    config, schedule = preset_config("infinity_2b"), scales.scale_schedule(1.0, "1M")
+    guard = erasure_profile("infinity").guard_settings([("nudity", "clothed")])
+    plain, with_guard = (plan_memory(config, schedule, sample_batch=1, guard=g).peak for g in (None, guard))
+    # the guard's rows hold caches for its 8 scales only (about 9% of the tokens at 1024²)
+    assert plain < with_guard < plain * 1.15
+
+
+def test_the_guard_page_shows_the_profiles_settings():
+    import os
+    from pathlib import Path
+
+    from vare_core.erasure.profile import guard_defaults_table
+    doc = Path(__file__).resolve().parents[1] / "docs" / "guard.md"
+    begin, end = "<!-- guard defaults: begin -->\n", "<!-- guard defaults: end -->"
+    head, rest = doc.read_text().split(begin)
+    shown, tail = rest.split(end)
+    if os.environ.get("VARE_WRITE_DOCS"):
+        doc.write_text(head + begin + guard_defaults_table() + end + tail)
+        return
+    assert shown == guard_defaults_table(), "docs/guard.md's settings table is stale: VARE_WRITE_DOCS=1 rewrites it"
+
+
+def test_the_guard_takes_per_scale_cfg_and_tau(pipe):
+    settings = _settings(pipe, warmup=0, bit_threshold=100.0)
+    guarded = pipe.guarded(settings)
+    per_scale = guarded.generate(PROMPTS, seed=2, cfg="1,3,5", tau="1,0.5,0.5")
+    assert [tuple(b.shape[1:3]) for b in per_scale.bits] == [tuple(s) for s in pipe.default_schedule]
+    assert not _bits_equal(per_scale, guarded.generate(PROMPTS, seed=2, cfg=3.0, tau=0.5))
+    unguided = guarded.generate(PROMPTS, seed=2, cfg=1.0)      # no guidance: null rows only for the guard
+    assert unguided.images.shape == per_scale.images.shape

@@ -3,6 +3,7 @@
     python -m vare_core plan --model infinity_2b --height 1024 --width 1024            # erase defaults
     python -m vare_core plan --model infinity_2b --height 1024 --width 1024 --train ca_ffn
     python -m vare_core plan --model infinity_8b --height 1024 --width 1024 --sample --low-vram
+    python -m vare_core plan --model infinity_2b --height 1024 --width 1024 --sample --guard nudity:clothed
 
 With no training flags it plans exactly what `erase` and the Train Erasure node would run (the
 model's erasure profile); every `erase` training flag is accepted and planned. Every value is
@@ -16,6 +17,7 @@ from typing import get_args
 
 from ..erasure.plan import GiB, plan_memory
 from .common import CliError
+from .guard_args import add_guard_args, check_guard_args, guard_overrides
 
 PRESET_MODELS = ("infinity_2b", "infinity_8b")
 CARD_SIZES_GB = (8, 12, 16, 24, 40, 48, 80, 141)
@@ -44,6 +46,7 @@ def register(subparsers) -> None:
     p.add_argument("--n-pairs", type=int, default=PAIRS_PER_CONCEPT, help="pairs per concept (their targets)")
     p.add_argument("--concepts", type=int, default=1, help="concepts erased together")
     add_training_args(p)
+    add_guard_args(p)
     p.set_defaults(func=cmd_plan)
 
 
@@ -83,6 +86,8 @@ def check_plan_args(args):
     if args.low_vram and not args.sample:
         raise CliError("--low-vram streams the blocks for sampling only (add --sample); "
                        "training needs them on the device")
+    if check_guard_args(args) and not args.sample:
+        raise CliError("--guard acts while sampling: add --sample to plan it")
     return None if args.sample else config_from_args(args)
 
 
@@ -99,9 +104,15 @@ def cmd_plan(args) -> None:
     offload = args.offload_text_encoder
     if offload is None:
         offload = profile.offload_text_encoder and not args.sample
+    guard = None
+    pairs = check_guard_args(args)
+    if pairs:
+        guard = profile.guard_settings(pairs, **guard_overrides(args))
+        if max(guard.blocks) >= cfg.depth:
+            raise CliError(f"--guard-blocks {','.join(map(str, guard.blocks))}: this model has blocks 0 to {cfg.depth - 1}")
     plan = plan_memory(cfg, schedule, dtype=dtype, device=args.device, erase=erase,
                        sample_batch=args.batch, t5_config=t5, vae_config=vae, low_vram=args.low_vram,
-                       offload_text_encoder=offload, n_pairs=args.n_pairs * args.concepts)
+                       offload_text_encoder=offload, n_pairs=args.n_pairs * args.concepts, guard=guard)
     tokens = sum(h * w for h, w in schedule)
     what = f"sampling {args.batch} image(s)" if erase is None else (
         f"erasure: {erase.train}" + (f" rank {erase.rank} on {','.join(erase.lora_targets)}" if erase.train == "lora" else "")

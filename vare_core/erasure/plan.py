@@ -184,12 +184,24 @@ def _meta(builder):
         return builder()
 
 
+def meta_guard(model, guard, text_tokens: int, dtype):
+    """A ConceptGuard of `guard` (GuardSettings) on meta: its rows and keys have their sizes."""
+    from ..generation.guard import ConceptGuard
+    n, heads, head_dim = len(guard.concepts), model.cfg.num_heads, model.cfg.head_dim
+    return ConceptGuard(settings=guard,
+                        states=torch.empty(2 * n, text_tokens, model.cfg.text_channels, device="meta", dtype=dtype),
+                        lens=torch.full((2 * n,), text_tokens, dtype=torch.long),
+                        keys={b: torch.empty(n, 3, heads, head_dim, device="meta") for b in guard.blocks})
+
+
 def sampling_peak(model, vae, schedule, batch: int, text_tokens: int, dtype, cfg: float = 4.0,
-                  decode: bool = True, record: bool = False, patchify: bool = False) -> int:
-    """Peak live bytes (beyond the weights) of sampling `batch` images on meta."""
+                  decode: bool = True, record: bool = False, patchify: bool = False, guard=None) -> int:
+    """Peak live bytes (beyond the weights) of sampling `batch` images on meta; guard: the
+    GuardSettings of a Concept Guard whose rows join the batch on its scales."""
     from ..generation.sampler import SamplingSettings, sample
     meter = LiveBytes()
     kept = []
+    guard = meta_guard(model, guard, text_tokens, dtype) if guard is not None else None
 
     def keep(step):      # the trajectory sampler keeps every scale's bits and logits
         kept.append((step.bits, step.logits, step.summed_codes.clone()))
@@ -197,7 +209,7 @@ def sampling_peak(model, vae, schedule, batch: int, text_tokens: int, dtype, cfg
         states = torch.empty(batch, text_tokens, model.cfg.text_channels, device="meta", dtype=dtype)
         lens = torch.full((batch,), text_tokens, dtype=torch.long)
         sample(model, vae, states, lens, schedule, SamplingSettings(cfg=cfg, tau=1.0, top_p=0.97),
-               callback=keep if record else None, decode=decode, spatial_patchify=patchify)
+               callback=keep if record else None, decode=decode, spatial_patchify=patchify, guard=guard)
     return meter.peak
 
 
@@ -268,9 +280,10 @@ def trained_state_bytes(model, train: str, rank: int, lora_targets) -> int:
 def plan_memory(model_cfg, schedule, *, dtype: str = "bf16", device: str = "cuda", erase=None,
                 sample_batch: int = 1, t5_config=None, offload_text_encoder: bool = False,
                 vae_config=None, text_tokens: int = 64, n_pairs: int = 50,
-                low_vram: bool = False) -> MemoryPlan:
-    """The plan of sampling `sample_batch` images (erase=None) or of an erasure run with
-    `erase` (an EraseConfig; n_pairs pairs) on `device` ('cuda' or 'cpu')."""
+                low_vram: bool = False, guard=None) -> MemoryPlan:
+    """The plan of sampling `sample_batch` images (erase=None; guard: with a Concept Guard's
+    GuardSettings) or of an erasure run with `erase` (an EraseConfig; n_pairs pairs) on
+    `device` ('cuda' or 'cpu')."""
     from ..models.bsq_vae import BSQVAE, VAEConfig
     from ..models.infinity import Infinity
     from ..models.t5 import T5Config, T5Encoder
@@ -302,8 +315,11 @@ def plan_memory(model_cfg, schedule, *, dtype: str = "bf16", device: str = "cuda
     if offload_text_encoder:        # on the device only while prompts are encoded
         plan.phases["text encoding"] = {"text encoder (offloaded between uses)": t5_bytes}
     if erase is None:
-        plan.phases["sampling"] = {f"sampling {sample_batch} image(s) (KV cache, activations, VAE decode)":
-                                   sampling_peak(model, vae, schedule, sample_batch, text_tokens, torch_dtype, patchify=patchify)}
+        with_guard = "" if guard is None else (f", Concept Guard: {2 * len(guard.concepts)} extra rows per image on "
+                                               f"{min(guard.scales, len(schedule))} of {len(schedule)} scales")
+        plan.phases["sampling"] = {f"sampling {sample_batch} image(s) (KV cache, activations, VAE decode{with_guard})":
+                                   sampling_peak(model, vae, schedule, sample_batch, text_tokens, torch_dtype,
+                                                 patchify=patchify, guard=guard)}
         return plan
     traj_batch = erase.trajectory.batch_size
     total = sum(h * w for h, w in schedule)

@@ -252,6 +252,21 @@ def defaults_table(formulation: str = "auto") -> str:
     return "\n".join(rows) + "\n"
 
 
+GUARD_LABELS = {"scales": "scales carrying the guard's rows", "warmup": "first scales left to plain guidance",
+                "blocks": "blocks whose queries are read", "token_threshold": "token threshold (unsafe share)",
+                "bit_threshold": "bit threshold at scale 0", "bit_growth": "bit threshold's factor per scale",
+                "penalty": "penalty", "neutral": "neutral reference text"}
+
+
+def guard_defaults_table() -> str:
+    """The listed models' Concept Guard settings as a markdown table (docs/guard.md shows it)."""
+    profiles = [p for p in listed_profiles() if p.guard]
+    rows = ["| setting | " + " | ".join(p.title for p in profiles) + " |", "|---" * (len(profiles) + 1) + "|"]
+    rows += [f"| {label} (`{name}`) | " + " | ".join(shown(p.guard.get(name, "-")) for p in profiles) + " |"
+             for name, label in GUARD_LABELS.items()]
+    return "\n".join(rows) + "\n"
+
+
 register_profile(ErasureProfile(family=families.INFINITY, title="Infinity", settings=infinity_defaults.ERASURE,
                                 default_train=infinity_defaults.DEFAULT_TRAIN,
                                 offload_text_encoder=infinity_defaults.OFFLOAD_TEXT_ENCODER,

@@ -124,6 +124,19 @@ def sampling_bytes_per_image(model_cfg, vae_cfg, schedule, text_tokens: int, dty
     return math.ceil(max(transformer, decode) + kept)
 
 
+def guard_bytes_per_image(model_cfg, schedule, text_tokens: int, dtype_bytes: int, guard, guided: bool = True) -> int:
+    """What a Concept Guard (GuardSettings) adds per image: its rows (two per concept, and the
+    null row when unguided) with caches for its scales' tokens only, while they last."""
+    scales = schedule[:min(guard.scales, len(schedule))]
+    rows = 2 * len(guard.concepts) + (0 if guided else 1)
+    e, f, dim, depth = dtype_bytes, 4, model_cfg.embed_dim, model_cfg.depth
+    tokens, last = sum(h * w for h, w in scales), max(h * w for h, w in scales)
+    kv = depth * 2 * (tokens + text_tokens) * dim * e
+    text = text_tokens * (model_cfg.text_channels * (f + 3 * e) + 3 * dim * e)
+    block = last * (6 * dim * f + 4 * dim * e + 2 * model_cfg.mlp_hidden * e) + last * 2 * model_cfg.bits * f * 6
+    return rows * (kv + text + block)
+
+
 def sampling_bytes(pipe, images: int, text_tokens: int, height: int | None = None, width: int | None = None,
                    guided: bool = True) -> int:
     """The sampler's peak for `images` images of a loaded pipeline, beyond its weights: per
@@ -134,6 +147,8 @@ def sampling_bytes(pipe, images: int, text_tokens: int, height: int | None = Non
     dtype = pipe.model.word_embed.weight.dtype
     per_image = sampling_bytes_per_image(pipe.model.cfg, pipe.vae.config, schedule, text_tokens,
                                          _dtype_bytes(dtype), pipe.spatial_patchify, guided)
+    if getattr(pipe, "guard", None) is not None:
+        per_image += guard_bytes_per_image(pipe.model.cfg, schedule, text_tokens, _dtype_bytes(dtype), pipe.guard, guided)
     states = text_tokens * pipe.model.cfg.text_channels * _dtype_bytes(pipe.text_encoder.dtype)
     return RUNTIME + math.ceil((images + 1) * (per_image * SAFETY + states))
 
