@@ -492,6 +492,23 @@ def test_workflow_5_applies_the_saved_adapter(server, object_info):
     assert grid.width >= 2 * 160 and grid.height >= 4 * 160
 
 
+def test_the_concept_guard_workflow_erases_without_training(server, object_info):
+    graph = to_api(workflow(REPO / "workflows" / "vare_embedded_concept_guard.json"), object_info)
+    status, history, messages = server.run(graph, timeout=600)
+    assert status == "execution_success", json.dumps(history.get("status"))[:3000] + server.log_tail()
+    outputs = history["outputs"]
+    grid = server.image(outputs[node_of(graph, "VARE_CompareGrid")]["images"][0])
+    assert grid.width >= 2 * 160 and grid.height >= 5 * 160
+    report = outputs[node_of(graph, "VARE_ErasureCheck")]["text"][0]
+    print("\nErasure Check (guard):", report)
+    assert "circle (shape) in 0 of 5 images" in report
+    guarded = [n for n, spec in graph.items() if spec["class_type"] == "VARE_Sampler"
+               and spec["inputs"].get("preview_guard_mask")]
+    steps = [m["data"]["value"] for m in messages if isinstance(m, dict) and m["type"] == "progress"
+             and m["data"]["node"] in guarded]
+    assert guarded and steps[-5:] == [1, 2, 3, 4, 5]
+
+
 def test_cancel_keeps_the_partial_adapter(server, object_info):
     graph = to_api(workflow(WF2, {("VARE_TrainErasure", "steps"): 5000}), object_info)
     interrupted = []
