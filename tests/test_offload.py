@@ -7,7 +7,7 @@ out around every use, the encoder moved to the device and back, and clear errors
 import pytest
 import torch
 
-from vare_core.models import infinity
+from vare_core.models import block_streaming
 from vare_core.models.infinity import Infinity, InfinityConfig, init_weights
 from vare_core.generation.pipeline import OFFLOAD_DEVICE, load_pipeline
 from vare_core.testing import tiny_pipeline
@@ -61,7 +61,7 @@ def test_each_block_is_swapped_in_only_while_it_runs(pipe, monkeypatch):
         copies.append(tensor.data_ptr())
         return tensor.clone()
 
-    monkeypatch.setattr(infinity, "_copy_to_device", copy_to_device)
+    monkeypatch.setattr(block_streaming, "_copy_to_device", copy_to_device)
     model = pipe.model.enable_block_streaming("cpu")
     stored = [p.data_ptr() for p in model.parameters()]
     block = model.blocks[1]

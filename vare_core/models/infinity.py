@@ -23,7 +23,6 @@ Parameter names follow the official checkpoints, except that blocks live in a fl
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .attention import CrossAttention, RMSNorm, SelfAttention, TextPool
+from .block_streaming import BlockStreaming
 from .lowrank import Linear
 from .rope import rope_table
 
@@ -162,7 +162,7 @@ class HeadNorm(nn.Module):
         return modulated_norm(x, scale, shift, self.eps)
 
 
-class Infinity(nn.Module):
+class Infinity(BlockStreaming, nn.Module):
     # Parameters that stay fp32 in a half-precision model: they act on the fp32 residual stream
     # (level embedding, start token, AdaLN, head), as in the official bf16 inference, where only
     # the blocks are cast. 1.5% of the 2B model's weights; with them in bf16 the golden model's
@@ -351,56 +351,6 @@ class Infinity(nn.Module):
         state.filled = end
         return self._logits(x, state.head_ada)
 
-    # ---------------------------------------------------------------- low-VRAM block streaming
-    @torch.no_grad()
-    def enable_block_streaming(self, compute_device, storage_device="cpu") -> "Infinity":
-        """Keep the blocks (nearly all the weights) on `storage_device` and copy each block to
-        `compute_device` only while it runs; everything else (text projections, embeddings,
-        head) and every activation and cache live on `compute_device`. On a GPU the stored
-        blocks are pinned so the copies are asynchronous. For sampling only: a forward pass with
-        gradients enabled raises. Returns self."""
-        compute, storage = torch.device(compute_device), torch.device(storage_device)
-        pin = compute.type == "cuda" and storage.type == "cpu"
-        for name, child in self.named_children():
-            child.to(storage if name == "blocks" else compute)
-        for tensor in self.parameters(recurse=False):
-            tensor.data = tensor.data.to(compute)
-        if pin:
-            for tensor in list(self.blocks.parameters()) + list(self.blocks.buffers()):
-                tensor.data = tensor.data.pin_memory()
-        self.stream_device = compute
-        return self
-
-    @torch.no_grad()
-    def disable_block_streaming(self) -> "Infinity":
-        """Move the blocks back onto the compute device (the normal, fastest mode)."""
-        if self.stream_device is not None:
-            self.blocks.to(self.stream_device)
-            self.stream_device = None
-        return self
-
-    @contextmanager
-    def _on_compute_device(self, module: nn.Module):
-        """While inside, the tensors of `module` (a block or part of one) are copies on the
-        compute device (streaming mode only). The copies are queued on the current stream
-        behind the work already there and freed on exit: the allocator reuses their memory
-        for the next block in stream order, so only one block is on the device at a time."""
-        if self.stream_device is None:
-            yield
-            return
-        if torch.is_grad_enabled():
-            raise RuntimeError("low-VRAM block streaming is for sampling only: run under "
-                               "torch.no_grad(), or load the model without low_vram to train it")
-        tensors = list(module.parameters()) + list(module.buffers())
-        stored = [t.data for t in tensors]
-        for tensor in tensors:
-            tensor.data = _copy_to_device(tensor.data, self.stream_device)
-        try:
-            yield
-        finally:
-            for tensor, data in zip(tensors, stored):
-                tensor.data = data
-
 
 def _run_block(block: Block, x, *args):
     return block(x.float(), *args)
@@ -414,11 +364,6 @@ def _full_precision(x: torch.Tensor):
 
 def _linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, layer.weight.float(), layer.bias.float())
-
-
-def _copy_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # From pinned memory the copy is asynchronous; the source stays referenced until it is done.
-    return tensor.to(device, non_blocking=True)
 
 
 @torch.no_grad()
