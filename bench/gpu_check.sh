@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the pack in one run (bench/gpu_check.py): Infinity-2B sampling in
-# bf16 / fp16 / low_vram and the S-VARE erasure with the defaults at 1024², each beside its
+# bf16 / fp16 / low_vram / with the Concept Guard and the S-VARE erasure with the defaults at 1024², each beside its
 # memory plan; the per-scale preview decode; then the plan command's own figures. Under 8
 # minutes on one GPU; prints tables.
 set -euo pipefail
