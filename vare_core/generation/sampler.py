@@ -15,7 +15,9 @@ and every bit is drawn from its 2-way softmax. The drawn codes are upsampled to 
 and added to the running sum; the VAE decodes that sum at the end.
 
 With a Concept Guard (guard.py) the batch also carries the guard's texts on its first scales;
-the guard mixes those rows' logits instead of plain guidance there, then its rows leave.
+the guard mixes those rows' logits instead of plain guidance there, then its rows leave. When
+every scale left is drawn at cfg 1 (e.g. cfg "4,4,4,1,1") the unconditional rows leave the batch
+and the KV caches too: the same bits, without the work of computing rows that are multiplied by 0.
 """
 from __future__ import annotations
 
@@ -208,9 +210,13 @@ def sample(model: Infinity, vae, text_states: torch.Tensor, text_lens: torch.Ten
     for k, (h, w) in enumerate(schedule):
         if cancel is not None and cancel():
             raise SamplingCancelled(f"sampling cancelled before scale {k + 1} of {n_scales}")
+        still_guided = any(c != 1.0 for c in cfgs[k:])
         if guard is not None and k == guard_until:         # the guard's rows leave the batch
-            rows = 2 if guided else 1
+            rows = 2 if still_guided else 1
             state = model.keep_rows(state, rows * batch)
+        elif rows == 2 and not still_guided:               # cfg 1 from here on: cond * 1 + uncond * 0,
+            rows = 1                                       # so the unconditional rows leave the batch
+            state = model.keep_rows(state, batch)          # and the caches, not computed to be discarded
         guarding = guard is not None and k < guard_until
         x_scale = None
         if k > 0:
@@ -224,7 +230,7 @@ def sample(model: Infinity, vae, text_states: torch.Tensor, text_lens: torch.Ten
         if guarding:
             logits, guard_mask = guard.combine(k, logits, cfgs[k], batch)
             guard_mask = guard_mask.view(batch, h, w)
-        elif guided:
+        elif rows == 2:
             logits = cfgs[k] * logits[:batch] + (1 - cfgs[k]) * logits[batch:]
         combined = logits                      # what the callback sees (erasure teacher targets)
         # one reduction per scale (meta tensors, in the memory plan, hold no values)
