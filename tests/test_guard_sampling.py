@@ -135,3 +135,21 @@ def test_the_guard_takes_per_scale_cfg_and_tau(pipe):
     assert not _bits_equal(per_scale, guarded.generate(PROMPTS, seed=2, cfg=3.0, tau=0.5))
     unguided = guarded.generate(PROMPTS, seed=2, cfg=1.0)      # no guidance: null rows only for the guard
     assert unguided.images.shape == per_scale.images.shape
+
+
+def test_the_guard_is_prepared_once_per_pipeline(pipe, monkeypatch):
+    from vare_core.generation import guard as guard_module
+    calls = []
+    prepare = guard_module.ConceptGuard.prepare.__func__
+
+    def counting(cls, *args, **kwargs):
+        calls.append(1)
+        return prepare(cls, *args, **kwargs)
+    monkeypatch.setattr(guard_module.ConceptGuard, "prepare", classmethod(counting))
+    guarded = pipe.guarded(_settings(pipe))
+    first = guarded.generate(PROMPTS, seed=0)
+    again = guarded.generate(PROMPTS, seed=0)
+    assert len(calls) == 1 and _bits_equal(first, again)
+    adapted = apply_adapter(guarded, lora_adapter(pipe, scale=0.3))       # other weights: prepared anew
+    adapted.generate(PROMPTS, seed=0)
+    assert len(calls) == 2 and adapted._prepared_guard is not guarded._prepared_guard

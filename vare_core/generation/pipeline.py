@@ -60,6 +60,8 @@ class VarPipeline:
     family: str = INFINITY                      # whose choices apply (vare_core/families.py)
     named: bool = False                         # loaded by name (generation/registry.py): its own preset
     guard: GuardSettings | None = None          # a Concept Guard on every image it samples (guarded())
+    # the guard prepared for this pipeline's model (texts encoded, keys projected): once, not per call
+    _prepared_guard: ConceptGuard | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:
@@ -192,7 +194,11 @@ class VarPipeline:
                 negative_lens = negative_lens.expand(states.shape[0])
         generator = torch.Generator(self.device).manual_seed(int(seed))
         settings = (settings or self.sampling_settings()).laid_out(len(schedule), self.free_scales)
-        guard = ConceptGuard.prepare(self.guard, self.model, self.encode_prompts) if self.guard else None
+        guard = None
+        if self.guard is not None:
+            if self._prepared_guard is None or self._prepared_guard.settings != self.guard:
+                self._prepared_guard = ConceptGuard.prepare(self.guard, self.model, self.encode_prompts)
+            guard = self._prepared_guard
         return sample(self.model, self.vae, states.to(self.device), lens.to(self.device), schedule, settings,
                       negative_states=negative_states, negative_lens=negative_lens, generator=generator,
                       callback=callback, cancel=cancel, spatial_patchify=self.spatial_patchify, guard=guard)
