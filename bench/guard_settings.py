@@ -8,6 +8,7 @@ pair at every cfg (fidelity.py, 16 samples per prompt set by default) and the me
 each pair's ACC_e / ACC_i / same picture. --separability: how well each block's cross-attention
 queries tell the concept's prompts from the others' at each scale: the AUC of the per-image mean
 unsafe share (1.0: perfectly, 0.5: not at all), what the token mask can select on.
+--schedule-cost: what the guard costs on Infinity's 1024² schedule (published settings).
 """
 from __future__ import annotations
 
@@ -88,6 +89,47 @@ def separability(pipe, concept: str, anchor: str, samples: int) -> None:
         print(f"| {scale} | " + " | ".join(cells) + f" | {auc(every):.2f} |")
 
 
+def schedule_cost(repeats: int = 5) -> None:
+    """Guarded / plain sampling time on Infinity's 1024² schedule (13 scales) with its published
+    guard settings, on a small random model (depth 8, width 256) that a CPU runs in seconds."""
+    import statistics
+
+    from vare_core.embedded.world import VOCABULARY
+    from vare_core.generation.pipeline import VarPipeline
+    from vare_core.models import scales
+    from vare_core.models.bsq_vae import BSQVAE, VAEConfig
+    from vare_core.models.infinity import Infinity, InfinityConfig, init_weights
+    from vare_core.models.t5 import T5Config, T5Encoder
+    from vare_core.models.text_encoder import TextEncoder, build_word_level_tokenizer
+    torch.manual_seed(0)
+    schedule = scales.scale_schedule(1.0, "1M")
+    config = InfinityConfig(depth=8, embed_dim=256, num_heads=4, bits=32, text_channels=64, text_maxlen=32,
+                            block_chunks=1, cond_drop_rate=0.0, num_levels=len(schedule))
+    tokenizer = build_word_level_tokenizer(VOCABULARY)
+    t5 = T5Encoder(T5Config(d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4,
+                            vocab_size=tokenizer.get_vocab_size())).eval()
+    vae = BSQVAE(VAEConfig(bits=32, patch_size=16, base_channels=24, channel_mult=(1, 1, 1, 1, 1), num_res_blocks=1))
+    pipe = VarPipeline(model=init_weights(Infinity(config)).eval().requires_grad_(False),
+                       vae=vae.eval().requires_grad_(False), text_encoder=TextEncoder(tokenizer, t5, 32),
+                       name="small random", fingerprint="-", default_schedule=list(schedule),
+                       defaults={"cfg": 3.0, "tau": 0.5, "top_p": 0.97}, fixed_schedule=True)
+    guarded = pipe.guarded(erasure_profile("infinity").guard_settings([("circle", "square")]))
+    tokens = sum(h * w for h, w in schedule)
+    carried = sum(h * w for h, w in schedule[:guarded.guard.scales])
+    pipe.generate(["a red circle"], seed=0)
+    guarded.generate(["a red circle"], seed=0)                     # warm-up
+    ratios = []
+    for seed in range(repeats):
+        start = time.perf_counter()
+        pipe.generate(["a red circle"], seed=seed)
+        middle = time.perf_counter()
+        guarded.generate(["a red circle"], seed=seed)
+        ratios.append((time.perf_counter() - middle) / (middle - start))
+    print(f"Infinity 1024² schedule: {len(schedule)} scales, {tokens} tokens, the guard's rows on "
+          f"{guarded.guard.scales} scales ({carried} tokens, {100 * carried / tokens:.1f}%); guarded / plain "
+          f"time, median of {repeats} interleaved: {statistics.median(ratios):.3f} (plain {middle - start:.1f} s)")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--grid", default=None, help="JSON list of guard setting overrides")
@@ -95,8 +137,12 @@ def main(argv=None) -> None:
     p.add_argument("--pairs", default=TUNING_PAIRS)
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--cfg", default="2,4,6")
+    p.add_argument("--schedule-cost", action="store_true",
+                   help="time the published Infinity guard on the 1024² schedule (small random model)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.schedule_cost:
+        schedule_cost()
     pipe = load_pipeline("embedded", device="cpu")
     if args.separability:
         concept, anchor = args.separability.split(":")
