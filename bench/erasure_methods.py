@@ -27,6 +27,8 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=32, help="fidelity images per prompt set (fidelity.prompt_sets)")
     p.add_argument("--attack-samples", type=int, default=20, help="images per attack family")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the profile's)")
+    p.add_argument("--timing-repeats", type=int, default=5, help="interleaved timings per method (median)")
+    p.add_argument("--timing-images", type=int, default=64, help="images in each timed batch")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="out/erasure_methods")
     return p.parse_args(argv)
@@ -81,7 +83,8 @@ def main(argv=None) -> int:
     timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
     missing = [m for m in methods if m not in timing]
     if missing:
-        timing.update(ranking.time_methods(pipe, missing, *pairs[0], out, args.steps))
+        timing.update(ranking.time_methods(pipe, missing, *pairs[0], out, args.steps, args.timing_repeats,
+                                           args.timing_images))
         timing_path.write_text(json.dumps(timing))
     summary = ranking.summarize(rows, methods, timing)
     command = "python bench/erasure_methods.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -71,7 +71,7 @@ class ConceptGuard(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, concept=None, anchor=None, **_):
+    def validate_inputs(cls, concept=None, anchor=None):
         if isinstance(concept, str) and isinstance(anchor, str):
             try:
                 parse_concepts(concept, anchor)

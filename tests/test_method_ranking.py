@@ -51,7 +51,8 @@ def test_every_method_on_two_pairs_at_reduced_samples(tmp_path):
     """The CI row: every method trains (5 steps), samples and is attacked; the guard, which needs
     no training, already erases; a second run resumes from the files."""
     args = ["--pairs", "circle:square,triangle:cross", "--seeds", "0", "--cfg", "4", "--samples", "4",
-            "--attack-samples", "4", "--steps", "5", "--out", str(tmp_path)]
+            "--attack-samples", "4", "--steps", "5", "--timing-repeats", "1", "--timing-images", "8",
+            "--out", str(tmp_path)]
     assert erasure_methods.main(args) == 0
     result = json.loads((tmp_path / "methods.json").read_text())
     summary = result["summary"]["methods"]

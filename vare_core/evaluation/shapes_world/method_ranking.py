@@ -35,6 +35,9 @@ DEFAULT_PAIRS = ("circle:square", "square:circle", "triangle:cross", "cross:tria
                  "square:cross")
 
 
+_PAIRS: dict = {}          # (model fingerprint, concept, anchor) -> the pairs every method trains on
+
+
 def peak_rss_mib(reset: bool = False) -> float | None:
     """The process's peak resident set (VmHWM) in MiB; reset: start a new peak (Linux)."""
     try:
@@ -61,7 +64,10 @@ def train_adapter(pipe, method: str, concept: str, anchor: str, out: Path, steps
     settings = dict(TRAINED[method])
     formulation = settings.pop("formulation", "auto")
     config = profile.config(formulation, **settings, **({"steps": steps} if steps else {}))
-    pairs = profile.pairs([concept], [anchor], seed=0, pipe=pipe)
+    key = (pipe.fingerprint, concept, anchor)      # the same pairs for every method (mining takes seconds)
+    if key not in _PAIRS:
+        _PAIRS[key] = profile.pairs([concept], [anchor], seed=0, pipe=pipe)
+    pairs = _PAIRS[key]
     peak_rss_mib(reset=True)
     start = time.perf_counter()
     result = train_erasure(pipe, pairs, config, cache_dir=out / "cache")
