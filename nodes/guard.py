@@ -5,7 +5,7 @@ in either order. Settings left at their "profile" value are the model family's (
 """
 from __future__ import annotations
 
-from vare_core.erasure.profile import erasure_profile, listed_profiles
+from vare_core.erasure.profile import erasure_profile, listed_profiles, shown
 
 from . import host
 from .compat import CATEGORY, VareModel, io
@@ -16,8 +16,6 @@ PROFILE = -1                # a number input at this value: the model's profile'
 
 def profile_values(name: str) -> str:
     """'embedded 5, Infinity 8': what the listed models' profiles decide for a guard setting."""
-    def shown(value):
-        return ",".join(map(str, value)) if isinstance(value, tuple) else f"{value:g}"
     return ", ".join(f"{p.title} {shown(p.guard[name])}" for p in listed_profiles() if name in p.guard)
 
 
@@ -87,9 +85,7 @@ class ConceptGuard(io.ComfyNode):
                                                   ("bit_threshold", bit_threshold), ("warmup", warmup))
                  if value is not None and value != PROFILE}
         settings = erasure_profile(model).guard_settings(parse_concepts(concept, anchor), **given)
-        depth = len(model.model.blocks)
-        if max(settings.blocks) >= depth:       # a profile for a deeper model of the family
-            raise ValueError(f"the guard reads blocks {list(settings.blocks)}; this model has 0 to {depth - 1}")
+        settings.check_blocks(len(model.model.blocks))      # a profile made for a deeper model of the family
         guarded = model.guarded(settings)
         host.register_models(guarded, like=model)
         host.release_when_freed(guarded)

@@ -88,7 +88,8 @@ def guard_from_args(args, pipe):
         for name, (flag, _, _) in GUARD_FLAGS.items():
             message = message.replace(f"guard {name} ", f"{flag} ")
         raise CliError(message) from None
-    depth = len(pipe.model.blocks)
-    if max(settings.blocks) >= depth:
-        raise CliError(f"--guard-blocks {','.join(map(str, settings.blocks))}: this model has blocks 0 to {depth - 1}")
+    try:
+        settings.check_blocks(len(pipe.model.blocks))
+    except ValueError as err:
+        raise CliError(str(err).replace("guard blocks", "--guard-blocks", 1)) from None
     return settings

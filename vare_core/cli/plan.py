@@ -108,8 +108,10 @@ def cmd_plan(args) -> None:
     pairs = check_guard_args(args)
     if pairs:
         guard = profile.guard_settings(pairs, **guard_overrides(args))
-        if max(guard.blocks) >= cfg.depth:
-            raise CliError(f"--guard-blocks {','.join(map(str, guard.blocks))}: this model has blocks 0 to {cfg.depth - 1}")
+        try:
+            guard.check_blocks(cfg.depth)
+        except ValueError as err:
+            raise CliError(str(err).replace("guard blocks", "--guard-blocks", 1)) from None
     plan = plan_memory(cfg, schedule, dtype=dtype, device=args.device, erase=erase,
                        sample_batch=args.batch, t5_config=t5, vae_config=vae, low_vram=args.low_vram,
                        offload_text_encoder=offload, n_pairs=args.n_pairs * args.concepts, guard=guard)

@@ -82,6 +82,11 @@ class GuardSettings:
                 bound = f"from 0 to {high:g}" if high is not None else ">= 0"
                 raise ValueError(f"guard {name} must be a number {bound}, got {value!r}")
 
+    def check_blocks(self, depth: int) -> None:
+        """ValueError unless every block read exists in a model of `depth` blocks."""
+        if max(self.blocks) >= depth:
+            raise ValueError(f"guard blocks {','.join(map(str, self.blocks))}: this model has blocks 0 to {depth - 1}")
+
     def describe(self) -> str:
         """One line for logs and file metadata: 'guard nudity -> clothed (8 scales)'."""
         pairs = ", ".join(f"{u} -> {s}" for u, s in self.concepts)
@@ -106,9 +111,7 @@ class ConceptGuard:
     @torch.no_grad()
     def prepare(cls, settings: GuardSettings, model, encode) -> "ConceptGuard":
         """encode(list of texts) -> (states (N, T, C), lens (N,)), e.g. VarPipeline.encode_prompts."""
-        depth = len(model.blocks)
-        if max(settings.blocks) >= depth:
-            raise ValueError(f"guard blocks {list(settings.blocks)}: this model has blocks 0 to {depth - 1}")
+        settings.check_blocks(len(model.blocks))
         n = len(settings.concepts)
         unsafe = [u for u, _ in settings.concepts]
         safe = [s for _, s in settings.concepts]
