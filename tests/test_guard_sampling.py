@@ -39,11 +39,10 @@ def test_guard_rows_only_on_its_scales_and_the_caches_shrink_after(pipe, monkeyp
     seen = []
     forward_scale = Infinity.forward_scale
 
-    def recording(self, state, k, x_scale=None):
-        k_cache = state.self_kv[0][0]
-        seen.append((k, state.cond.shape[0], k_cache.shape[2],
-                     sum(c.numel() * c.element_size() for kv in state.self_kv for c in kv)))
-        return forward_scale(self, state, k, x_scale)
+    def recording(self, state, k, x_scale=None, **kwargs):
+        k_cache = state.self_kv[0].k
+        seen.append((k, state.cond.shape[0], k_cache.shape[2], state.cache_bytes))
+        return forward_scale(self, state, k, x_scale, **kwargs)
     monkeypatch.setattr(Infinity, "forward_scale", recording)
     batch, schedule = 2, pipe.default_schedule                       # 1x1, 2x2, 4x4
     pipe.guarded(_settings(pipe, scales=2, warmup=0)).generate(PROMPTS, seed=0, cfg=3.0)

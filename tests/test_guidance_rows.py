@@ -12,9 +12,9 @@ def _rows_and_cache_bytes(pipe, monkeypatch, cfg):
     seen = []
     forward_scale = Infinity.forward_scale
 
-    def recording(self, state, k, x_scale=None):
-        seen.append((state.cond.shape[0], sum(c.numel() * c.element_size() for kv in state.self_kv for c in kv)))
-        return forward_scale(self, state, k, x_scale)
+    def recording(self, state, k, x_scale=None, **kwargs):
+        seen.append((state.cond.shape[0], state.cache_bytes))
+        return forward_scale(self, state, k, x_scale, **kwargs)
     monkeypatch.setattr(Infinity, "forward_scale", recording)
     result = pipe.generate(PROMPTS, seed=4, cfg=cfg)
     monkeypatch.undo()
@@ -25,9 +25,12 @@ def test_unguided_late_scales_drop_the_unconditional_rows(monkeypatch):
     pipe = tiny_pipeline(seed=0, depth=2)
     seen, late_off = _rows_and_cache_bytes(pipe, monkeypatch, "4,1,1")
     assert [rows for rows, _ in seen] == [6, 3, 3]
-    assert seen[1][1] * 2 == seen[0][1]                        # the caches hold half the rows
+    # all 6 rows cached for the one guided scale (1 token), then the 3 that stay for all 21
+    assert seen[1][1] * 6 * 1 == seen[0][1] * 3 * 21
     seen, guided = _rows_and_cache_bytes(pipe, monkeypatch, "4,4,4")
     assert [rows for rows, _ in seen] == [6, 6, 6]
+    assert seen[0][1] == seen[1][1] == seen[2][1]                  # one cache for the whole run
+    assert max(b for _, b in seen) > max(b for _, b in _rows_and_cache_bytes(pipe, monkeypatch, "4,1,1")[0])
     seen, middle_off = _rows_and_cache_bytes(pipe, monkeypatch, "4,1,4")   # guided again later: kept
     assert [rows for rows, _ in seen] == [6, 6, 6]
 

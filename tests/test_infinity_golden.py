@@ -88,7 +88,7 @@ def test_sampling_fp32_cross_attention_matches_exactly(files, golden):
     text, lens = padded_text(files["forward"])
     raw = []
     original = model.forward_scale
-    model.forward_scale = lambda state, k, x=None: raw.append(original(state, k, x)) or raw[-1]
+    model.forward_scale = lambda state, k, x=None, **kw: raw.append(original(state, k, x, **kw)) or raw[-1]
     result = sample(model, vae, text, lens, SCHEDULE, SamplingSettings(cfg=3.0, tau=0.5),
                     generator=torch.Generator().manual_seed(42))
     assert (torch.cat(raw, 1) - ref["head_out_raw"]).abs().max() <= 1e-4

@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .lowrank import Linear
-from .rope import apply_rope
+from .kv_cache import KVCache
+from .rope import rotate, rotor
 
 MAX_SCALE_MUL = float(torch.log(torch.tensor(100.0)))  # clamp of the cosine-attention temperature
 
@@ -51,19 +52,36 @@ class SelfAttention(nn.Module):
         batch, length, dim = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = self.mat_qkv(x, bias).view(batch, length, 3, self.heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                 # (B, H, L, hd)
-        temperature = self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp().to(q.dtype)
-        q = F.normalize(q, dim=-1) * temperature
-        k = F.normalize(k, dim=-1)
-        q, k = apply_rope(q, k, rope)
-        if kv_cache is not None:                                       # sampling: append this scale
-            k_cache, v_cache = kv_cache
-            end = start + length
-            k_cache[:, :, start:end] = k
-            v_cache[:, :, start:end] = v
-            k, v = k_cache[:, :, :end], v_cache[:, :, :end]
+        q, k, v = qkv.unbind(2)                                        # (B, L, H, hd) views
+        # Worked on token-major (B, L, H, hd): the attention output comes back in that layout, so
+        # the heads merge without a copy. Cosine attention: q, k of unit length, q times its
+        # head's temperature (one multiply); RoPE keeps lengths, so it comes after.
+        temperature = self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp().to(q.dtype).view(1, 1, -1, 1)
+        q = q * (temperature / _length(q))
+        k = k / _length(k)
+        turn = rotor(rope).unsqueeze(-2)                              # (L, 1, hd/2): every head
+        q = rotate(q, turn).transpose(1, 2)                            # (B, H, L, hd) views
+        if kv_cache is None:
+            k, v = rotate(k, turn).transpose(1, 2), v.transpose(1, 2)
+        else:                                                          # sampling: append this scale
+            if isinstance(kv_cache, tuple):                            # (k, v) buffers, `start` filled
+                kv_cache = KVCache(*kv_cache, filled=start)
+            k_slot, v_slot = kv_cache.reserve(length)
+            if k_slot.dtype == torch.float32:                          # rotated straight into the cache
+                rotate(k, turn, out=k_slot.transpose(1, 2))
+            else:
+                k_slot.copy_(rotate(k, turn).transpose(1, 2))
+            v_slot.copy_(v.transpose(1, 2))
+            k, v = kv_cache.readable()
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)
+        if kv_cache is not None:
+            kv_cache.commit(length, q)
         return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
+
+
+def _length(x: torch.Tensor) -> torch.Tensor:
+    """L2 length over the head dim, floored as F.normalize floors it."""
+    return x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 class CrossAttention(nn.Module):

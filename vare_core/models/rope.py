@@ -47,14 +47,38 @@ def clear_cache() -> None:
     _rope_cpu.cache_clear()
 
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q, k (B, H, L, head_dim) by the (cos, sin) rows of their tokens; fp32 math."""
+def rotor(rope) -> torch.Tensor:
+    """The (cos, sin) rows as unit complex numbers (L, head_dim/2): a pair (2i, 2i+1) of q or k
+    read as one complex number rotates by one multiplication. Built once per scale (sampling)
+    or pass (training) and shared by every block."""
+    if torch.is_tensor(rope) and rope.is_complex():
+        return rope
     cos, sin = rope
+    return torch.complex(cos.float(), sin.float())
 
-    def rotate(x):
+
+def rotate(x: torch.Tensor, rope, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (B, H, L, head_dim) rotated by its tokens' rows of `rope` ((cos, sin) or a rotor);
+    fp32 maths, the result in x's dtype. `out` (fp32, x's shape, e.g. a slice of a key cache)
+    receives the rotated values instead of a new tensor."""
+    turn = rotor(rope)
+    if torch.compiler.is_compiling():          # compiled graphs: real arithmetic, no complex views
         pairs = x.float().unflatten(-1, (-1, 2))
         even, odd = pairs[..., 0], pairs[..., 1]
-        out = torch.stack([cos * even - sin * odd, sin * even + cos * odd], dim=-1)
-        return out.flatten(-2).to(x.dtype)
+        cos, sin = turn.real, turn.imag
+        rotated = torch.stack([cos * even - sin * odd, sin * even + cos * odd], dim=-1).flatten(-2)
+        return rotated.to(x.dtype) if out is None else out.copy_(rotated)
+    pairs = x.float()
+    if pairs.stride(-1) != 1 or any(stride % 2 for stride in pairs.stride()[:-1]) or pairs.storage_offset() % 2:
+        pairs = pairs.contiguous()         # view_as_complex needs (real, imag) side by side
+    pairs = torch.view_as_complex(pairs.unflatten(-1, (-1, 2)))
+    if out is not None:
+        torch.mul(pairs, turn, out=torch.view_as_complex(out.unflatten(-1, (-1, 2))))
+        return out
+    return torch.view_as_real(pairs * turn).flatten(-2).to(x.dtype)
 
-    return rotate(q), rotate(k)
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q, k (B, H, L, head_dim) by the (cos, sin) rows of their tokens; fp32 math."""
+    turn = rotor(rope)
+    return rotate(q, turn), rotate(k, turn)
