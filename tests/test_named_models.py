@@ -27,7 +27,9 @@ def test_loading_by_name_gives_the_family_its_files_and_defaults():
     pipe = load_pipeline("embedded", device="cpu")
     info = json.loads((spec.WEIGHTS_DIR / spec.INFO_FILE).read_text())
     assert (pipe.name, pipe.family, pipe.named, pipe.preset) == ("embedded", "embedded", True, "embedded")
-    assert pipe.defaults == {k: info[k] for k in ("cfg", "tau", "top_p", "free_scales") if k in info}
+    assert pipe.defaults == {**{k: info[k] for k in ("cfg", "tau", "top_p", "free_scales") if k in info},
+                             "fast": spec.FAST}
+    assert pipe.fast_defaults == spec.FAST
     assert pipe.default_schedule == [tuple(s) for s in spec.SCHEDULE] and pipe.fixed_schedule
 
 

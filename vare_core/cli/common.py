@@ -71,6 +71,17 @@ def add_sampling_args(parser: argparse.ArgumentParser):
     group.add_argument("--tau", default=None, help="temperature: a number or one per scale")
     group.add_argument("--top-k", type=int, default=None)
     group.add_argument("--top-p", type=float, default=None)
+    group.add_argument("--speed", default=None, choices=("exact", "fast"),
+                       help="exact (default): every token of every scale; fast: the knobs below at the "
+                            "model's fast values (docs/speed.md)")
+    group.add_argument("--unguided-scales", type=int, default=None,
+                       help="the last N scales without guidance (the unconditional half leaves the batch)")
+    group.add_argument("--pruned-scales", type=int, default=None,
+                       help="the last N scales compute only --keep-share of their tokens")
+    group.add_argument("--keep-share", default=None,
+                       help="share of tokens computed on each pruned scale: one number or one per pruned scale")
+    group.add_argument("--kv-budget", type=float, default=None,
+                       help="share of the image's tokens each block keeps in its key/value cache (1: all)")
     group.add_argument("--negative", default=None, help="negative prompt")
     group.add_argument("--height", type=int, default=None)
     group.add_argument("--width", type=int, default=None)
@@ -150,7 +161,24 @@ def sampling_kwargs(args, n_scales: int) -> dict:
         if not 0 <= args.top_p <= 1:
             raise CliError(f"--top-p {args.top_p}: must be between 0 and 1")
         kwargs["top_p"] = args.top_p
-    return kwargs
+    return {**kwargs, **speed_kwargs(args)}
+
+
+def speed_kwargs(args) -> dict:
+    """--speed and the fast-sampling knobs given (generation/speed.py), checked by flag."""
+    from ..generation.speed import check_speed_settings
+    knobs = {name: getattr(args, name, None) for name in ("unguided_scales", "pruned_scales", "keep_share", "kv_budget")}
+    knobs = {name: value for name, value in knobs.items() if value is not None}
+    try:
+        knobs = check_speed_settings(getattr(args, "speed", None) or "exact", knobs)
+    except ValueError as err:
+        text = str(err)
+        for name in knobs:
+            text = text.replace(name, "--" + name.replace("_", "-"), 1) if text.startswith(name) else text
+        raise CliError(text) from None
+    if getattr(args, "speed", None):
+        knobs["speed"] = args.speed
+    return knobs
 
 
 def apply_adapter_args(pipe, specs: list[str]):

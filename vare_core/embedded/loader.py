@@ -48,7 +48,8 @@ def load_embedded(device=None, dtype=None, weights_dir: Path | None = None, *,
     return VarPipeline(model=model, vae=vae, text_encoder=text_encoder, name=NAME,
                        fingerprint=fingerprint,
                        default_schedule=[tuple(s) for s in info["scale_schedule"]],
-                       defaults={k: info[k] for k in ("cfg", "tau", "top_p", "free_scales") if k in info},
+                       defaults={**{k: info[k] for k in ("cfg", "tau", "top_p", "free_scales") if k in info},
+                                 "fast": dict(spec.FAST)},
                        fixed_schedule=True, offload_text_encoder=offload_text_encoder,
                        family=NAME, named=True)
 

@@ -22,6 +22,11 @@ INFO_FILE = "embedded.json"                  # sampling defaults and training re
 
 IMAGE_SIZE = 64
 SCHEDULE = [(1, 1), (2, 2), (4, 4), (6, 6), (8, 8)]
+# speed "fast" (generation/speed.py) on this model, chosen by `python bench/fast_sampling.py`
+# (docs/speed.md): the last scale unguided and 3/4 of its tokens computed, the cache trimmed once
+# (0.4 of 121 tokens) before it. Keep 0.5 cost the geometric judge 2-7 points at cfg 2-6; 0.75
+# stays within 0.8 of exact on two seeds, every picture the same.
+FAST = {"unguided_scales": 1, "pruned_scales": 1, "keep_share": 0.75, "kv_budget": 0.4}
 TEXT_MAX_TOKENS = 24
 
 # No GroupNorm: per-image statistics wash out the absolute colours of flat synthetic images.

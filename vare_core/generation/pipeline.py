@@ -37,7 +37,7 @@ from ..models.t5 import T5Config
 from ..models.text_encoder import TextEncoder
 from .guard import ConceptGuard, GuardSettings
 from .registry import named_model
-from .sampler import SampleResult, SamplingSettings, sample
+from .sampler import SPEED_KNOBS, SampleResult, SamplingSettings, sample
 
 OFFLOAD_DEVICE = torch.device("cpu")   # where offloaded weights wait
 ModelDtype = Literal["auto", "fp32", "fp16", "bf16"]   # what a model is loaded in (pick_dtype)
@@ -152,24 +152,32 @@ class VarPipeline:
         return int(self.defaults.get("free_scales", 0))
 
     def sampling_settings(self, cfg=None, tau=None, top_k: int | None = None,
-                          top_p: float | None = None) -> SamplingSettings:
+                          top_p: float | None = None, **speed) -> SamplingSettings:
         """This model's sampling defaults (its family's: embedded.json, models/infinity_defaults.py;
-        else the sampler's) with the given values in their place."""
-        model_defaults = {k: self.defaults[k] for k in ("cfg", "tau", "top_k", "top_p") if k in self.defaults}
-        return SamplingSettings(**model_defaults).replace(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p)
+        else the sampler's) with the given values in their place; `speed` and the fast-sampling
+        knobs (generation/speed.py) by name."""
+        fields = ("cfg", "tau", "top_k", "top_p", "speed") + SPEED_KNOBS
+        model_defaults = {k: self.defaults[k] for k in fields if k in self.defaults}
+        return SamplingSettings(**model_defaults).replace(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, **speed)
+
+    @property
+    def fast_defaults(self) -> dict | None:
+        """The family's knobs for speed "fast" (None: Infinity's, models/infinity_defaults.FAST)."""
+        return self.defaults.get("fast")
 
     def generate(self, prompts: list[str] | str, *, seed: int = 0, negative_prompt: str | None = None,
                  settings: SamplingSettings | None = None, cfg=None, tau=None, top_k: int | None = None,
                  top_p: float | None = None, height: int | None = None, width: int | None = None,
-                 callback=None, cancel=None) -> SampleResult:
+                 callback=None, cancel=None, **speed) -> SampleResult:
         """One image per prompt, deterministic for (seed, prompts, settings, device). settings:
-        a SamplingSettings, or None for the model's defaults; cfg / tau / top_k / top_p given
-        here replace the matching fields."""
+        a SamplingSettings, or None for the model's defaults; cfg / tau / top_k / top_p and
+        `speed` / the fast-sampling knobs (speed.py) given here replace the matching fields."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         for i, p in enumerate(prompts):
             if not isinstance(p, str) or not p.strip():
                 raise ValueError(f"prompt {i} is empty; write what the image should show")
-        settings = (settings or self.sampling_settings()).replace(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p)
+        settings = (settings or self.sampling_settings()).replace(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p,
+                                                                  **speed)
         states, lens = self.encode_prompts(prompts)
         neg_states = neg_lens = None
         if negative_prompt:     # encoded once; generate_encoded gives every image the same row
@@ -201,7 +209,8 @@ class VarPipeline:
             guard = self._prepared_guard
         return sample(self.model, self.vae, states.to(self.device), lens.to(self.device), schedule, settings,
                       negative_states=negative_states, negative_lens=negative_lens, generator=generator,
-                      callback=callback, cancel=cancel, spatial_patchify=self.spatial_patchify, guard=guard)
+                      callback=callback, cancel=cancel, spatial_patchify=self.spatial_patchify, guard=guard,
+                      fast_defaults=self.fast_defaults)
 
 
 def pick_device(device):

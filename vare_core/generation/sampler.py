@@ -31,8 +31,10 @@ import torch
 from ..checks import is_finite_number, is_integer
 from ..models.bsq_quant import codes_from_bits, next_scale_input, unpatchify_tokens, upsample_codes
 from ..models.infinity import Infinity
+from ..models.kv_cache import kept_tokens
 from .guard import ConceptGuard
 from .per_scale import check_setting_range, parse_per_scale, per_scale_values, with_free_scales
+from .speed import KNOBS as SPEED_KNOBS, check_speed_settings, speed_plan
 
 
 class SamplingCancelled(RuntimeError):
@@ -62,11 +64,17 @@ class SamplingSettings:
     """How bits are drawn; checked once, here (the per-scale count against a schedule in
     per_scale). cfg and tau: one number, or one per scale (a list, or text "3,3,4"; kept as a
     tuple); logits are divided by tau, then mixed cfg * cond + (1 - cfg) * uncond. top_k: 0
-    (off), 1 (greedy); top_p: 0 (off) to 1, the nucleus of each bit's two values."""
+    (off), 1 (greedy); top_p: 0 (off) to 1, the nucleus of each bit's two values.
+    speed "exact" | "fast" and the fast-sampling knobs (None: the speed's value): see speed.py."""
     cfg: float | tuple = 3.0
     tau: float | tuple = 0.5
     top_k: int = 0
     top_p: float = 0.0
+    speed: str = "exact"
+    unguided_scales: int | None = None
+    pruned_scales: int | None = None
+    keep_share: float | tuple | None = None
+    kv_budget: float | None = None
 
     def __post_init__(self):
         for name in ("cfg", "tau"):
@@ -79,6 +87,8 @@ class SamplingSettings:
             raise ValueError(f"top_k must be an integer >= 0 (0: off, 1: greedy), got {self.top_k!r}")
         if not (is_finite_number(self.top_p) and 0 <= self.top_p <= 1):
             raise ValueError(f"top_p must be a number from 0 (off) to 1, got {self.top_p!r}")
+        knobs = check_speed_settings(self.speed, {name: getattr(self, name) for name in SPEED_KNOBS})
+        object.__setattr__(self, "keep_share", knobs["keep_share"])
 
     def replace(self, **changes) -> "SamplingSettings":
         """A copy with the given fields (None: left as it is)."""
@@ -169,7 +179,8 @@ def sample(model: Infinity, vae, text_states: torch.Tensor, text_lens: torch.Ten
            callback: Callable[[ScaleStep], None] | None = None,
            cancel: Callable[[], bool] | None = None, rope_grid=None,
            spatial_patchify: bool = False, decode: bool = True,
-           applied: str | None = None, guard: ConceptGuard | None = None) -> SampleResult:
+           applied: str | None = None, guard: ConceptGuard | None = None,
+           fast_defaults: dict | None = None) -> SampleResult:
     """Sample one image per prompt. text_states (B, T, C) / text_lens (B,) come from the text
     encoder; without a negative prompt the unconditional half uses the learned null condition
     cut to each prompt's length. settings: SamplingSettings() when None.
@@ -179,11 +190,14 @@ def sample(model: Infinity, vae, text_states: torch.Tensor, text_lens: torch.Ten
     the model's `applied_description`, which adapters.apply_adapter sets), named by the
     NonFiniteLogits error a scale with inf/NaN logits raises.
     guard: a prepared ConceptGuard (guard.py): its rows join the batch on its first scales and
-    leave it (and the key/value caches) after them."""
+    leave it (and the key/value caches) after them (no token pruning on its scales).
+    fast_defaults: the model family's fast-sampling knobs for speed "fast" (speed.py)."""
     schedule = [tuple(map(int, s)) for s in scale_schedule]
     n_scales = len(schedule)
     settings = SamplingSettings() if settings is None else settings
     cfgs, taus = settings.per_scale(n_scales)
+    plan = speed_plan(settings, schedule, fast_defaults)
+    cfgs = cfgs[:plan.unguided_from] + [1.0] * (n_scales - plan.unguided_from)
     applied = getattr(model, "applied_description", None) if applied is None else applied
     device = model.word_embed.weight.device
     dtype = model.word_embed.weight.dtype
@@ -195,10 +209,17 @@ def sample(model: Infinity, vae, text_states: torch.Tensor, text_lens: torch.Ten
                                                guided or guard is not None, guard)
     cond = model.encode_condition(text_states, text_lens)
     guard_until = min(guard.settings.scales, n_scales) if guard is not None else 0
-    guard_tokens = None          # the guard's rows only ever need cache room for its own scales
-    if guard is not None and guard_until < n_scales:
-        guard_tokens = sum(h * w for h, w in schedule[:guard_until])
-    state = model.start_sampling(cond, schedule, rope_grid, cache_tokens=guard_tokens)
+    guided_until = n_scales - next((i for i, c in enumerate(reversed(cfgs)) if c != 1.0), n_scales)
+    # rows that leave before the end only ever need cache room for the scales they run: the
+    # guard's rows its own scales, the unconditional rows the guided ones (keep_rows gives the
+    # rows that stay room for the rest)
+    leave_at = guard_until if guard is not None else guided_until
+    keep_shares = [1.0 if k < guard_until else share for k, share in enumerate(plan.keep_shares)]
+    computed = [kept_tokens(share, h * w) for share, (h, w) in zip(keep_shares, schedule)]
+    cache_tokens = sum(computed[:leave_at]) if 0 < leave_at < n_scales else None
+    state = model.start_sampling(cond, schedule, rope_grid, cache_tokens=cache_tokens,
+                                 kv_budget=plan.kv_budget, carry_hidden=plan.prunes,
+                                 capacity=sum(computed))
     rows = text_states.shape[0] // batch                   # rows per image in the batch now
 
     bits_per_token = model.cfg.bits
@@ -224,7 +245,8 @@ def sample(model: Infinity, vae, text_states: torch.Tensor, text_lens: torch.Ten
             if rows > 1:
                 x_scale = x_scale.repeat(rows, 1, 1)
         with guard.capturing(model, batch) if guarding else contextlib.nullcontext():
-            raw = model.forward_scale(state, k, x_scale)              # (rows * B, hw, 2d) fp32
+            # (rows * B, hw, 2d); no pruning on the guard's scales: it reads every token
+            raw = model.forward_scale(state, k, x_scale, keep_share=keep_shares[k], images=batch)
         logits = raw / taus[k]
         guard_mask = None
         if guarding:

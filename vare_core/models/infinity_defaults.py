@@ -15,6 +15,11 @@ from __future__ import annotations
 
 # The pipeline's sampling defaults (VarPipeline.defaults) for an Infinity checkpoint.
 SAMPLING = {"cfg": 3.0, "tau": 0.5, "top_k": 0, "top_p": 0.97}
+# speed "fast" (generation/speed.py), not measured on Infinity's weights: the published settings
+# of the methods it follows, on the 13 scales of 1024x1024: guidance off on the last 2 scales
+# (48x48, 64x64; StageVAR/Switti turn it off in the late "fidelity" scales), FastVAR's pruning on
+# the last 3 (40x40 keeps half, 48x48 and 64x64 less), ScaleKV's budget of about a tenth.
+FAST = {"unguided_scales": 2, "pruned_scales": 3, "keep_share": (0.5, 0.4, 0.3), "kv_budget": 0.2}
 
 DEFAULT_TRAIN = "lora"
 OFFLOAD_TEXT_ENCODER = True        # the T5 waits in CPU memory between encodes while it trains
