@@ -13,6 +13,8 @@ from vare_core.generation import budget
 from vare_core.generation.per_scale import check_setting_range, parse_setting, per_scale_values
 from vare_core.generation.preview import decode_preview, tint_mask
 from vare_core.generation.sampler import SamplingCancelled
+
+from .sampling_speed import check_keep_share, speed_inputs, speed_knobs
 from vare_core.models import scales
 
 from . import host
@@ -69,10 +71,10 @@ def per_scale(text: str, n_scales: int, name: str):
 
 
 def generate_from_conditioning(pipe, cond, *, seed, cfg, tau, top_k, top_p, height, width, batch_size=1,
-                               callback=None, cancel=None):
+                               callback=None, cancel=None, **speed):
     """VarPipeline.generate for prompts already encoded (same defaults, same seeding): each
-    prompt batch_size times in a row."""
-    settings = pipe.sampling_settings(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p)
+    prompt batch_size times in a row. speed: `speed` and the fast-sampling knobs."""
+    settings = pipe.sampling_settings(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, **speed)
     states, lens, negative_states, negative_lens = cond.padded(batch_size, pipe.device)
     return pipe.generate_encoded(states, lens, settings=settings, negative_states=negative_states,
                                  negative_lens=negative_lens, seed=seed, height=height, width=width,
@@ -133,6 +135,7 @@ class Sampler(io.ComfyNode):
                 io.Boolean.Input("preview_guard_mask", default=False, optional=True,
                                  tooltip="with a Concept Guard on the model: tint red, in the preview, the "
                                          "tokens where the guard changes the image (on the scales it guards)"),
+                *speed_inputs(),
             ],
             outputs=[io.Image.Output(display_name="images", tooltip="RGB, prompts in order, "
                                      "batch_size images each")],
@@ -140,19 +143,23 @@ class Sampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, cfg=None, tau=None, resolution=None):
+    def validate_inputs(cls, cfg=None, tau=None, resolution=None, keep_share=None):
         # an input left out or linked arrives as None: ComfyUI reports it, nothing to check here
         for text, name, positive in ((cfg, "cfg", False), (tau, "tau", True)):
             problem = None if text is None else check_per_scale(text, name, positive)
             if problem:
                 return problem
+        problem = None if keep_share is None else check_keep_share(keep_share)
+        if problem:
+            return problem
         if resolution is not None and resolution not in resolution_choices():
             return f"resolution {resolution!r} is not in the list"
         return True
 
     @classmethod
     def execute(cls, model, conditioning, seed, cfg, tau, top_k, top_p, resolution, batch_size,
-                preview=True, preview_guard_mask=False):
+                preview=True, preview_guard_mask=False, speed="exact", unguided_scales=-1,
+                pruned_scales=-1, keep_share=AUTO, kv_budget=-1.0):
         pipe, node = model, node_id(cls)
         if conditioning.encoder != encoder_id(pipe):
             raise ValueError("the conditioning was encoded by another model's text encoder: connect "
@@ -161,6 +168,7 @@ class Sampler(io.ComfyNode):
         schedule = pipe.schedule_for(height, width)            # ValueError names the valid sizes
         n = len(schedule)
         cfg, tau = per_scale(cfg, n, "cfg"), per_scale(tau, n, "tau")
+        knobs = speed_knobs(speed, unguided_scales, pruned_scales, keep_share, kv_budget)
         need, what, advice = check_request(pipe, conditioning, batch_size, height, width, cfg)
         count = len(conditioning.prompts) * batch_size
 
@@ -185,7 +193,7 @@ class Sampler(io.ComfyNode):
             result = generate_from_conditioning(
                 pipe, conditioning, seed=seed, cfg=cfg, tau=tau, top_k=top_k,
                 top_p=None if top_p < 0 else top_p, height=height, width=width, batch_size=batch_size,
-                callback=on_scale, cancel=host.interrupted)
+                callback=on_scale, cancel=host.interrupted, **knobs)
         except SamplingCancelled:
             host.raise_interrupted()
         except Exception as err:

@@ -232,6 +232,22 @@ def test_sampler_settings_change_the_images_and_bad_ones_are_explained(model):
             sample(model, cond, resolution="1024x1024 (h/w 1, 1M)")
 
 
+def test_sampler_speed_inputs_reach_the_sampler(model):
+    cond = encode(model, per_line=False, prompt="a red circle")
+    exact = sample(model, cond, batch_size=2)
+    assert torch.equal(exact, sample(model, cond, batch_size=2, speed="exact", unguided_scales=-1,
+                                     pruned_scales=-1, keep_share="auto", kv_budget=-1.0))
+    fast = sample(model, cond, batch_size=2, speed="fast")
+    settings = model.sampling_settings(speed="fast")
+    assert torch.equal(fast, model.generate(["a red circle"] * 2, seed=0, settings=settings).images)
+    # a knob given alone, on the exact speed: pruning the last scale at half its tokens
+    one = sample(model, cond, batch_size=2, pruned_scales=1, keep_share="0.5")
+    by_api = model.generate(["a red circle"] * 2, seed=0, pruned_scales=1, keep_share=0.5).images
+    assert torch.equal(one, by_api) and not torch.equal(one, exact)
+    assert "keep_share must be above 0" in sampling.Sampler.validate_inputs("auto", "auto", "model default", "0,2")
+    assert sampling.Sampler.validate_inputs("auto", "auto", "model default", "0.5,0.4") is True
+
+
 def test_sampler_stops_between_scales_when_cancelled(model, events, monkeypatch):
     polls = []
     monkeypatch.setattr(host, "interrupted", lambda: polls.append(1) or len(polls) > 3)
