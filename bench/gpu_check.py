@@ -5,7 +5,9 @@
     python bench/gpu_check.py --quick --device cpu   # the same code on a tiny model (CI)
 
 Rows: sampling in bf16 and in fp16, sampling with low_vram + the T5 offloaded, sampling with the
-Concept Guard (its published Infinity settings: compare time and peak with the first row), and the S-VARE
+Concept Guard (its published Infinity settings: compare time and peak with the first row),
+sampling at speed "fast" (Infinity's fast defaults), on CUDA the exact row with the blocks
+compiled (torch.compile default) and the fast row with CUDA graphs (reduce-overhead), and the S-VARE
 erasure with the pack's Infinity defaults (erasure/profile.py: LoRA, checkpointing, split passes,
 one pair per step; 2 pairs, 2 steps). Measured: seconds, and on CUDA the peak of
 torch.cuda.max_memory_allocated (tensors; the plan's CUDA reserve is left out of the compared
@@ -16,6 +18,7 @@ row; with one it says so.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +31,7 @@ from vare_core.erasure.plan import CUDA_RESERVE, CPU_RESERVE, plan_memory
 from vare_core.erasure.trainer import train_erasure
 from vare_core.erasure.profile import erasure_profile
 from vare_core.models.bsq_vae import BSQVAE, VAEConfig
+from vare_core.models.compiled import compile_blocks
 from vare_core.models.infinity import Infinity, InfinityConfig, init_weights
 from vare_core.models.presets import preset_config
 from vare_core.models.t5 import T5Config, T5Encoder
@@ -90,9 +94,12 @@ def row(name, seconds, peak, plan, reserve) -> dict:
             "error": None if peak is None else (planned - peak) / peak}
 
 
-def sample_row(quick, device, precision, low_vram=False, guard=False) -> dict:
+def sample_row(quick, device, precision, low_vram=False, guard=False, speed="exact", compile_mode="off") -> dict:
     dtype = DTYPES[precision]
     pipe = build(quick, device, dtype, low_vram)
+    pipe = dataclasses.replace(pipe, defaults={**pipe.defaults, "speed": speed})
+    if compile_mode != "off":       # the first (warm-up) image pays the compile
+        compile_blocks(pipe.model, compile_mode)
     cfg, schedule, vae_cfg, t5_cfg = sizes(quick)
     settings = None
     if guard:     # the published Infinity settings: 8 of 13 scales guarded at 1024²
@@ -111,7 +118,9 @@ def sample_row(quick, device, precision, low_vram=False, guard=False) -> dict:
     plan = plan_memory(cfg, schedule, dtype=precision, device=device.type, t5_config=t5_cfg, vae_config=vae_cfg,
                        text_tokens=tokens, low_vram=low_vram, offload_text_encoder=low_vram, guard=settings)
     name = (f"sample 1 image, {precision}" + (", low_vram + T5 offloaded" if low_vram else "")
-            + (f", Concept Guard ({settings.scales} scales)" if settings else ""))
+            + (f", Concept Guard ({settings.scales} scales)" if settings else "")
+            + (f", speed {speed}" if speed != "exact" else "")
+            + (f", torch.compile {compile_mode}" if compile_mode != "off" else ""))
     return row(name, seconds, measured_peak(device), plan, reserve(device))
 
 
@@ -161,6 +170,13 @@ def main(argv=None) -> list[dict]:
     rows = [sample_row(args.quick, device, precision) for precision in half]
     rows.append(sample_row(args.quick, device, half[0], low_vram=True))
     rows.append(sample_row(args.quick, device, half[0], guard=True))    # beside the unguarded first row
+    rows.append(sample_row(args.quick, device, half[0], speed="fast"))  # beside the exact first row
+    if device.type == "cuda":       # the per-scale step compiled (inductor; CUDA graphs): beside the first rows
+        for speed, mode in (("exact", "default"), ("fast", "reduce-overhead")):
+            try:
+                rows.append(sample_row(args.quick, device, half[0], speed=speed, compile_mode=mode))
+            except Exception as err:   # a compiler missing or failing: said, the other rows kept
+                print(f"torch.compile {mode}, speed {speed}: {type(err).__name__}: {str(err)[:200]}")
     rows.append(erase_row(args.quick, device, half[0]))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     model = "tiny model, 128 px" if args.quick else "Infinity-2B (random weights), 1024x1024"

@@ -35,8 +35,8 @@ def main(argv=None):
     for sigma in [float(s) for s in args.sigmas.split(",")]:
         noise = torch.Generator().manual_seed(7)
 
-        def noisy_forward(state, index, x, sigma=sigma, noise=noise):
-            logits = clean_forward(state, index, x)
+        def noisy_forward(state, index, x, sigma=sigma, noise=noise, **kwargs):
+            logits = clean_forward(state, index, x, **kwargs)
             return logits + sigma * torch.randn(logits.shape, generator=noise).to(logits)
         pipe.model.forward_scale = noisy_forward
         run = sample_sets(pipe, [args.concept], args.samples, args.seed, args.cfg)

@@ -4,7 +4,8 @@
     python bench/sample_speed.py --quick         # CI: first 5 scales, one timed repeat
     python bench/sample_speed.py --gpu           # + Infinity-2B preset, random weights, on CUDA
 
-The reference path recomputes the whole prefix at every scale (no KV cache) and runs the
+The fast row is speed "fast" with Infinity's defaults (docs/speed.md); its "same codes" is
+against the exact sampler. The reference path recomputes the whole prefix at every scale (no KV cache) and runs the
 conditional and unconditional halves as two separate passes. Both paths use the same weights
 and, for the same seed, give the same codes up to float rounding: the "same codes" column is
 the fraction of the final summed codes on which they agree.
@@ -84,13 +85,18 @@ def run(name, cfg: InfinityConfig, schedule, batch, dtype, device, repeats, refe
     class NoVAE:  # the bench times the transformer + sampler; decoding is the same for both paths
         pass
 
-    def ours():
-        return sample(model, NoVAE(), text, lens, schedule, SamplingSettings(cfg=3.0, tau=1.0), decode=False,
+    def ours(speed="exact"):
+        settings = SamplingSettings(cfg=3.0, tau=1.0, speed=speed)
+        return sample(model, NoVAE(), text, lens, schedule, settings, decode=False,
                       generator=torch.Generator(device).manual_seed(0)).summed_codes
 
     rows = []
     seconds, peak = timed(ours, repeats, device)
     rows.append((name, "ours (KV cache, batched CFG)", batch, seconds, tokens / seconds, peak, None))
+    fast = lambda: ours("fast")  # noqa: E731
+    seconds, peak = timed(fast, repeats, device)
+    same = float((ours() == fast()).float().mean())
+    rows.append((name, "ours, speed fast (Infinity's defaults)", batch, seconds, tokens / seconds, peak, same))
     if reference:
         ref = lambda: reference_sample(model, text, lens, schedule, generator=torch.Generator(device).manual_seed(0))  # noqa: E731
         seconds, peak = timed(ref, repeats, device)

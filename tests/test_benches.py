@@ -45,12 +45,14 @@ def test_sample_speed_quick(capsys):
     out = capsys.readouterr().out
     assert "command: python bench/sample_speed.py --quick" in out
     table = table_rows(out)
-    assert [r[1] for r in table] == ["ours (KV cache, batched CFG)", "reference (no cache, 2-pass CFG)"]
+    assert [r[1] for r in table] == ["ours (KV cache, batched CFG)", "ours, speed fast (Infinity's defaults)",
+                                     "reference (no cache, 2-pass CFG)"]
     for row in table:
         seconds, tokens_per_s, peak = number(row[3]), number(row[4]), number(row[5])
         assert all(math.isfinite(v) and v > 0 for v in (seconds, tokens_per_s, peak)), row
-    assert number(table[1][6]) > 99.0          # the reference draws the same codes
-    assert len(rows) == 2
+    assert number(table[2][6]) > 99.0          # the reference draws the same codes
+    assert 0 < number(table[1][6]) < 100.0     # fast draws other codes, not unrelated ones
+    assert len(rows) == 3
 
 
 def test_train_step_quick(capsys):
@@ -158,8 +160,9 @@ def test_gpu_check_quick_on_cpu(capsys):
     rows = load_bench("gpu_check").main(["--quick", "--device", "cpu"])
     out = capsys.readouterr().out
     table = table_rows(out)
-    assert len(table) == len(rows) == 4
+    assert len(table) == len(rows) == 5
     assert all(r["seconds"] > 0 and r["plan"] > 0 and r["peak"] is None for r in rows)
+    assert "speed fast" in out
     assert "S-VARE erasure, defaults (lora, split passes)" in out and "DDP (NCCL): skipped" in out
     assert "Concept Guard (2 scales)" in out
 
@@ -197,3 +200,15 @@ def test_embedded_misses_counts_every_image_and_flags_what_a_judge_rejects(capsy
     assert "20 images, 20 misses; every prompt 1 of 1 on 0 of 1 seeds" in out
     assert out.count("miss: seed 0") == 20
     assert sum(int(missed) for missed, _ in re.findall(r"\(\d, \d\) (\d+)/(\d+)", out.splitlines()[-1])) == 20
+
+
+def test_fast_sampling_speed_part_reports_every_knob(capsys):
+    # the speed part on a one-block model at the smallest schedule: every variant runs, the
+    # exact row agrees with itself and the budget row's cache is the budget's share
+    load_bench("fast_sampling").main(["--part", "speed", "--depth", "1", "--width", "64",
+                                      "--preset", "0.06M", "--repeats", "1"])
+    rows = {row[0]: row for row in table_rows(capsys.readouterr().out)}
+    assert set(rows) == {"exact", "unguided_scales=2", "pruned_scales=3, keep_share=(0.5, 0.4, 0.3)",
+                         "kv_budget=0.2", "fast (all)"}
+    assert rows["exact"][5] == "100.0 / 100.0" and rows["exact"][3].endswith("(1.00)")
+    assert number(rows["kv_budget=0.2"][3].split("(")[1].rstrip(")")) <= 0.25
