@@ -42,7 +42,7 @@ def test_readme_is_a_users_page_in_the_agreed_order():
     text = (REPO / "README.md").read_text()
     assert len(text.splitlines()) <= 260
     sections = [line[3:].strip() for line in text.splitlines() if line.startswith("## ")]
-    expected = ["Install in ComfyUI", "Model files", "The workflows", "The nodes", "Will it fit?",
+    expected = ["Install in ComfyUI", "Model files", "The workflows", "The nodes", "Will it fit?", "Speed",
                 "The command line", "The Python API", "How this implementation differs from the paper",
                 "Results on the embedded model", "Troubleshooting", "Development", "Citation", "Licence"]
     assert sections == expected
