@@ -3,6 +3,7 @@
     python bench/official_speed.py --official /tmp/official_infinity              # configs A, B, C
     python bench/official_speed.py --official PATH --configs A --batches 2 --repeats 3
     python bench/official_speed.py --official PATH --ours '{"speed": "fast"}'     # time a mode of ours
+    python bench/official_speed.py --official PATH --configs A --batches 2 --profile   # where time goes
 
 PATH: a checkout of https://github.com/FoundationVision/Infinity (the folder holding its
 `infinity` package; the golden tensors came from commit 4c27bbb), imported as is (nothing of it
@@ -23,6 +24,9 @@ Neither decodes: the official run gets a VAE stand-in holding only its own quant
 Each row runs in a fresh interpreter: one warm-up each, then `repeats` rounds alternating ours /
 official. Seconds: median per batch (B images = 2B rows with CFG); ours/official: median of the
 rounds' ratios; peak: rise of the resident set in one more call of each (see peak_rise_mib).
+--profile adds one torch.profiler call of each: self time in the linear layers (addmm / mm),
+in attention (SDPA) and in everything else, and the floor ours/official would reach if all
+but the first two were free (the same arithmetic on both sides at the same bits).
 """
 from __future__ import annotations
 
@@ -251,7 +255,22 @@ def peak_rise_mib(paths: dict) -> dict:
     return peaks
 
 
-def run_row(official, quantizer_class, name, batch, settings, repeats, bf16_ca):
+def op_profile(paths: dict) -> dict:
+    """{name: {"linear", "attention", "other"}: self CPU seconds of one profiled call}."""
+    from torch.profiler import ProfilerActivity, profile
+    split = {}
+    for name, fn in paths.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        times = {event.key: event.self_cpu_time_total / 1e6 for event in prof.key_averages()}
+        linear = sum(t for key, t in times.items() if key in ("aten::addmm", "aten::mm", "aten::bmm"))
+        attention = sum(t for key, t in times.items() if "scaled_dot_product" in key)
+        split[name] = {"linear": linear, "attention": attention,
+                       "other": sum(times.values()) - linear - attention}
+    return split
+
+
+def run_row(official, quantizer_class, name, batch, settings, repeats, bf16_ca, profile=False):
     depth, width, heads, preset, _ = CONFIGS[name]
     schedule = scale_schedule(1.0, preset)
     ours, theirs, vae = build_pair(official, quantizer_class, depth, width, heads, preset, bf16_ca)
@@ -274,6 +293,7 @@ def run_row(official, quantizer_class, name, batch, settings, repeats, bf16_ca):
     seconds, drawn = timed_interleaved(paths, repeats)
     same = torch.cat([(a == b).flatten() for a, b in zip(drawn["ours"], drawn["official"])]).float().mean().item()
     peaks = peak_rise_mib(paths)
+    split = op_profile(paths) if profile else None      # after the peaks: the profiler holds memory
     # Ratio of the two calls of each round (seconds apart): steadier than a ratio of medians
     # when other work on the machine comes and goes.
     ratio = statistics.median(a / b for a, b in zip(seconds["ours"], seconds["official"]))
@@ -281,7 +301,7 @@ def run_row(official, quantizer_class, name, batch, settings, repeats, bf16_ca):
                 params=sum(p.numel() for p in ours.parameters()),
                 tokens=sum(h * w for h, w in schedule), scales=len(schedule), same=same, ratio=ratio,
                 ours=(statistics.median(seconds["ours"]), peaks["ours"]),
-                official=(statistics.median(seconds["official"]), peaks["official"]))
+                official=(statistics.median(seconds["official"]), peaks["official"]), split=split)
 
 
 def source_state(path: str) -> str:
@@ -294,7 +314,8 @@ def run_row_process(args, name: str, batch: int) -> dict:
     """The row in a fresh interpreter: its own malloc state and peak (see peak_rise_mib)."""
     command = [sys.executable, os.path.abspath(__file__), "--official", args.official, "--row", f"{name}:{batch}",
                "--repeats", str(args.repeats), "--threads", str(args.threads), "--ours", args.ours]
-    return run_row_isolated(command + (["--bf16-ca"] if args.bf16_ca else []))
+    command += (["--bf16-ca"] if args.bf16_ca else []) + (["--profile"] if args.profile else [])
+    return run_row_isolated(command)
 
 
 def main(argv=None):
@@ -309,6 +330,8 @@ def main(argv=None):
                              "'{\"speed\": \"fast\"}' (cfg, tau, top_k, top_p also go to the official call)")
     parser.add_argument("--bf16-ca", action="store_true",
                         help="keep the official bf16 cross-attention (and round ours the same way)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also split one call of each by op: linear layers, attention, the rest")
     parser.add_argument("--row", help=argparse.SUPPRESS)      # NAME:BATCH, run by the parent
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -316,7 +339,8 @@ def main(argv=None):
     if args.row:
         official, quantizer_class, stood_in = import_official(args.official, args.bf16_ca)
         name, batch = args.row.split(":")
-        row = run_row(official, quantizer_class, name, int(batch), settings, args.repeats, args.bf16_ca)
+        row = run_row(official, quantizer_class, name, int(batch), settings, args.repeats, args.bf16_ca,
+                      args.profile)
         print(json.dumps({**row, "stood_in": stood_in}))
         return row
     rows = []
@@ -344,6 +368,17 @@ def main(argv=None):
         print(f"| {r['config']}: d{r['depth']} w{r['width']} h{r['heads']}, {r['preset']} ({r['scales']} scales) "
               f"| {r['params'] / 1e6:.1f}M | {r['tokens']:,} | {r['batch']} | {ours_s:.3f} | {off_s:.3f} "
               f"| {r['ratio']:.2f} | {ours_mib:.0f} | {off_mib:.0f} | {r['same']:.2%} |")
+    profiled = [r for r in rows if r.get("split")]
+    if profiled:
+        print("\n| config | batch | ours s: linear / attention / other | official s: linear / attention / other "
+              "| floor: ours linear + attention over official total |")
+        print("|---|---|---|---|---|")
+        for r in profiled:
+            ours_split, off_split = r["split"]["ours"], r["split"]["official"]
+            floor = (ours_split["linear"] + ours_split["attention"]) / sum(off_split.values())
+            shown = [" / ".join(f"{part[k]:.2f}" for k in ("linear", "attention", "other"))
+                     for part in (ours_split, off_split)]
+            print(f"| {r['config']} | {r['batch']} | {shown[0]} | {shown[1]} | {floor:.2f} |")
     return rows
 
 

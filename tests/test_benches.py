@@ -212,3 +212,14 @@ def test_fast_sampling_speed_part_reports_every_knob(capsys):
                          "kv_budget=0.2", "fast (all)"}
     assert rows["exact"][5] == "100.0 / 100.0" and rows["exact"][3].endswith("(1.00)")
     assert number(rows["kv_budget=0.2"][3].split("(")[1].rstrip(")")) <= 0.25
+
+
+def test_official_speed_profile_splits_linear_attention_and_the_rest():
+    import torch.nn.functional as F
+    split = load_bench("official_speed").op_profile({
+        "linear": lambda: F.linear(torch.randn(256, 256), torch.randn(256, 256), torch.randn(256)),
+        "attention": lambda: F.scaled_dot_product_attention(*torch.randn(3, 1, 2, 128, 32)),
+    })
+    assert split["linear"]["linear"] > 0 and split["linear"]["attention"] == 0
+    assert split["attention"]["attention"] > 0 and split["attention"]["linear"] == 0
+    assert all(part["other"] >= 0 for part in split.values())
