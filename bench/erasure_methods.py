@@ -3,6 +3,10 @@
     OMP_NUM_THREADS=1 python bench/erasure_methods.py --out out/erasure_methods      # documented run
     python bench/erasure_methods.py --pairs circle:square,triangle:cross --seeds 0 --cfg 4 --samples 8 \\
         --attack-samples 8 --steps 20 --out /tmp/methods_quick                     # a quick look
+    python bench/erasure_methods.py --speed fast --out out/erasure_methods_fast     # erased, sampled fast
+
+--speed: how every erased model samples (its fidelity sets and attacks); the original's images,
+the same-picture reference, stay exact, so "same picture" says what fast changes too.
 
 Resumes: (pair, method) results already in OUT/pairs/ with the same settings are read, not rerun.
 """
@@ -29,6 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the profile's)")
     p.add_argument("--timing-repeats", type=int, default=5, help="interleaved timings per method (median)")
     p.add_argument("--timing-images", type=int, default=64, help="images in each timed batch")
+    p.add_argument("--speed", default="exact", help="sampling speed of the erased models: exact or fast")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="out/erasure_methods")
     return p.parse_args(argv)
@@ -38,6 +43,7 @@ def main(argv=None) -> int:
     from vare_core.embedded.profile import shape_name
     from vare_core.evaluation.judges.classifier import load_classifier
     from vare_core.generation.pipeline import load_pipeline
+    from vare_core.generation.speed import check_speed_settings
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
@@ -51,13 +57,15 @@ def main(argv=None) -> int:
             raise ValueError(f"--methods: choose from {', '.join(ranking.METHODS)}")
         seeds = [int(s) for s in args.seeds.split(",")]
         cfgs = [float(c) for c in args.cfg.split(",")]
+        check_speed_settings(args.speed, {})
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
     (out / "pairs").mkdir(parents=True, exist_ok=True)
     settings = {"seeds": seeds, "cfgs": cfgs, "samples": args.samples,
-                "attack_samples": args.attack_samples, "steps": args.steps}
+                "attack_samples": args.attack_samples, "steps": args.steps,
+                **({"speed": args.speed} if args.speed != "exact" else {})}   # exact: as before
     pipe = load_pipeline("embedded", device="cpu")
     classifier = load_classifier()
     rows = []
@@ -74,18 +82,20 @@ def main(argv=None) -> int:
                 references = {(seed, cfg): ranking.timed_sets(pipe, concept, args.samples, seed, cfg)
                               for seed in seeds for cfg in cfgs}
             method_rows = ranking.run_method(pipe, classifier, method, concept, anchor, references, seeds, cfgs,
-                                             args.samples, args.attack_samples, out, args.steps)
+                                             args.samples, args.attack_samples, out, args.steps, speed=args.speed)
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps({"settings": mine, "rows": method_rows}))
             tmp.replace(path)
             rows += method_rows
-    timing_path = out / "timing.json"           # measured once per method set, on the first pair
+    timing_path = out / "timing.json"           # measured once per method set and speed, on the first pair
     timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+    if timing.pop("speed", "exact") != args.speed:
+        timing = {}
     missing = [m for m in methods if m not in timing]
     if missing:
         timing.update(ranking.time_methods(pipe, missing, *pairs[0], out, args.steps, args.timing_repeats,
-                                           args.timing_images))
-        timing_path.write_text(json.dumps(timing))
+                                           args.timing_images, speed=args.speed))
+        timing_path.write_text(json.dumps({**timing, "speed": args.speed}))
     summary = ranking.summarize(rows, methods, timing)
     command = "python bench/erasure_methods.py " + " ".join(argv if argv is not None else sys.argv[1:])
     table = ranking.format_tables(summary)

@@ -6,6 +6,7 @@ import math
 import pytest
 
 import erasure_methods
+from vare_core.evaluation.shapes_world import fidelity as ranking_fidelity
 from vare_core.evaluation.shapes_world import method_ranking as ranking
 
 
@@ -44,6 +45,25 @@ def test_bad_arguments_are_messages(tmp_path, capsys):
     assert "two different shapes" in capsys.readouterr().err
     assert erasure_methods.main(["--pairs", "circle:square", "--methods", "magic", "--out", str(tmp_path)]) == 2
     assert "choose from" in capsys.readouterr().err
+    assert erasure_methods.main(["--pairs", "circle:square", "--speed", "quick", "--out", str(tmp_path)]) == 2
+    assert "speed must be one of exact, fast" in capsys.readouterr().err
+
+
+def test_speed_fast_samples_the_erased_model_fast_against_exact_references(tmp_path, monkeypatch):
+    seen = []
+    sample_sets = ranking_fidelity.sample_sets
+
+    def recording(pipe, *args, **kwargs):
+        seen.append(pipe.sampling_settings().speed)
+        return sample_sets(pipe, *args, **kwargs)
+    monkeypatch.setattr(ranking_fidelity, "sample_sets", recording)
+    args = ["--pairs", "circle:square", "--methods", "guard", "--seeds", "0", "--cfg", "4", "--samples", "4",
+            "--attack-samples", "1", "--timing-repeats", "1", "--timing-images", "4", "--speed", "fast",
+            "--out", str(tmp_path)]
+    assert erasure_methods.main(args) == 0
+    assert seen[0] == "exact" and set(seen[1:]) == {"fast"}    # the reference, then every erased model
+    rows = json.loads((tmp_path / "pairs" / "circle_square_guard.json").read_text())
+    assert rows["settings"]["speed"] == "fast"
 
 
 @pytest.mark.slow

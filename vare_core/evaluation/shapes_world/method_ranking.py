@@ -17,6 +17,8 @@ stopped run resumes where it stopped, and a method added later runs alone. OUT/m
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import time
@@ -107,12 +109,16 @@ def timed_sets(pipe, concept, samples, seed, cfg):
 
 
 def run_method(pipe, classifier, method: str, concept: str, anchor: str, references: dict, seeds, cfgs,
-               samples: int, attack_samples: int, out: Path, steps: int | None = None, log=print) -> list[dict]:
+               samples: int, attack_samples: int, out: Path, steps: int | None = None, log=print,
+               speed: str = "exact") -> list[dict]:
     """One method's rows for one pair: fidelity per seed and cfg against the original's sets
-    (references: (seed, cfg) -> timed_sets of the original), then the attack families per seed."""
+    (references: (seed, cfg) -> timed_sets of the original), then the attack families per seed.
+    speed: how the erased model samples (generation/speed.py); the references are as given."""
     from .attacks import family_scores
     from .fidelity import fidelity_scores
     erased, info = method_pipe(pipe, method, concept, anchor, out, steps)
+    if speed != "exact":
+        erased = dataclasses.replace(erased, defaults={**erased.defaults, "speed": speed})
     rows, pair = [], f"{concept}>{anchor}"
     for seed in seeds:
         for cfg in cfgs:
@@ -130,10 +136,10 @@ def run_method(pipe, classifier, method: str, concept: str, anchor: str, referen
 
 
 def time_methods(pipe, methods, concept: str, anchor: str, out: Path, steps: int | None, repeats: int = 5,
-                 images: int = 64) -> dict:
-    """method -> sampling time against the original model: the median ratio of `repeats`
-    interleaved timings of the same batch (the other shapes' fidelity prompts, one seed),
-    so a busy machine slows both sides of each ratio alike."""
+                 images: int = 64, speed: str = "exact") -> dict:
+    """method -> sampling time against the original model (sampled exact): the median ratio
+    of `repeats` interleaved timings of the same batch (the other shapes' fidelity prompts, one
+    seed), so a busy machine slows both sides of each ratio alike. speed: the erased model's."""
     from .fidelity import prompt_sets
     prompts = [p for p, _ in prompt_sets([concept], images)["others"]][:images]
     ratios = {}
@@ -144,7 +150,7 @@ def time_methods(pipe, methods, concept: str, anchor: str, out: Path, steps: int
             start = time.perf_counter()
             pipe.generate(prompts, seed=0)
             middle = time.perf_counter()
-            erased.generate(prompts, seed=0)
+            erased.generate(prompts, seed=0, speed=speed)
             measured.append((time.perf_counter() - middle) / (middle - start))
         ratios[method] = float(np.median(measured))
     return ratios
