@@ -116,6 +116,8 @@ def test_fast_speed_uses_the_family_defaults_and_a_knob_given_wins(pipe):
     ({"pruned_scales": 1.5}, "pruned_scales"),
     ({"keep_share": 0.0}, "keep_share must be above 0"),
     ({"keep_share": "0.5,1.5"}, "keep_share must be above 0"),
+    ({"keep_share": "half"}, "keep_share 'half' is not a share"),
+    ({"pruned_scales": 1, "keep_share": (0.5, 0.4)}, "2 values for 1 pruned scales"),
     ({"kv_budget": 0}, "kv_budget"),
     ({"kv_budget": float("nan")}, "kv_budget"),
 ])

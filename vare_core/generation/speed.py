@@ -43,10 +43,18 @@ def check_speed_settings(speed, knobs: Mapping) -> dict:
             raise ValueError(f"{name} must be a whole number of scales >= 0 (0: off), got {value!r}")
     share = knobs.get("keep_share")
     if share is not None:
-        values = per_scale_values(share, "keep_share")
+        try:
+            values = per_scale_values(share, "keep_share")
+        except ValueError:
+            raise ValueError(f"keep_share {share!r} is not a share: write one number above 0 and at most 1 "
+                             f"(e.g. 0.5), or one per pruned scale (e.g. \"0.5,0.4,0.3\")") from None
         if any(not 0 < v <= 1 for v in values):
             raise ValueError(f"keep_share must be above 0 and at most 1 (1: every token), got {share!r}")
         checked["keep_share"] = values[0] if len(values) == 1 else tuple(values)
+        pruned = knobs.get("pruned_scales")
+        if len(values) > 1 and pruned is not None and len(values) != pruned:
+            raise ValueError(f"keep_share: {len(values)} values for {pruned} pruned scales; give one "
+                             f"number, or one per pruned scale")
     budget = knobs.get("kv_budget")
     if budget is not None and not (is_finite_number(budget) and 0 < budget <= 1):
         raise ValueError(f"kv_budget must be a share of the schedule's tokens above 0 and at most 1 "
