@@ -152,3 +152,17 @@ def test_the_guard_is_prepared_once_per_pipeline(pipe, monkeypatch):
     adapted = apply_adapter(guarded, lora_adapter(pipe, scale=0.3))       # other weights: prepared anew
     adapted.generate(PROMPTS, seed=0)
     assert len(calls) == 2 and adapted._prepared_guard is not guarded._prepared_guard
+
+
+def test_fast_knobs_leave_the_guards_scales_guided_and_whole():
+    """Unguided, a guarded scale loses its push toward the anchor (the embedded model's circles
+    came back at speed fast): the knobs only act after the guard's scales. The embedded model:
+    random weights barely tell a prompt from the null condition, so cfg changes nothing there."""
+    from vare_core.generation.pipeline import load_pipeline
+    embedded = load_pipeline("embedded", device="cpu")
+    guarded = embedded.guarded(_settings(embedded, scales=3))            # of 5 scales
+    prompts = ["a red circle on a white background"] * 4
+    exact = guarded.generate(prompts, seed=2, cfg=4.0)
+    fast = guarded.generate(prompts, seed=2, cfg=4.0, unguided_scales=4, pruned_scales=4, keep_share=0.5)
+    assert all(torch.equal(a, b) for a, b in zip(exact.bits[:3], fast.bits[:3]))   # the guard's, as exact
+    assert not torch.equal(exact.bits[-1], fast.bits[-1])                           # the rest: fast

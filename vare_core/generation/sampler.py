@@ -190,14 +190,17 @@ def sample(model: Infinity, vae, text_states: torch.Tensor, text_lens: torch.Ten
     the model's `applied_description`, which adapters.apply_adapter sets), named by the
     NonFiniteLogits error a scale with inf/NaN logits raises.
     guard: a prepared ConceptGuard (guard.py): its rows join the batch on its first scales and
-    leave it (and the key/value caches) after them (no token pruning on its scales).
+    leave it (and the key/value caches) after them. The fast knobs leave its scales as they are
+    (guided, every token): unguided, its push toward the anchor fades and the concept returns.
     fast_defaults: the model family's fast-sampling knobs for speed "fast" (speed.py)."""
     schedule = [tuple(map(int, s)) for s in scale_schedule]
     n_scales = len(schedule)
     settings = SamplingSettings() if settings is None else settings
     cfgs, taus = settings.per_scale(n_scales)
     plan = speed_plan(settings, schedule, fast_defaults)
-    cfgs = cfgs[:plan.unguided_from] + [1.0] * (n_scales - plan.unguided_from)
+    guard_until = min(guard.settings.scales, n_scales) if guard is not None else 0
+    unguided_from = max(plan.unguided_from, guard_until)
+    cfgs = cfgs[:unguided_from] + [1.0] * (n_scales - unguided_from)
     applied = getattr(model, "applied_description", None) if applied is None else applied
     device = model.word_embed.weight.device
     dtype = model.word_embed.weight.dtype
@@ -208,7 +211,6 @@ def sample(model: Infinity, vae, text_states: torch.Tensor, text_lens: torch.Ten
     text_states, text_lens = _batch_conditions(model, text_states, text_lens, negative_states, negative_lens,
                                                guided or guard is not None, guard)
     cond = model.encode_condition(text_states, text_lens)
-    guard_until = min(guard.settings.scales, n_scales) if guard is not None else 0
     guided_until = n_scales - next((i for i, c in enumerate(reversed(cfgs)) if c != 1.0), n_scales)
     # rows that leave before the end only ever need cache room for the scales they run: the
     # guard's rows its own scales, the unconditional rows the guided ones (keep_rows gives the
