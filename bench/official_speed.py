@@ -24,9 +24,9 @@ Neither decodes: the official run gets a VAE stand-in holding only its own quant
 Each row runs in a fresh interpreter: one warm-up each, then `repeats` rounds alternating ours /
 official. Seconds: median per batch (B images = 2B rows with CFG); ours/official: median of the
 rounds' ratios; peak: rise of the resident set in one more call of each (see peak_rise_mib).
---profile adds one torch.profiler call of each: self time in the linear layers (addmm / mm),
-in attention (SDPA) and in everything else, and the floor ours/official would reach if all
-but the first two were free (the same arithmetic on both sides at the same bits).
+--profile adds one torch.profiler call of each (instead of the peaks): self time in the linear
+layers (addmm / mm), in attention (SDPA) and in everything else, and the floor ours/official
+would reach if all but the first two were free (the same arithmetic on both sides, same bits).
 """
 from __future__ import annotations
 
@@ -292,8 +292,10 @@ def run_row(official, quantizer_class, name, batch, settings, repeats, bf16_ca, 
     paths = {"ours": run_ours, "official": run_official}
     seconds, drawn = timed_interleaved(paths, repeats)
     same = torch.cat([(a == b).flatten() for a, b in zip(drawn["ours"], drawn["official"])]).float().mean().item()
-    peaks = peak_rise_mib(paths)
-    split = op_profile(paths) if profile else None      # after the peaks: the profiler holds memory
+    # either the profile or the peaks: the profiler's buffers raise the peaks, and peak_rise_mib's
+    # malloc setting (every large block mapped afresh) adds page faults to the profile
+    split = op_profile(paths) if profile else None
+    peaks = {name: float("nan") for name in paths} if profile else peak_rise_mib(paths)
     # Ratio of the two calls of each round (seconds apart): steadier than a ratio of medians
     # when other work on the machine comes and goes.
     ratio = statistics.median(a / b for a, b in zip(seconds["ours"], seconds["official"]))
@@ -302,6 +304,10 @@ def run_row(official, quantizer_class, name, batch, settings, repeats, bf16_ca, 
                 tokens=sum(h * w for h, w in schedule), scales=len(schedule), same=same, ratio=ratio,
                 ours=(statistics.median(seconds["ours"]), peaks["ours"]),
                 official=(statistics.median(seconds["official"]), peaks["official"]), split=split)
+
+
+def _mib(value: float) -> str:
+    return "-" if value != value else f"{value:.0f}"     # NaN: not measured (--profile)
 
 
 def source_state(path: str) -> str:
@@ -367,7 +373,7 @@ def main(argv=None):
         (ours_s, ours_mib), (off_s, off_mib) = r["ours"], r["official"]
         print(f"| {r['config']}: d{r['depth']} w{r['width']} h{r['heads']}, {r['preset']} ({r['scales']} scales) "
               f"| {r['params'] / 1e6:.1f}M | {r['tokens']:,} | {r['batch']} | {ours_s:.3f} | {off_s:.3f} "
-              f"| {r['ratio']:.2f} | {ours_mib:.0f} | {off_mib:.0f} | {r['same']:.2%} |")
+              f"| {r['ratio']:.2f} | {_mib(ours_mib)} | {_mib(off_mib)} | {r['same']:.2%} |")
     profiled = [r for r in rows if r.get("split")]
     if profiled:
         print("\n| config | batch | ours s: linear / attention / other | official s: linear / attention / other "
