@@ -9,6 +9,7 @@ import torch
 from vare_core.models import scales
 from vare_core.models.attention import (MAX_SCALE_MUL, CrossAttention, PoolAttention, RMSNorm,
                                         SelfAttention, TextPool)
+from vare_core.models.kv_cache import KVCache
 from vare_core.models.rope import rope_table
 
 DIM, HEADS, TEXT_DIM = 32, 4, 24
@@ -67,14 +68,14 @@ def test_kv_cache_scale_by_scale_equals_one_block_causal_pass():
     x = torch.randn(2, offsets[-1], DIM)
     with torch.no_grad():
         full = sa(x, rope, attn_mask=block_causal_mask(SCHEDULE))
-        cache = (torch.full((2, HEADS, offsets[-1], DIM // HEADS), float("nan")),
-                 torch.full((2, HEADS, offsets[-1], DIM // HEADS), float("nan")))
+        cache = KVCache(torch.full((2, HEADS, offsets[-1], DIM // HEADS), float("nan")),
+                        torch.full((2, HEADS, offsets[-1], DIM // HEADS), float("nan")))
         parts = []
         for start, end in zip(offsets, offsets[1:]):
             part_rope = (rope[0][start:end], rope[1][start:end])
-            parts.append(sa(x[:, start:end], part_rope, kv_cache=cache, start=start))
+            parts.append(sa(x[:, start:end], part_rope, kv_cache=cache))
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
-    assert not torch.isnan(cache[0]).any() and not torch.isnan(cache[1]).any()   # every row filled
+    assert not torch.isnan(cache.k).any() and not torch.isnan(cache.v).any()   # every row filled
 
 
 def test_block_causal_self_attention_never_reads_finer_scales():

@@ -108,6 +108,11 @@ def test_fast_speed_uses_the_family_defaults_and_a_knob_given_wins(pipe):
     assert plan.kv_budget is None and not plan.prunes and plan.unguided_from == 3
     plan = speed_plan(SamplingSettings(unguided_scales=1), SCHEDULE, fast)      # exact + one knob
     assert plan.unguided_from == 3 and not plan.prunes and plan.kv_budget is None
+    # a Concept Guard's scales stay guided and whole
+    plan = speed_plan(SamplingSettings(unguided_scales=3, pruned_scales=3, keep_share=0.5), SCHEDULE, untouched=2)
+    assert plan.unguided_from == 2 and plan.keep_shares == (1.0, 1.0, 0.5, 0.5)
+    plan = speed_plan(SamplingSettings(pruned_scales=2, keep_share=0.5), SCHEDULE, untouched=4)
+    assert plan.unguided_from == 4 and not plan.prunes
 
 
 @pytest.mark.parametrize("knobs, words", [

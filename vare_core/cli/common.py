@@ -166,16 +166,14 @@ def sampling_kwargs(args, n_scales: int) -> dict:
 
 def speed_kwargs(args) -> dict:
     """--speed and the fast-sampling knobs given (generation/speed.py), checked by flag."""
-    from ..generation.speed import check_speed_settings
-    knobs = {name: getattr(args, name, None) for name in ("unguided_scales", "pruned_scales", "keep_share", "kv_budget")}
-    knobs = {name: value for name, value in knobs.items() if value is not None}
+    from ..generation.speed import KNOBS, check_speed_settings
+    knobs = {name: getattr(args, name) for name in KNOBS if getattr(args, name, None) is not None}
     try:
         knobs = check_speed_settings(getattr(args, "speed", None) or "exact", knobs)
     except ValueError as err:
         text = str(err)
-        for name in knobs:
-            text = text.replace(name, "--" + name.replace("_", "-"), 1) if text.startswith(name) else text
-        raise CliError(text) from None
+        name = next((name for name in KNOBS if text.startswith(name)), None)
+        raise CliError(text if name is None else "--" + name.replace("_", "-") + text[len(name):]) from None
     if getattr(args, "speed", None):
         knobs["speed"] = args.speed
     return knobs

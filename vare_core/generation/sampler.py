@@ -190,17 +190,15 @@ def sample(model: Infinity, vae, text_states: torch.Tensor, text_lens: torch.Ten
     the model's `applied_description`, which adapters.apply_adapter sets), named by the
     NonFiniteLogits error a scale with inf/NaN logits raises.
     guard: a prepared ConceptGuard (guard.py): its rows join the batch on its first scales and
-    leave it (and the key/value caches) after them. The fast knobs leave its scales as they are
-    (guided, every token): unguided, its push toward the anchor fades and the concept returns.
+    leave it (and the key/value caches) after them; the fast knobs leave its scales as they are.
     fast_defaults: the model family's fast-sampling knobs for speed "fast" (speed.py)."""
     schedule = [tuple(map(int, s)) for s in scale_schedule]
     n_scales = len(schedule)
     settings = SamplingSettings() if settings is None else settings
     cfgs, taus = settings.per_scale(n_scales)
-    plan = speed_plan(settings, schedule, fast_defaults)
     guard_until = min(guard.settings.scales, n_scales) if guard is not None else 0
-    unguided_from = max(plan.unguided_from, guard_until)
-    cfgs = cfgs[:unguided_from] + [1.0] * (n_scales - unguided_from)
+    plan = speed_plan(settings, schedule, fast_defaults, untouched=guard_until)
+    cfgs = cfgs[:plan.unguided_from] + [1.0] * (n_scales - plan.unguided_from)
     applied = getattr(model, "applied_description", None) if applied is None else applied
     device = model.word_embed.weight.device
     dtype = model.word_embed.weight.dtype
@@ -216,8 +214,7 @@ def sample(model: Infinity, vae, text_states: torch.Tensor, text_lens: torch.Ten
     # guard's rows its own scales, the unconditional rows the guided ones (keep_rows gives the
     # rows that stay room for the rest)
     leave_at = guard_until if guard is not None else guided_until
-    keep_shares = [1.0 if k < guard_until else share for k, share in enumerate(plan.keep_shares)]
-    computed = [kept_tokens(share, h * w) for share, (h, w) in zip(keep_shares, schedule)]
+    computed = [kept_tokens(share, h * w) for share, (h, w) in zip(plan.keep_shares, schedule)]
     cache_tokens = sum(computed[:leave_at]) if 0 < leave_at < n_scales else None
     state = model.start_sampling(cond, schedule, rope_grid, cache_tokens=cache_tokens,
                                  kv_budget=plan.kv_budget, carry_hidden=plan.prunes,
@@ -247,8 +244,7 @@ def sample(model: Infinity, vae, text_states: torch.Tensor, text_lens: torch.Ten
             if rows > 1:
                 x_scale = x_scale.repeat(rows, 1, 1)
         with guard.capturing(model, batch) if guarding else contextlib.nullcontext():
-            # (rows * B, hw, 2d); no pruning on the guard's scales: it reads every token
-            raw = model.forward_scale(state, k, x_scale, keep_share=keep_shares[k], images=batch)
+            raw = model.forward_scale(state, k, x_scale, keep_share=plan.keep_shares[k], images=batch)  # (rows * B, hw, 2d)
         logits = raw / taus[k]
         guard_mask = None
         if guarding:

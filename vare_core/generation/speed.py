@@ -4,6 +4,7 @@
     settings = SamplingSettings(speed="fast", kv_budget=0.1)   # ... with one knob of one's own
     settings = SamplingSettings(unguided_scales=2)             # exact otherwise: one knob alone
     plan = speed_plan(settings, schedule, fast_defaults)       # what the sampler does per scale
+    plan = speed_plan(settings, schedule, fast_defaults, untouched=3)   # a Concept Guard on 3 scales
 
 The knobs, each off at its exact value (0, 0, 1, 1): the same bits as the exact sampler.
 - unguided_scales: the last N scales are drawn without guidance (cfg 1); the unconditional rows
@@ -16,6 +17,8 @@ The knobs, each off at its exact value (0, 0, 1, 1): the same bits as the exact 
   between scales, those the scale's queries attend to most (ScaleKV).
 A knob given explicitly wins in either speed; `fast` fills the others from the model family's
 fast defaults (models/infinity_defaults.py FAST, the embedded model's embedded/spec.py FAST).
+No knob acts on a Concept Guard's scales (`untouched`): drawn at cfg 1 its push toward the
+anchor shrinks and the concept comes back; pruned, it would not read every token.
 """
 from __future__ import annotations
 
@@ -53,13 +56,17 @@ def check_speed_settings(speed, knobs: Mapping) -> dict:
         checked["keep_share"] = values[0] if len(values) == 1 else tuple(values)
         pruned = knobs.get("pruned_scales")
         if len(values) > 1 and pruned is not None and len(values) != pruned:
-            raise ValueError(f"keep_share: {len(values)} values for {pruned} pruned scales; give one "
-                             f"number, or one per pruned scale")
+            raise _share_count_error(len(values), pruned)
     budget = knobs.get("kv_budget")
     if budget is not None and not (is_finite_number(budget) and 0 < budget <= 1):
         raise ValueError(f"kv_budget must be a share of the schedule's tokens above 0 and at most 1 "
                          f"(1: keep every token), got {budget!r}")
     return checked
+
+
+def _share_count_error(values: int, pruned: int) -> ValueError:
+    return ValueError(f"keep_share: {values} values for {pruned} pruned scales; give one number, "
+                      f"or one per pruned scale")
 
 
 @dataclass(frozen=True)
@@ -74,9 +81,11 @@ class SpeedPlan:
         return any(share < 1.0 for share in self.keep_shares)
 
 
-def speed_plan(settings, schedule: Sequence[tuple[int, int]], fast_defaults: Mapping | None = None) -> SpeedPlan:
+def speed_plan(settings, schedule: Sequence[tuple[int, int]], fast_defaults: Mapping | None = None,
+               untouched: int = 0) -> SpeedPlan:
     """settings: a SamplingSettings (its speed and knobs); fast_defaults: the family's FAST
-    (None: Infinity's), used for the knobs left None under speed "fast"."""
+    (None: Infinity's), used for the knobs left None under speed "fast". untouched: the first
+    scales stay guided and whole whatever the knobs say (a Concept Guard's)."""
     if fast_defaults is None:
         from ..models.infinity_defaults import FAST as fast_defaults
     n_scales = len(schedule)
@@ -90,11 +99,12 @@ def speed_plan(settings, schedule: Sequence[tuple[int, int]], fast_defaults: Map
     pruned = min(knobs["pruned_scales"], n_scales - 1)      # scale 0 has nothing to carry from
     shares = per_scale_values(knobs["keep_share"], "keep_share")
     if len(shares) not in (1, max(pruned, 1)):
-        raise ValueError(f"keep_share: {len(shares)} values for {pruned} pruned scales; give one "
-                         f"number, or one per pruned scale")
+        raise _share_count_error(len(shares), pruned)
     shares = shares * pruned if len(shares) == 1 else shares
     keep = [1.0] * (n_scales - pruned) + (shares[-pruned:] if pruned else [])
+    keep = [1.0] * untouched + keep[untouched:]
     total = sum(h * w for h, w in schedule)
     budget = None if knobs["kv_budget"] >= 1.0 else max(1, math.ceil(knobs["kv_budget"] * total))
     unguided = min(knobs["unguided_scales"], n_scales)
-    return SpeedPlan(unguided_from=n_scales - unguided, keep_shares=tuple(keep), kv_budget=budget)
+    return SpeedPlan(unguided_from=max(n_scales - unguided, untouched), keep_shares=tuple(keep),
+                     kv_budget=budget)

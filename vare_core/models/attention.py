@@ -48,7 +48,7 @@ class SelfAttention(nn.Module):
         self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), 4.0).log())
         self.proj = Linear(dim, dim)
 
-    def forward(self, x, rope, attn_mask=None, kv_cache=None, start: int = 0):
+    def forward(self, x, rope, attn_mask=None, kv_cache: KVCache | None = None):
         batch, length, dim = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = self.mat_qkv(x, bias).view(batch, length, 3, self.heads, self.head_dim)
@@ -64,8 +64,6 @@ class SelfAttention(nn.Module):
         if kv_cache is None:
             k, v = rotate(k, turn).transpose(1, 2), v.transpose(1, 2)
         else:                                                          # sampling: append this scale
-            if isinstance(kv_cache, tuple):                            # (k, v) buffers, `start` filled
-                kv_cache = KVCache(*kv_cache, filled=start)
             k_slot, v_slot = kv_cache.reserve(length)
             if k_slot.dtype == torch.float32:                          # rotated straight into the cache
                 rotate(k, turn, out=k_slot.transpose(1, 2))

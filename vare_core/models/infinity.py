@@ -136,10 +136,10 @@ class Block(nn.Module):
         self.ffn = FFN(cfg.embed_dim, cfg.mlp_hidden)
         self.ca_norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
 
-    def forward(self, x, ada, cross_kv, rope, attn_mask=None, self_kv=None, start=0):
+    def forward(self, x, ada, cross_kv, rope, attn_mask=None, self_kv=None):
         compute = self.ffn.fc1.weight.dtype     # x and ada are fp32 (a no-op for fp32 weights)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss.float() + ada).unbind(2)
-        h = self.sa(modulated_norm(x, scale1, shift1, self.eps).to(compute), rope, attn_mask, self_kv, start)
+        h = self.sa(modulated_norm(x, scale1, shift1, self.eps).to(compute), rope, attn_mask, self_kv)
         x = torch.addcmul(x, h.float(), gamma1)
         text_side = F.layer_norm(x, x.shape[-1:], self.ca_norm.weight.float(), self.ca_norm.bias.float(),
                                  self.eps)

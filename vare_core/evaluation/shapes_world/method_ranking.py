@@ -18,7 +18,6 @@ stopped run resumes where it stopped, and a method added later runs alone. OUT/m
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import math
 import time
