@@ -223,3 +223,11 @@ def test_official_speed_profile_splits_linear_attention_and_the_rest():
     assert split["linear"]["linear"] > 0 and split["linear"]["attention"] == 0
     assert split["attention"]["attention"] > 0 and split["attention"]["linear"] == 0
     assert all(part["other"] >= 0 for part in split.values())
+
+
+def test_sampling_peak_measures_a_fresh_process(capsys):
+    """bench/sampling_peak.py: a real peak from a fresh process (the sampler's memory, more than
+    the images alone) under the request estimate; it runs, it does not measure."""
+    found = load_bench("sampling_peak").main(["--images", "4", "--runs", "1"])
+    assert len(found["peaks"]) == 1 and 4 * 64 * 64 * 3 * 4 < found["peaks"][0] < found["need"]
+    assert "| 4 | 1 |" in capsys.readouterr().out
