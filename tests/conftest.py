@@ -25,3 +25,23 @@ def _private_cache_dir(tmp_path_factory):
 def _deterministic_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def default_adapter(tmp_path_factory):
+    """default_adapter(concept, anchor): the embedded model's default erasure adapter (the
+    family's config and pairs, seed 0: what `erase` and Train Erasure make), trained once per
+    test session (about 100 s on 2 cores) for the tests that judge the same one."""
+    trained = {}
+
+    def get(concept: str, anchor: str):
+        if (concept, anchor) not in trained:
+            from vare_core.erasure.profile import erasure_profile
+            from vare_core.erasure.trainer import train_erasure
+            from vare_core.generation.pipeline import load_pipeline
+            pipe = load_pipeline("embedded", device="cpu")
+            profile = erasure_profile(pipe)
+            trained[concept, anchor] = train_erasure(pipe, profile.pairs(concept, anchor, pipe=pipe), profile.config(),
+                                                     cache_dir=tmp_path_factory.mktemp("adapter_cache")).adapter
+        return trained[concept, anchor]
+    return get

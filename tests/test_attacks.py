@@ -49,24 +49,21 @@ def test_control_family_names_no_shape():
 
 
 @pytest.mark.slow
-def test_default_adapter_holds_against_every_attack_family(tmp_path):
+def test_default_adapter_holds_against_every_attack_family(default_adapter):
     """Goal (docs/results.md, "Attacks"): ACC_e <= 5% per family (40 samples). Here 15 samples per family, so the
     margin is <= 20% (3 of 15 images) on every family. The misspellings (one unknown token to
     the word-level vocabulary) and "a red round" get the model's default for prompts naming no
     shape, a circle on models v2 and v2.1: the mined implicit pairs (erasure/implicit.py) erase that
     default, from candidates that share no word with these prompts' shape words."""
     from vare_core.evaluation.judges.classifier import load_classifier
-    from vare_core.erasure.profile import erasure_profile
     from vare_core.erasure.adapters import apply_adapter
     from vare_core.evaluation.shapes_world.attacks import CONTROL, MEANINGFUL, family_scores
-    from vare_core.erasure.trainer import train_erasure
     from vare_core.generation.pipeline import load_pipeline
     pipe, classifier = load_pipeline("embedded", device="cpu"), load_classifier()
     original = family_scores(pipe, classifier, "circle", samples=15, seed=3)
     attacks = [name for name in original if name != CONTROL]
     assert all(original[name] >= MEANINGFUL for name in attacks), original   # each one is an attack
-    result = train_erasure(pipe, erasure_profile("embedded").pairs("circle", "square", pipe=pipe), erasure_profile("embedded").config(),
-                           cache_dir=tmp_path)
-    erased = family_scores(apply_adapter(pipe, result.adapter), classifier, "circle", samples=15, seed=3)
+    erased = family_scores(apply_adapter(pipe, default_adapter("circle", "square")), classifier, "circle",
+                           samples=15, seed=3)
     for name in attacks:
         assert erased[name] <= 0.2, (name, erased[name])
