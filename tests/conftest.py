@@ -30,18 +30,23 @@ def _deterministic_threads():
 @pytest.fixture(scope="session")
 def default_adapter(tmp_path_factory):
     """default_adapter(concept, anchor): the embedded model's default erasure adapter (the
-    family's config and pairs, seed 0: what `erase` and Train Erasure make), trained once per
-    test session (about 100 s on 2 cores) for the tests that judge the same one."""
+    family's config and pairs, seed 0: what `erase`, Train Erasure and the demo make), trained
+    once per test session (about 100 s on 2 cores) for the tests that judge the same one."""
     trained = {}
 
     def get(concept: str, anchor: str):
         if (concept, anchor) not in trained:
-            from vare_core.erasure.profile import erasure_profile
             from vare_core.erasure.trainer import train_erasure
             from vare_core.generation.pipeline import load_pipeline
             pipe = load_pipeline("embedded", device="cpu")
-            profile = erasure_profile(pipe)
-            trained[concept, anchor] = train_erasure(pipe, profile.pairs(concept, anchor, pipe=pipe), profile.config(),
+            pairs, config = default_training_inputs(pipe, concept, anchor)
+            trained[concept, anchor] = train_erasure(pipe, pairs, config,
                                                      cache_dir=tmp_path_factory.mktemp("adapter_cache")).adapter
         return trained[concept, anchor]
     return get
+
+
+def default_training_inputs(pipe, concept: str, anchor: str):
+    from vare_core.erasure.profile import erasure_profile
+    profile = erasure_profile(pipe)
+    return profile.pairs(concept, anchor, pipe=pipe), profile.config()

@@ -137,9 +137,21 @@ def test_cli_bad_input_is_a_message_not_a_traceback(tmp_path):
     assert "--cfg" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.slow
+def test_the_demo_trains_the_default_adapter_the_slow_tests_judge():
+    from conftest import default_training_inputs
+    from vare_core import demo
+    from vare_core.generation.pipeline import load_pipeline
+    pipe = load_pipeline("embedded", device="cpu")
+    assert demo.training_inputs(pipe) == default_training_inputs(pipe, demo.CONCEPT, demo.ANCHOR)
+    assert (demo.CONCEPT, demo.ANCHOR) == ("circle", "square")
+    assert demo.training_inputs(pipe, steps=2)[1].steps == 2
+
+
 def test_demo_runs_and_writes_a_real_grid(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "vare_core", "demo", "--out", str(tmp_path), "--thumbnails"],
+    """The demo's command and files. Two training steps: its adapter at the default steps is the
+    family's default circle -> square adapter, which test_attacks and test_erasure_bench judge."""
+    proc = subprocess.run([sys.executable, "-m", "vare_core", "demo", "--out", str(tmp_path), "--thumbnails",
+                           "--steps", "2"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     grid = np.asarray(Image.open(tmp_path / "demo_grid.png"))

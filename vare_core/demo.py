@@ -102,11 +102,18 @@ def to_uint8(images) -> list[np.ndarray]:
     return [(img.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8) for img in images]
 
 
+def training_inputs(pipe, seed: int = 0, steps: int | None = None):
+    """The demo's pairs and EraseConfig: the family's defaults for CONCEPT -> ANCHOR."""
+    from .erasure.profile import erasure_profile
+    profile = erasure_profile(pipe)
+    config = profile.config(**({"steps": steps} if steps is not None else {}))
+    return profile.pairs([CONCEPT], [ANCHOR], seed=seed, pipe=pipe), config
+
+
 def run_demo(out: Path, seed: int = 0, steps: int | None = None, thumbnails: bool = False) -> str:
     from .evaluation.judges.classifier import classify, load_classifier
     from .erasure.adapters import apply_adapter, save_adapter
     from .erasure.trainer import train_erasure
-    from .erasure.profile import erasure_profile
     from .generation.pipeline import load_pipeline
 
     start = time.time()
@@ -115,9 +122,7 @@ def run_demo(out: Path, seed: int = 0, steps: int | None = None, thumbnails: boo
     classifier = load_classifier()
     before = pipe.generate(DEMO_PROMPTS, seed=seed).images
 
-    profile = erasure_profile(pipe)
-    config = profile.config(**({"steps": steps} if steps is not None else {}))
-    pairs = profile.pairs([CONCEPT], [ANCHOR], seed=seed, pipe=pipe)
+    pairs, config = training_inputs(pipe, seed, steps)
     result = train_erasure(pipe, pairs, config)
     adapter_path = out / f"erase_{CONCEPT}.safetensors"
     save_adapter(result.adapter, adapter_path)
