@@ -230,4 +230,6 @@ def test_sampling_peak_measures_a_fresh_process(capsys):
     the images alone) under the request estimate; it runs, it does not measure."""
     found = load_bench("sampling_peak").main(["--images", "4", "--runs", "1"])
     assert len(found["peaks"]) == 1 and 4 * 64 * 64 * 3 * 4 < found["peaks"][0] < found["need"]
-    assert "| 4 | 1 |" in capsys.readouterr().out
+    assert 4 * 64 * 64 * 3 * 4 < found["tensors"] < found["need"]
+    out = capsys.readouterr().out
+    assert "| tensors | 4 | 1 |" in out and "| default | 4 | 1 |" in out

@@ -67,10 +67,11 @@ PEAK_HELPER = textwrap.dedent("""
 """)
 
 
-def measure(body: str) -> dict:
-    """Run `body` after PEAK_HELPER in a fresh process; it prints one JSON line."""
+def measure(body: str, allocator: dict | None = None) -> dict:
+    """Run `body` after PEAK_HELPER in a fresh process; it prints one JSON line. allocator:
+    glibc settings (environment variables) for that process."""
     code = PEAK_HELPER + textwrap.dedent(body)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(allocator or {})}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600,
                           cwd=REPO)             # `python -c` imports the nodes package from here
     assert done.returncode == 0, done.stderr[-3000:]
@@ -296,6 +297,10 @@ def test_the_sampling_estimate_errs_high_against_the_planner(model):
 
 
 def test_the_sampling_estimate_is_above_the_measured_peak():
+    """Against the live tensors' peak (glibc gives freed blocks back at once, as
+    bench/memory_check.py measures): the same in every run. With the default allocator the peak
+    also holds freed heap: 0.68-0.90 of the estimate in 20 runs, once 1.00 in a long test session
+    (bench/sampling_peak.py, docs/memory.md)."""
     found = measure("""
         from vare_core.generation import budget
         with torch.inference_mode():
@@ -306,7 +311,7 @@ def test_the_sampling_estimate_is_above_the_measured_peak():
             with Peak() as peak:
                 images = sampling.Sampler.execute(model, cond, 0, "auto", "auto", 0, -1.0, "model default", 2, False)[0]
         print(json.dumps({"peak": peak.peak - start, "need": need, "images": images.shape[0]}))
-    """)
+    """, allocator={"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)})
     assert found["images"] == 300
     assert found["peak"] <= found["need"] <= 2.5 * found["peak"], \
         f"measured {found['peak'] / MiB:.0f} MiB, estimated {found['need'] / MiB:.0f} MiB"
