@@ -167,17 +167,25 @@ def main(argv=None) -> list[dict]:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU here: run on a GPU machine, or --quick --device cpu")
     half = ("bf16", "fp16") if device.type == "cuda" else ("fp32",)
-    rows = [sample_row(args.quick, device, precision) for precision in half]
-    rows.append(sample_row(args.quick, device, half[0], low_vram=True))
-    rows.append(sample_row(args.quick, device, half[0], guard=True))    # beside the unguarded first row
-    rows.append(sample_row(args.quick, device, half[0], speed="fast"))  # beside the exact first row
-    if device.type == "cuda":       # the per-scale step compiled (inductor; CUDA graphs): beside the first rows
+    rows = []
+
+    def measured(new_row: dict) -> None:
+        """Kept, and printed at once: a run stopped by its time limit still shows what it measured."""
+        rows.append(new_row)
+        print("measured: " + table([new_row], "").splitlines()[-1], flush=True)
+
+    for precision in half:
+        measured(sample_row(args.quick, device, precision))
+    measured(sample_row(args.quick, device, half[0], low_vram=True))
+    measured(sample_row(args.quick, device, half[0], guard=True))    # beside the unguarded first row
+    measured(sample_row(args.quick, device, half[0], speed="fast"))  # beside the exact first row
+    measured(erase_row(args.quick, device, half[0]))
+    if device.type == "cuda":       # last: compiling may take minutes; beside the first rows
         for speed, mode in (("exact", "default"), ("fast", "reduce-overhead")):
             try:
-                rows.append(sample_row(args.quick, device, half[0], speed=speed, compile_mode=mode))
+                measured(sample_row(args.quick, device, half[0], speed=speed, compile_mode=mode))
             except Exception as err:   # a compiler missing or failing: said, the other rows kept
-                print(f"torch.compile {mode}, speed {speed}: {type(err).__name__}: {str(err)[:200]}")
-    rows.append(erase_row(args.quick, device, half[0]))
+                print(f"torch.compile {mode}, speed {speed}: {type(err).__name__}: {str(err)[:200]}", flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     model = "tiny model, 128 px" if args.quick else "Infinity-2B (random weights), 1024x1024"
     print(table(rows, f"{model} on {name}, torch {torch.__version__}"))

@@ -161,6 +161,8 @@ def test_gpu_check_quick_on_cpu(capsys):
     out = capsys.readouterr().out
     table = table_rows(out)
     assert len(table) == len(rows) == 5
+    measured = [line[len("measured: "):] for line in out.splitlines() if line.startswith("measured: |")]
+    assert measured == [line for line in out.splitlines() if line.startswith("|")][2:]   # each row at once
     assert all(r["seconds"] > 0 and r["plan"] > 0 and r["peak"] is None for r in rows)
     assert "speed fast" in out
     assert "S-VARE erasure, defaults (lora, split passes)" in out and "DDP (NCCL): skipped" in out
