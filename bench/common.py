@@ -13,6 +13,11 @@ import time
 
 import torch
 
+# glibc serves every allocation above 64 KiB from mmap and unmaps it when freed: a process's
+# resident peak is then its tensors' peak, not what the allocator kept (an environment variable,
+# so it acts from the child process's first allocation)
+TENSORS_ONLY_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
 
 class PeakPoller:
     """Polls read() (a memory figure in bytes) from a thread every interval_s while inside and

@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import PeakPoller
+from common import TENSORS_ONLY_ALLOCATOR, PeakPoller
 
 # Held out from nothing: the plan's constants come from counting the code's tensors (plan.py),
 # not from these runs. Schedules are token grids; 16 pixels per token.
@@ -169,7 +169,7 @@ def main(argv=None) -> float:
         return 0.0
     chosen = [3, 4] if args.quick else range(len(CASES)) if args.cases is None else \
         [int(c) for c in args.cases.split(",")]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, **TENSORS_ONLY_ALLOCATOR, "OMP_NUM_THREADS": "2"}
     errors = []
     print("| case | phase | model | tokens | settings | planned GiB | measured GiB | error |")
     print("|---|---|---|---|---|---|---|---|")

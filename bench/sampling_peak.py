@@ -7,8 +7,8 @@
 Each run is a fresh process: the embedded model is loaded and warmed up, `images` / 2 prompt
 lines are encoded, then VAR Sampler (batch_size 2, the model's defaults) draws them. The peak is
 the process's high-water mark (VmHWM, reset just before sampling) above its size before it.
-Two rows: "tensors", glibc told to map every block over 128 KiB on its own and give it back when
-freed (MALLOC_MMAP_THRESHOLD_, as bench/memory_check.py measures): the peak of the live tensors,
+Two rows: "tensors", glibc told to map every block over 64 KiB on its own and give it back when
+freed (common.TENSORS_ONLY_ALLOCATOR, as bench/memory_check.py measures): the peak of the live tensors,
 the same in every run, which the closed form models; and "default allocator": what a user's
 process does. There the peak falls in the VAE decode, and how much of the heap it finds free to
 reuse varies from process to process, so the spread of the runs is the result, not their mean.
@@ -22,6 +22,8 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+from common import TENSORS_ONLY_ALLOCATOR
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,9 +62,6 @@ RUN = textwrap.dedent("""
 """)
 
 
-TENSORS_ONLY = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}     # a fixed threshold: freed blocks go back
-
-
 def one_run(images: int, allocator: dict | None = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(allocator or {})}
     done = subprocess.run([sys.executable, "-c", RUN, str(images)],
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--images", type=int, default=300, help="images per run (even)")
     parser.add_argument("--runs", type=int, default=6, help="fresh processes per row")
     args = parser.parse_args(argv)
-    tensors = one_run(args.images, TENSORS_ONLY)
+    tensors = one_run(args.images, TENSORS_ONLY_ALLOCATOR)
     found = [one_run(args.images) for _ in range(args.runs)]
     peaks = sorted(round(f["peak"] / 2**20) for f in found)
     need = found[0]["need"] / 2**20

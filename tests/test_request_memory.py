@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from common import TENSORS_ONLY_ALLOCATOR              # bench/common.py
 from nodes import host, loaders, sampling
 from nodes.compat import io
 from vare_core.generation import budget
@@ -311,7 +312,7 @@ def test_the_sampling_estimate_is_above_the_measured_peak():
             with Peak() as peak:
                 images = sampling.Sampler.execute(model, cond, 0, "auto", "auto", 0, -1.0, "model default", 2, False)[0]
         print(json.dumps({"peak": peak.peak - start, "need": need, "images": images.shape[0]}))
-    """, allocator={"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)})
+    """, allocator=TENSORS_ONLY_ALLOCATOR)
     assert found["images"] == 300
     assert found["peak"] <= found["need"] <= 2.5 * found["peak"], \
         f"measured {found['peak'] / MiB:.0f} MiB, estimated {found['need'] / MiB:.0f} MiB"
